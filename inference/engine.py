@@ -1,0 +1,305 @@
+"""Continuous batching: one thread runs a model version's prefills and decode steps.
+
+Requests join the running batch between decode steps (after their prefill) and leave
+it as soon as they finish, are cancelled or fail; each holds one slot of the bounded KV
+pool while it runs. The waiting queue is bounded too: when it is full, `submit` raises
+`Overloaded` at once. Results go back through each request's `emit` callback, which
+the gRPC layer points at its own event loop, so the engine never touches asyncio.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from inference.model import KVCache, Llama
+from inference.sampling import Sampler, SamplingParams, sample
+from inference.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The waiting queue is full."""
+
+
+@dataclass
+class Timing:
+    queue_s: float = 0.0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class Confidence:
+    mean_logprob: float = 0.0
+    mean_entropy: float = 0.0
+    min_top1_prob: float = 1.0
+
+
+@dataclass
+class TextChunk:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Finished:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # stop, length, cancelled, error
+    confidence: Confidence
+    timing: Timing
+    error: str = ""
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Scored:
+    """Classify's answer: log-likelihood of each label's tokens after the prompt."""
+    logprobs: list[float]
+    prompt_tokens: int
+    timing: Timing
+    error: str = ""
+
+
+@dataclass(eq=False)
+class Job:
+    prompt_ids: list[int]
+    emit: Callable[[object], None]
+    params: SamplingParams | None = None       # generation
+    label_ids: list[list[int]] | None = None   # classification
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class Running:
+    job: Job
+    slot: int
+    sampler: Sampler
+    detok: object
+    stop: tuple[str, ...]
+    started: float
+    position: int = 0
+    last_token: int = 0
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of text already sent
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    top1: list[float] = field(default_factory=list)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+
+
+class EngineStats:
+    """What the metrics layer reads; written by the engine thread only."""
+
+    def __init__(self):
+        self.running = 0
+        self.waiting = 0
+        self.batch_size = 0
+        self.kv_tokens_used = 0
+        self.kv_tokens_total = 0
+        self.steps = 0
+
+
+class Engine:
+    def __init__(self, model: Llama, tokenizer: Tokenizer, *, kv_slots: int = 16,
+                 max_seq_len: int = 1024, max_waiting: int = 64,
+                 on_token: Callable[[float], None] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_waiting = max_waiting
+        device = next(model.parameters()).device
+        dtype = model.norm.weight.dtype
+        self.cache = KVCache(model.config, kv_slots, max_seq_len, dtype=dtype, device=device)
+        self.device = device
+        self.free_slots = list(range(kv_slots))
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Running] = []
+        self.stats = EngineStats()
+        self.stats.kv_tokens_total = kv_slots * max_seq_len
+        self.on_token = on_token  # inter-token latency observer
+        self.wakeup = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.loop, name="vigil-engine", daemon=True)
+        self.thread.start()
+
+    # -- called from any thread ------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self.wakeup:
+            if self.stopping:
+                raise Overloaded("the engine is shutting down")
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self.waiting)} requests already waiting (limit {self.max_waiting})")
+            self.waiting.append(job)
+            self.stats.waiting = len(self.waiting)
+            self.wakeup.notify()
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+        self.thread.join()
+
+    # -- the engine thread -----------------------------------------------------------
+
+    def loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wakeup:
+                while not (self.waiting or self.running or self.stopping):
+                    self.wakeup.wait()
+                if self.stopping:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # a bug must fail the requests in flight, not the server
+                log.exception("engine step failed")
+                for r in list(self.running):
+                    self.finish(r, "error", error=f"internal error: {exc}")
+        for r in list(self.running):
+            self.finish(r, "cancelled")
+        for job in self.waiting:
+            job.emit(Finished("", [], len(job.prompt_ids), "cancelled", Confidence(), Timing()))
+
+    def step(self) -> None:
+        for r in [r for r in self.running if r.job.cancelled]:
+            self.finish(r, "cancelled")
+        self.admit()
+        if self.running:
+            self.decode()
+        self.stats.running = len(self.running)
+        self.stats.batch_size = len(self.running)
+        self.stats.kv_tokens_used = sum(r.position for r in self.running)
+        self.stats.steps += 1
+
+    def admit(self) -> None:
+        while self.free_slots:
+            with self.wakeup:
+                if not self.waiting:
+                    return
+                job = self.waiting.popleft()
+                self.stats.waiting = len(self.waiting)
+            if job.cancelled:
+                job.emit(Finished("", [], len(job.prompt_ids), "cancelled", Confidence(),
+                                  Timing(queue_s=time.monotonic() - job.arrival)))
+                continue
+            slot = self.free_slots.pop(0)
+            try:
+                if job.label_ids is not None:
+                    self.classify(job, slot)
+                    self.free_slots.append(slot)
+                else:
+                    self.prefill(job, slot)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self.free_slots.append(slot)
+                job.emit(Finished("", [], len(job.prompt_ids), "error", Confidence(), Timing(),
+                                  error=f"internal error: {exc}"))
+            self.free_slots.sort()
+
+    def forward(self, tokens: list[list[int]], start: list[int], slots: list[int]) -> torch.Tensor:
+        """Logits of the last position of each row: rows of equal length only."""
+        t = torch.tensor(tokens, device=self.device)
+        positions = torch.tensor(start, device=self.device)[:, None] + torch.arange(t.shape[1], device=self.device)
+        return self.model(t, positions, self.cache, torch.tensor(slots, device=self.device), last_only=True)[:, -1]
+
+    def prefill(self, job: Job, slot: int) -> None:
+        now = time.monotonic()
+        r = Running(job, slot, Sampler(job.params, self.device), self.tokenizer.incremental_decoder(),
+                    job.params.stop, started=now)
+        logits = self.forward([job.prompt_ids], [0], [slot])
+        r.position = len(job.prompt_ids)
+        self.running.append(r)
+        self.running.sort(key=lambda x: x.slot)
+        self.accept(r, sample(logits, [r.sampler])[0])
+
+    def decode(self) -> None:
+        rows = self.running
+        logits = self.forward([[r.last_token] for r in rows], [r.position for r in rows], [r.slot for r in rows])
+        for r in rows:
+            r.position += 1
+        for r, choice in zip(list(rows), sample(logits, [r.sampler for r in rows])):
+            self.accept(r, choice)
+
+    def accept(self, r: Running, choice) -> None:
+        now = time.monotonic()
+        if r.first_token_at:
+            if self.on_token:
+                self.on_token(now - r.last_token_at)
+        else:
+            r.first_token_at = now
+        r.last_token_at = now
+        r.last_token = choice.token
+        r.logprobs.append(choice.logprob)
+        r.entropies.append(choice.entropy)
+        r.top1.append(choice.top1_prob)
+        if choice.token in self.tokenizer.eos_ids:
+            return self.finish(r, "stop")
+        r.tokens.append(choice.token)
+        r.text += r.detok.push(choice.token)
+        for s in r.stop:
+            cut = r.text.find(s)
+            if cut >= 0:
+                r.text = r.text[:cut]
+                return self.finish(r, "stop")
+        if len(r.tokens) >= r.job.params.max_tokens or r.position >= self.max_seq_len:
+            return self.finish(r, "length")
+        # hold back what could still become the start of a stop string
+        hold = max((len(s) - 1 for s in r.stop), default=0)
+        ready = len(r.text) - hold
+        if ready > r.emitted or hold == 0:
+            chunk = r.text[r.emitted:max(ready, r.emitted)]
+            r.emitted += len(chunk)
+            r.job.emit(TextChunk(chunk, [choice.token]))
+
+    def finish(self, r: Running, reason: str, error: str = "") -> None:
+        now = time.monotonic()
+        self.running.remove(r)
+        self.free_slots.append(r.slot)
+        self.free_slots.sort()
+        if r.emitted < len(r.text):
+            r.job.emit(TextChunk(r.text[r.emitted:], []))
+        n = len(r.logprobs)
+        confidence = Confidence(sum(r.logprobs) / n, sum(r.entropies) / n, min(r.top1)) if n else Confidence()
+        timing = Timing(queue_s=r.started - r.job.arrival,
+                        first_token_s=(r.first_token_at or now) - r.job.arrival,
+                        total_s=now - r.job.arrival)
+        r.job.emit(Finished(r.text, r.tokens, len(r.job.prompt_ids), reason, confidence, timing, error))
+
+    def classify(self, job: Job, slot: int) -> None:
+        started = time.monotonic()
+        n = len(job.prompt_ids)
+        logits = self.forward([job.prompt_ids], [0], [slot])
+        first = torch.log_softmax(logits[0].float(), -1)
+        scores = []
+        for label in job.label_ids:
+            total = float(first[label[0]])
+            if len(label) > 1:
+                t = torch.tensor([label[:-1]], device=self.device)
+                positions = torch.arange(n, n + len(label) - 1, device=self.device)[None]
+                out = self.model(t, positions, self.cache, torch.tensor([slot], device=self.device))
+                logp = torch.log_softmax(out[0].float(), -1)
+                total += float(logp.gather(1, torch.tensor(label[1:], device=self.device)[:, None]).sum())
+            scores.append(total)
+        now = time.monotonic()
+        job.emit(Scored(scores, n, Timing(queue_s=started - job.arrival, first_token_s=now - job.arrival,
+                                          total_s=now - job.arrival)))

@@ -1,0 +1,209 @@
+"""A Llama-family decoder in plain PyTorch, with a slot-based KV cache.
+
+One module covers the SmolLM2, Llama, Mistral and Qwen2 layouts: RMSNorm, rotary
+embeddings (Hugging Face's rotate-half convention), grouped-query attention and a
+SiLU-gated MLP. The q/k/v and gate/up projections are fused into one matmul each,
+which halves the number of small ops per decode step.
+
+Every forward call names, per row, the KV-cache slot it owns and the absolute
+position of each token, so the same code runs a prompt's prefill and a decode step
+over a batch of sequences of different lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 2048
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        supported = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+        if archs and not supported.intersection(archs):
+            raise ValueError(f"config.json: architectures {archs} is not a Llama-family decoder "
+                             f"(supported: {sorted(supported)})")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=cfg.get("rope_scaling"),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", "Qwen2ForCausalLM" in archs)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        )
+
+
+class KVCache:
+    """A bounded pool of KV slots: `slots` sequences of up to `max_seq_len` tokens each."""
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots = slots
+        self.max_seq_len = max_seq_len
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported")
+    return inv_freq.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
+        self.split = (q_out, kv_out, kv_out)
+
+    def forward(self, x, cos, sin, cache: KVCache, slots, positions, mask):
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+        rows = slots[:, None]
+        k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[rows, :, positions] = v.to(v_cache.dtype)
+        span = mask.shape[-1]
+        keys, values = gather_slots(k_cache, slots, span), gather_slots(v_cache, slots, span)
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                             attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor, span: int) -> torch.Tensor:
+    """cache[slots, :, :span], as a view when the slots are one contiguous run."""
+    first = int(slots[0])
+    if torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)):
+        return cache[first:first + len(slots), :, :span]
+    return cache[slots, :, :span]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, slots, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """tokens, positions: [B, T] (int64); slots: [B]. Returns logits [B, T, V] (fp32),
+        or [B, 1, V] for the last position of each row when `last_only`."""
+        span = int(positions.max()) + 1
+        if span > cache.max_seq_len:
+            raise ValueError(f"position {span - 1} is past the KV cache's {cache.max_seq_len} tokens")
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        key_pos = torch.arange(span, device=tokens.device)
+        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]
+
+        x = self.embed_tokens(tokens)
+        dtype = self.norm.weight.dtype
+        x, cos, sin = x.to(dtype), cos.to(dtype), sin.to(dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, slots, positions, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,101 @@
+"""The model versions a server holds, and which one serves each request.
+
+Each model has one or more loaded versions and a traffic weight per version. A request
+that names a version gets it; otherwise a routing key (a session or user id) is hashed
+onto the cumulative weights, so the same key lands on the same version while the
+weights stay the same, and a request without a key is placed at random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+
+from inference.engine import Engine
+from inference.tokenizer import Tokenizer
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    model: str
+    version: str
+    source: str
+    quantize: str
+    engine: Engine
+    tokenizer: Tokenizer
+    group_size: int = 32
+    loaded_at: float = field(default_factory=time.time)
+
+
+def routing_point(model: str, key: str) -> float:
+    """A stable point in [0, 1) for a routing key."""
+    digest = hashlib.blake2b(f"{model}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class Router:
+    def __init__(self):
+        self.versions: dict[str, dict[str, ModelVersion]] = {}
+        self.weights: dict[str, dict[str, float]] = {}
+
+    def add(self, mv: ModelVersion) -> None:
+        versions = self.versions.setdefault(mv.model, {})
+        if mv.version in versions:
+            raise ValueError(f"version: {mv.model} {mv.version!r} is already loaded")
+        versions[mv.version] = mv
+        weights = self.weights.setdefault(mv.model, {})
+        weights[mv.version] = 0.0 if weights else 1.0
+
+    def remove(self, model: str, version: str) -> ModelVersion:
+        mv = self.get(model, version)
+        del self.versions[model][version]
+        weights = self.weights[model]
+        del weights[version]
+        if not self.versions[model]:
+            del self.versions[model], self.weights[model]
+        elif not any(weights.values()):
+            weights[next(iter(weights))] = 1.0
+        return mv
+
+    def get(self, model: str, version: str) -> ModelVersion:
+        if model not in self.versions:
+            raise NotFound(f"model: {model!r} is not loaded")
+        if version not in self.versions[model]:
+            raise NotFound(f"version: {model} has no version {version!r}")
+        return self.versions[model][version]
+
+    def pick(self, model: str, version: str = "", routing_key: str = "") -> ModelVersion:
+        if version:
+            return self.get(model, version)
+        if model not in self.versions:
+            raise NotFound(f"model: {model!r} is not loaded")
+        weights = self.weights[model]
+        total = sum(weights.values())
+        point = (routing_point(model, routing_key) if routing_key else random.random()) * total
+        for name in sorted(weights):
+            point -= weights[name]
+            if point < 0 and weights[name] > 0:
+                return self.versions[model][name]
+        return self.versions[model][max(weights, key=weights.get)]
+
+    def set_weights(self, model: str, weights: dict[str, float]) -> dict[str, float]:
+        if model not in self.versions:
+            raise NotFound(f"model: {model!r} is not loaded")
+        for version, w in weights.items():
+            if version not in self.versions[model]:
+                raise NotFound(f"weights: {model} has no version {version!r}")
+            if not (w >= 0.0 and w != float("inf")):
+                raise ValueError(f"weights[{version!r}]: {w} is not a finite non-negative number")
+        if sum(weights.values()) <= 0:
+            raise ValueError("weights: at least one version needs a positive weight")
+        self.weights[model] = {v: float(weights.get(v, 0.0)) for v in self.versions[model]}
+        return dict(self.weights[model])
+
+    def all(self) -> list[ModelVersion]:
+        return [mv for versions in self.versions.values() for mv in versions.values()]

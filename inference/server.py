@@ -1,0 +1,100 @@
+"""The inference server: one grpc.aio port with the Open Inference Protocol, the native
+vigil.v1 LLM service, gRPC health and reflection; Prometheus metrics on a second port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from inference.demo import DEMO_MODEL_NAME
+from inference.events import EventSink, MemorySink
+from inference.kserve import KServeService
+from inference.llm_service import LLMService
+from inference.metrics import ServerMetrics
+from inference.router import Router
+from inference.serving import Limits, Serving
+from inference.versions import EngineOptions, VersionManager
+from protos import grpc_service_pb2_grpc, llm_pb2_grpc
+from protos.reflection import SERVICE_NAMES, reflection_pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: int = 8002  # 0: any free port; negative: no metrics endpoint
+    model: str = "demo"
+    model_name: str = ""       # default: the demo's name, or the file/folder name
+    version: str = "1"
+    quantize: str = "int4"
+    group_size: int = 32
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    limits: Limits = field(default_factory=Limits)
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+
+class InferenceServer:
+    def __init__(self, options: ServerOptions, sink: EventSink | None = None):
+        self.options = options
+        self.router = Router()
+        self.sink = sink if sink is not None else MemorySink()
+        self.metrics = ServerMetrics(self.router)
+        self.serving = Serving(self.router, self.sink, self.metrics, options.limits)
+        itl = self.metrics.itl
+        self.versions = VersionManager(self.router, options.engine,
+                                       on_token=lambda m, v: itl.labels(m, v).observe)
+        self.health = health.aio.HealthServicer()
+        self.grpc: grpc.aio.Server | None = None
+        self.metrics_http = None
+        self.port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        o = self.options
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        if o.model:
+            await self.versions.load(model_name(o), o.version, o.model, o.quantize, o.group_size)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeService(self.serving, self.versions), server)
+        llm_pb2_grpc.add_LLMServicer_to_server(LLMService(self.serving, self.versions), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(
+            names, server, pool=reflection_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR))
+        self.port = server.add_insecure_port(f"{o.host}:{o.port}")
+        if not self.port:
+            raise OSError(f"port: cannot listen on {o.host}:{o.port}")
+        await server.start()
+        self.grpc = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if o.metrics_port >= 0:
+            self.metrics_http = self.metrics.serve(o.host, o.metrics_port)
+            self.metrics_port = self.metrics_http.server_port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.grpc:
+            await self.grpc.stop(grace)
+        if self.metrics_http:
+            self.metrics_http.shutdown()
+        await asyncio.to_thread(self.versions.stop)
+
+
+def model_name(o: ServerOptions) -> str:
+    if o.model_name:
+        return o.model_name
+    if o.model == "demo":
+        return DEMO_MODEL_NAME
+    return Path(o.model).name.removesuffix(".gguf").lower()

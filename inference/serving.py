@@ -1,0 +1,262 @@
+"""What both gRPC front ends share: validate a request, route it to a model version,
+run it on that version's engine, and record exactly one event and one set of metrics
+for it, whatever its outcome.
+
+Errors are raised as `InvalidArgument`, `NotFound` (router) or `Overloaded` (engine);
+the gRPC layers turn them into status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from inference.engine import Finished, Job, Overloaded, Scored, TextChunk, Timing
+from inference.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink
+from inference.router import NotFound, Router
+from inference.sampling import SamplingParams
+
+
+class InvalidArgument(ValueError):
+    """Bad input; the message starts with the name of the offending field."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 32_000
+    max_tokens: int = 1024
+    default_max_tokens: int = 128
+    max_labels: int = 32
+    max_label_chars: int = 256
+
+
+@dataclass
+class Outcome:
+    """What a request's event is made of; filled in as the request goes."""
+    method: str
+    request_id: str
+    model: str = ""
+    version: str = ""
+    route: str = ""
+    status: str = "ok"
+    error: str = ""
+    prompt_chars: int = 0
+    prompt_sha256: str = ""
+    finished: Finished | None = None
+    scores: dict[str, float] | None = None
+    prompt_tokens: int = 0
+    timing: Timing = field(default_factory=Timing)
+    started: float = field(default_factory=time.monotonic)
+
+
+class Serving:
+    def __init__(self, router: Router, sink: EventSink, metrics, limits: Limits = Limits(),
+                 source: str = "vigil-inference"):
+        self.router = router
+        self.sink = sink
+        self.metrics = metrics
+        self.limits = limits
+        self.source = source
+        self.served_by: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+
+    # -- requests ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def track(self, method: str, request_id: str = "", context=None):
+        """Yields the request's Outcome; on exit, records its event and metrics.
+        `context` (a grpc.aio context) tells a passed deadline from a cancellation."""
+        out = Outcome(method, request_id or str(uuid.uuid4()))
+        try:
+            yield out
+        except InvalidArgument as exc:
+            out.status, out.error = "invalid_argument", str(exc)
+            raise
+        except NotFound as exc:
+            out.status, out.error = "not_found", str(exc)
+            raise
+        except Overloaded as exc:
+            out.status, out.error = "resource_exhausted", str(exc)
+            raise
+        except asyncio.CancelledError:
+            remaining = context.time_remaining() if context is not None else None
+            expired = remaining is not None and remaining <= 0
+            out.status = "deadline_exceeded" if expired else "cancelled"
+            raise
+        except Exception as exc:
+            out.status, out.error = "internal", str(exc)
+            raise
+        finally:
+            self.record(out)
+
+    def route(self, out: Outcome, model: str, version: str, routing_key: str):
+        if not model:
+            raise InvalidArgument("model: is empty")
+        mv = self.router.pick(model, version, routing_key)
+        out.model, out.version = mv.model, mv.version
+        weights = self.router.weights.get(mv.model, {})
+        if version:
+            out.route = "pinned"
+        else:
+            out.route = "stable" if weights.get(mv.version, 0) >= max(weights.values()) else "canary"
+        return mv
+
+    def prompt_ids(self, out: Outcome, mv, prompt: str | None, messages: list[dict] | None,
+                   field_name: str) -> list[int]:
+        if messages is not None:
+            if not messages:
+                raise InvalidArgument(f"{field_name}.messages: is empty")
+            for i, m in enumerate(messages):
+                if m.get("role") not in ("system", "user", "assistant", "tool"):
+                    raise InvalidArgument(f"{field_name}.messages[{i}].role: {m.get('role')!r} is not "
+                                          "one of system, user, assistant, tool")
+            if mv.tokenizer.chat_template is None:
+                raise InvalidArgument(f"{field_name}: model {mv.model} has no chat template; send a prompt")
+            prompt = mv.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if not prompt:
+            raise InvalidArgument(f"{field_name}: is empty")
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise InvalidArgument(f"{field_name}: {len(prompt)} characters, the limit is "
+                                  f"{self.limits.max_prompt_chars}")
+        out.prompt_chars = len(prompt)
+        out.prompt_sha256 = hashlib.sha256(prompt.encode()).hexdigest()
+        ids = mv.tokenizer.encode(prompt)
+        limit = mv.engine.max_seq_len - 1
+        if len(ids) > limit:
+            raise InvalidArgument(f"{field_name}: {len(ids)} tokens, the limit is {limit}")
+        out.prompt_tokens = len(ids)
+        return ids
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        try:
+            params.validate(self.limits.max_tokens)
+        except ValueError as exc:
+            raise InvalidArgument(f"sampling.{exc}") from None
+        return params
+
+    async def generate(self, out: Outcome, mv, ids: list[int], params: SamplingParams):
+        """Yields TextChunk ... Finished. Leaving early cancels the generation."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        job = Job(ids, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u), params=params)
+        mv.engine.submit(job)
+        try:
+            while True:
+                update = await updates.get()
+                if isinstance(update, Finished):
+                    out.finished = update
+                    out.timing = update.timing
+                    if update.finish_reason == "error":
+                        raise RuntimeError(update.error)
+                    yield update
+                    return
+                yield update
+        finally:
+            if out.finished is None:
+                job.cancel()
+
+    async def classify(self, out: Outcome, mv, ids: list[int], labels: list[str]) -> list[tuple[str, float, float]]:
+        if len(labels) < 2:
+            raise InvalidArgument(f"labels: {len(labels)} given, at least 2 needed")
+        if len(labels) > self.limits.max_labels:
+            raise InvalidArgument(f"labels: {len(labels)} given, at most {self.limits.max_labels}")
+        if len(set(labels)) != len(labels):
+            raise InvalidArgument("labels: contains duplicates")
+        label_ids = []
+        for i, label in enumerate(labels):
+            if not label or len(label) > self.limits.max_label_chars:
+                raise InvalidArgument(f"labels[{i}]: must have 1 to {self.limits.max_label_chars} characters")
+            label_ids.append(mv.tokenizer.encode(label, add_special=False))
+        if len(ids) + max(map(len, label_ids)) > mv.engine.max_seq_len:
+            raise InvalidArgument("labels: prompt and the longest label exceed the context length")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        job = Job(ids, lambda u: loop.call_soon_threadsafe(done.set_result, u), label_ids=label_ids)
+        mv.engine.submit(job)
+        try:
+            result = await done
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        if isinstance(result, Finished):  # cancelled or failed inside the engine
+            raise RuntimeError(result.error or result.finish_reason)
+        assert isinstance(result, Scored)
+        out.timing = result.timing
+        top = max(result.logprobs)
+        weights = [math.exp(lp - top) for lp in result.logprobs]
+        total = sum(weights)
+        scored = [(label, w / total, lp) for label, w, lp in zip(labels, weights, result.logprobs)]
+        out.scores = {label: p for label, p, _ in scored}
+        return scored
+
+    def feedback(self, request_id: str, model: str, version: str, label: str | None,
+                 score: float | None, comment: str = "") -> str:
+        if not request_id:
+            raise InvalidArgument("request_id: is empty")
+        if label is None and score is None:
+            raise InvalidArgument("truth: neither label nor score is set")
+        if score is not None and not math.isfinite(score):
+            raise InvalidArgument(f"score: {score} is not finite")
+        if label is not None and not label:
+            raise InvalidArgument("label: is empty")
+        served = self.served_by.get(request_id)
+        if not model:
+            if served is None:
+                raise InvalidArgument("model: is empty and request_id is not one this server remembers")
+            model = served[0]
+        if model not in self.router.versions and served is None:
+            raise NotFound(f"model: {model!r} is not loaded")
+        if not version and served is not None and served[0] == model:
+            version = served[1]
+        feedback_id = str(uuid.uuid4())
+        self.sink.publish(FEEDBACK_TOPIC, event_key(model, version), {
+            "feedback_id": feedback_id, "request_id": request_id, "model": model, "version": version,
+            "label": label, "score": score, "comment": comment, "time": time.time(),
+        })
+        return feedback_id
+
+    # -- the one record per request ------------------------------------------------------
+
+    def record(self, out: Outcome) -> None:
+        f = out.finished
+        if out.model and out.version:
+            self.served_by[out.request_id] = (out.model, out.version)
+            while len(self.served_by) > 100_000:
+                self.served_by.popitem(last=False)
+        total = time.monotonic() - out.started
+        event = {
+            "event_id": str(uuid.uuid4()), "time": time.time(), "source": self.source,
+            "request_id": out.request_id, "method": out.method, "model": out.model,
+            "version": out.version, "route": out.route, "status": out.status, "error": out.error,
+            "prompt_chars": out.prompt_chars, "prompt_sha256": out.prompt_sha256,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": f.completion_tokens if f else 0,
+            "finish_reason": f.finish_reason if f else ("cancelled" if out.status == "cancelled" else ""),
+            "queue_seconds": out.timing.queue_s,
+            "first_token_seconds": out.timing.first_token_s,
+            "total_seconds": out.timing.total_s or total,
+            "mean_logprob": f.confidence.mean_logprob if f else None,
+            "mean_entropy": f.confidence.mean_entropy if f else None,
+            "min_top1_prob": f.confidence.min_top1_prob if f else None,
+            "label_probabilities": out.scores,
+        }
+        self.sink.publish(INFERENCE_TOPIC, event_key(out.model, out.version), event)
+        m, labels = self.metrics, (out.model or "unknown", out.version or "unknown")
+        m.requests.labels(*labels, out.method, out.status).inc()
+        m.e2e.labels(*labels).observe(total)
+        if out.prompt_tokens and out.status == "ok":
+            m.prompt_tokens.labels(*labels).inc(out.prompt_tokens)
+        if f:
+            m.generation_tokens.labels(*labels).inc(f.completion_tokens)
+            m.queue.labels(*labels).observe(f.timing.queue_s)
+            if f.completion_tokens:
+                m.ttft.labels(*labels).observe(f.timing.first_token_s)
+
+
+def event_key(model: str, version: str) -> str:
+    return f"{model}/{version}"

@@ -1,0 +1,85 @@
+"""Loading and unloading model versions while the server runs.
+
+A version is a checkpoint (a GGUF file, a Hugging Face folder, or the demo model) in a
+weight-only precision, with its own engine and KV pool. Loading runs in a worker
+thread so the event loop keeps serving; a new version starts with no traffic unless
+it is the model's first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from inference.demo import demo_model_path
+from inference.engine import Engine
+from inference.loading import INT4_GROUP_SIZES, QUANTIZE_MODES, build_model, load_checkpoint
+from inference.router import ModelVersion, Router
+from inference.serving import InvalidArgument
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    kv_slots: int = 16
+    max_seq_len: int = 1024
+    max_waiting: int = 64
+
+
+class VersionManager:
+    def __init__(self, router: Router, options: EngineOptions, on_token=None):
+        self.router = router
+        self.options = options
+        self.on_token = on_token  # (model, version) -> callback(seconds) for inter-token latency
+        self.lock = asyncio.Lock()
+
+    def load_sync(self, model: str, version: str, source: str, quantize: str = "none",
+                  group_size: int = 32) -> ModelVersion:
+        validate_version(model, version, source, quantize, group_size)
+        path = demo_model_path() if source == "demo" else source
+        try:
+            ckpt = load_checkpoint(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise InvalidArgument(f"source: {exc}") from None
+        net = build_model(ckpt, quantize, group_size)
+        engine = Engine(net, ckpt.tokenizer, kv_slots=self.options.kv_slots,
+                        max_seq_len=min(self.options.max_seq_len, ckpt.config.max_position_embeddings),
+                        max_waiting=self.options.max_waiting,
+                        on_token=self.on_token(model, version) if self.on_token else None)
+        mv = ModelVersion(model, version, source, quantize, engine, ckpt.tokenizer, group_size=group_size)
+        try:
+            self.router.add(mv)
+        except ValueError as exc:
+            engine.stop()
+            raise InvalidArgument(str(exc)) from None
+        return mv
+
+    async def load(self, model: str, version: str, source: str, quantize: str = "none",
+                   group_size: int = 32) -> ModelVersion:
+        async with self.lock:
+            validate_version(model, version, source, quantize, group_size)
+            if version in self.router.versions.get(model, {}):
+                raise InvalidArgument(f"version: {model} {version!r} is already loaded")
+            return await asyncio.to_thread(self.load_sync, model, version, source, quantize, group_size)
+
+    async def unload(self, model: str, version: str) -> ModelVersion:
+        async with self.lock:
+            mv = self.router.remove(model, version)
+        await asyncio.to_thread(mv.engine.stop)
+        return mv
+
+    def stop(self) -> None:
+        for mv in self.router.all():
+            mv.engine.stop()
+
+
+def validate_version(model: str, version: str, source: str, quantize: str, group_size: int) -> None:
+    if not model:
+        raise InvalidArgument("model: is empty")
+    if not version:
+        raise InvalidArgument("version: is empty")
+    if not source:
+        raise InvalidArgument("source: is empty")
+    if quantize not in QUANTIZE_MODES:
+        raise InvalidArgument(f"quantize: {quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
+    if quantize == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise InvalidArgument(f"group_size: {group_size} is not one of {INT4_GROUP_SIZES}")

@@ -1,0 +1,1 @@
+"""The `vigil` command and the wiring that starts services. Nothing imports it."""
