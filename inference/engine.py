@@ -252,7 +252,7 @@ class Engine:
         r.logprobs.append(choice.logprob)
         r.entropies.append(choice.entropy)
         r.top1.append(choice.top1_prob)
-        if choice.token in self.tokenizer.eos_ids:
+        if choice.token in self.tokenizer.eos_ids and not r.job.params.ignore_eos:
             return self.finish(r, "stop")
         r.tokens.append(choice.token)
         r.text += r.detok.push(choice.token)

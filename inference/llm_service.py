@@ -56,7 +56,8 @@ def sampling_params(s: llm_pb2.SamplingParams, default_max_tokens: int) -> Sampl
     top_p = s.top_p if s.HasField("top_p") and s.top_p != 0.0 else 1.0
     return SamplingParams(
         max_tokens=s.max_tokens or default_max_tokens, temperature=s.temperature, top_k=s.top_k,
-        top_p=top_p, seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop))
+        top_p=top_p, seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos)
 
 
 def chat_messages(chat: llm_pb2.Chat) -> list[dict]:
@@ -172,6 +173,9 @@ class LLMService(llm_pb2_grpc.LLMServicer):
 
     @grpc_errors
     async def SetTraffic(self, request, context):
-        weights = self.serving.router.set_weights(request.model, dict(request.weights))
+        try:
+            weights = self.serving.router.set_weights(request.model, dict(request.weights))
+        except ValueError as exc:  # a negative, infinite or all-zero weight
+            raise InvalidArgument(str(exc)) from None
         total = sum(weights.values())
         return llm_pb2.SetTrafficResponse(model=request.model, weights={v: w / total for v, w in weights.items()})

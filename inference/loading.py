@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from inference.model import Llama, ModelConfig, rope_inv_freq
-from inference.quantize import Int4Linear, Int8Linear, q4_blocks_to_groups
+from inference.quantize import HalfLinear, Int4Linear, q4_blocks_to_groups, quantize_model
 from inference.tokenizer import Tokenizer
 
 QUANTIZE_MODES = ("none", "int8", "int4")
@@ -176,6 +177,10 @@ def build_model(ckpt: Checkpoint, quantize: str = "none", group_size: int = 32,
     if quantize == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"group_size: {group_size} is not one of {INT4_GROUP_SIZES}")
     cfg = ckpt.config
+    if quantize == "int4":
+        for name, k in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
+            if k % group_size:
+                raise ValueError(f"group_size: {group_size} does not divide the model's {name} {k}")
     with torch.device("meta"):
         model = Llama(cfg)
     tensors = dict(ckpt.tensors)
@@ -198,32 +203,25 @@ def build_model(ckpt: Checkpoint, quantize: str = "none", group_size: int = 32,
 
 
 def quantize_projections(model: Llama, ckpt: Checkpoint, mode: str, group_size: int) -> None:
-    cfg = ckpt.config
-    targets = {f"layers.{i}.{m}": m for i in range(cfg.num_layers)
-               for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
-    targets["lm_head"] = "lm_head"
-    for path, module_name in targets.items():
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        linear = getattr(parent, child)
-        if linear.bias is not None:
-            continue  # biased projections (Qwen2's q/k/v) stay in float
-        if mode == "int8":
-            setattr(parent, child, Int8Linear.from_float(linear))
-            continue
-        codes = exact_q4_codes(ckpt, path, module_name) if group_size == 32 else None
-        if codes is not None:
-            setattr(parent, child, Int4Linear.from_groups(*codes, group_size=32))
-        else:
-            setattr(parent, child, Int4Linear.from_float(linear, group_size))
+    """Weight-only quantisation of the layer projections; the lm_head goes to fp16.
+
+    The quantised matmuls take bf16 activations (torch's CPU kernels for packed int4
+    and int8 weights are fast only in bf16); the rest of the model stays fp32."""
+    if mode == "int4" and group_size == 32:
+        for i in range(ckpt.config.num_layers):
+            for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+                codes = exact_q4_codes(ckpt, f"layers.{i}", name)
+                if codes is not None:
+                    parent, _, child = f"layers.{i}.{name}".rpartition(".")
+                    setattr(model.get_submodule(parent), child,
+                            Int4Linear.from_groups(*codes, group_size=32, compute_dtype=torch.bfloat16))
+    biased = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    quantize_model(model, mode, group_size, skip=("lm_head", *biased), compute_dtype=torch.bfloat16)
+    model.lm_head = HalfLinear.from_float(model.lm_head)
 
 
-def exact_q4_codes(ckpt: Checkpoint, path: str, module_name: str):
-    """Q4 codes of the source for a (possibly fused) module, if every part has them."""
-    if module_name == "lm_head":
-        name = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else "embed_tokens.weight"
-        return ckpt.q4_groups.get(name)
-    layer = path.rsplit(".", 2)[0]
+def exact_q4_codes(ckpt: Checkpoint, layer: str, module_name: str):
+    """The source's Q4 codes for a (possibly fused) module, if every part has them."""
     parts = FUSED.get(module_name, (module_name.rsplit(".", 1)[1],))
     names = [f"{layer}.{layer_module_name(p)}.weight" for p in parts]
     if not all(n in ckpt.q4_groups for n in names):

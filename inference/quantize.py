@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -213,6 +214,30 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+# --------------------------------------------------------------------------- fp16
+
+
+class HalfLinear(nn.Module):
+    """A bias-free linear with fp16 weights, multiplied in fp16 (the lm_head of a
+    quantised model: half the memory traffic of fp32, logits nearly exact)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().to(torch.float16))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "HalfLinear":
+        _check_linear(linear)
+        return cls(linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 # --------------------------------------------------------------------------- GGUF

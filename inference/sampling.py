@@ -42,6 +42,7 @@ class SamplingParams:
     top_p: float = 1.0        # 1 is off
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
 
     def validate(self, max_tokens_limit: int) -> None:
         """Raise ValueError naming the first field out of range."""

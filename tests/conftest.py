@@ -1,0 +1,113 @@
+"""Shared fixtures: the demo model, a tiny random Llama saved as a Hugging Face folder,
+and inference servers running on loopback in a thread of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.demo import demo_model_path
+from inference.events import MemorySink
+from inference.server import InferenceServer, ServerOptions
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    return demo_model_path()
+
+
+def make_tiny_llama(folder: Path, *, vocab_size: int = 320, hidden: int = 64, layers: int = 2,
+                    heads: int = 4, kv_heads: int = 2, intermediate: int = 128, seed: int = 0) -> Path:
+    """A randomly initialised LlamaForCausalLM with a small byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["The quick brown fox jumps over the lazy dog. " * 4,
+              "What is the capital of France? Paris is the capital of France.",
+              "Once upon a time there was a small model that answered questions."]
+    tok.train_from_iterator(corpus * 20, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHAT_TEMPLATE, "bos_token": None, "eos_token": "<|im_end|>",
+        "add_bos_token": False}))
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+class ServerThread:
+    """An InferenceServer on loopback, in a thread with its own event loop."""
+
+    def __init__(self, options: ServerOptions):
+        self.sink = MemorySink()
+        self.server = InferenceServer(options, sink=self.sink)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.server.start())
+
+    def call(self, coro, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def stop(self) -> None:
+        self.call(self.server.stop(grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """start_server(model=..., **options) -> ServerThread; stopped at the end of the session."""
+    started = []
+
+    def start(**options) -> ServerThread:
+        options.setdefault("port", 0)
+        options.setdefault("metrics_port", 0)
+        s = ServerThread(ServerOptions(**options))
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server(start_server, demo_gguf) -> ServerThread:
+    """The demo model, served as in `vigil up` (int4 weights taken over from Q4_1)."""
+    return start_server(model="demo")
