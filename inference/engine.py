@@ -97,6 +97,7 @@ class Running:
     position: int = 0
     last_token: int = 0
     tokens: list[int] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)  # ids whose text is not sent yet
     text: str = ""
     emitted: int = 0  # characters of text already sent
     logprobs: list[float] = field(default_factory=list)
@@ -147,11 +148,22 @@ class Engine:
         with self.wakeup:
             if self.stopping:
                 raise Overloaded("the engine is shutting down")
+            self.drop_cancelled_waiting()
             if len(self.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.waiting)} requests already waiting (limit {self.max_waiting})")
             self.waiting.append(job)
             self.stats.waiting = len(self.waiting)
             self.wakeup.notify()
+
+    def drop_cancelled_waiting(self) -> None:
+        """Answer and forget waiting jobs whose callers are gone. Holds self.wakeup."""
+        if any(job.cancelled for job in self.waiting):
+            now = time.monotonic()
+            for job in [job for job in self.waiting if job.cancelled]:
+                self.waiting.remove(job)
+                job.emit(Finished("", [], len(job.prompt_ids), "cancelled", Confidence(),
+                                  Timing(queue_s=now - job.arrival, total_s=now - job.arrival)))
+            self.stats.waiting = len(self.waiting)
 
     def stop(self) -> None:
         with self.wakeup:
@@ -183,6 +195,8 @@ class Engine:
     def step(self) -> None:
         for r in [r for r in self.running if r.job.cancelled]:
             self.finish(r, "cancelled")
+        with self.wakeup:
+            self.drop_cancelled_waiting()
         self.admit()
         if self.running:
             self.decode()
@@ -255,6 +269,7 @@ class Engine:
         if choice.token in self.tokenizer.eos_ids and not r.job.params.ignore_eos:
             return self.finish(r, "stop")
         r.tokens.append(choice.token)
+        r.unsent.append(choice.token)
         r.text += r.detok.push(choice.token)
         for s in r.stop:
             cut = r.text.find(s)
@@ -269,15 +284,16 @@ class Engine:
         if ready > r.emitted or hold == 0:
             chunk = r.text[r.emitted:max(ready, r.emitted)]
             r.emitted += len(chunk)
-            r.job.emit(TextChunk(chunk, [choice.token]))
+            r.job.emit(TextChunk(chunk, r.unsent))
+            r.unsent = []
 
     def finish(self, r: Running, reason: str, error: str = "") -> None:
         now = time.monotonic()
         self.running.remove(r)
         self.free_slots.append(r.slot)
         self.free_slots.sort()
-        if r.emitted < len(r.text):
-            r.job.emit(TextChunk(r.text[r.emitted:], []))
+        if r.emitted < len(r.text) or r.unsent:
+            r.job.emit(TextChunk(r.text[r.emitted:], r.unsent))
         n = len(r.logprobs)
         confidence = Confidence(sum(r.logprobs) / n, sum(r.entropies) / n, min(r.top1)) if n else Confidence()
         timing = Timing(queue_s=r.started - r.job.arrival,

@@ -11,6 +11,7 @@ and on request `finish_reason`, `num_input_tokens`, `num_output_tokens`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 
@@ -233,13 +234,27 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         p = request.parameters
 
         def param(name, default):
-            if name not in p:
-                return default
-            kind = p[name].WhichOneof("parameter_choice")
-            return getattr(p[name], kind).decode() if kind == "bytes_param" else getattr(p[name], kind)
+            if name in p:
+                kind = p[name].WhichOneof("parameter_choice")
+                return getattr(p[name], kind).decode() if kind == "bytes_param" else getattr(p[name], kind)
+            return config.get(name, default)
         try:
+            # tritonclient's load_model can only send `config` (a JSON string): it may carry
+            # version, source, quantize and group_size too; explicit parameters win
+            config = {}
+            if "config" in p:
+                try:
+                    config = json.loads(p["config"].string_param or "{}")
+                except json.JSONDecodeError as exc:
+                    raise InvalidArgument(f"parameters[config]: not valid JSON ({exc.msg})") from None
+                if not isinstance(config, dict):
+                    raise InvalidArgument("parameters[config]: must be a JSON object")
+            try:
+                group_size = int(param("group_size", 32))
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"group_size: {param('group_size', 32)!r} is not an integer") from None
             await self.versions.load(request.model_name, str(param("version", "1")), str(param("source", "demo")),
-                                     str(param("quantize", "none")), int(param("group_size", 32)))
+                                     str(param("quantize", "none")), group_size)
         except (InvalidArgument, NotFound) as exc:
             await abort_on_error(context, exc)
         return pb.RepositoryModelLoadResponse()
@@ -298,8 +313,10 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            async for response in self.run(request, context, "ModelInfer"):
-                return response
+            # close the generator before answering, so that the request's event is recorded now
+            async with contextlib.aclosing(self.run(request, context, "ModelInfer")) as responses:
+                async for response in responses:
+                    return response
         except (InvalidArgument, NotFound, Overloaded, RuntimeError) as exc:
             await abort_on_error(context, exc)
 

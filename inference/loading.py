@@ -101,7 +101,7 @@ def load_gguf(path: Path) -> Checkpoint:
     for t in reader.tensors:
         name = gguf_tensor_name(t.name)
         kind = t.tensor_type.name
-        values = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type))).float()
+        values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         codes = None
         if t.tensor_type in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
             codes = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in q4_blocks_to_groups(t.data, kind))
@@ -128,7 +128,11 @@ def gguf_config(meta: dict, arch: str, reader) -> ModelConfig:
     heads = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))
     tensor_names = {t.name for t in reader.tensors}
-    vocab = meta.get(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = meta.get(f"{arch}.vocab_size")
+    if vocab is None:
+        if "tokenizer.ggml.tokens" not in reader.fields:
+            raise ValueError("model: GGUF metadata lacks tokenizer.ggml.tokens (the vocabulary)")
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     scaling = None
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -61,6 +62,8 @@ class Serving:
         self.router = router
         self.sink = sink
         self.metrics = metrics
+        if limits.default_max_tokens > limits.max_tokens:  # the default must itself be allowed
+            limits = dataclasses.replace(limits, default_max_tokens=limits.max_tokens)
         self.limits = limits
         self.source = source
         self.served_by: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
@@ -84,15 +87,28 @@ class Serving:
             out.status, out.error = "resource_exhausted", str(exc)
             raise
         except asyncio.CancelledError:
-            remaining = context.time_remaining() if context is not None else None
-            expired = remaining is not None and remaining <= 0
-            out.status = "deadline_exceeded" if expired else "cancelled"
+            out.status = self.gone(context)
+            raise
+        except GeneratorExit:
+            # a streaming handler closed at a `yield`: grpc.aio does that when the client
+            # cancels or its deadline passes while a message is being sent
+            if out.finished is None:
+                out.status = self.gone(context)
             raise
         except Exception as exc:
             out.status, out.error = "internal", str(exc)
             raise
         finally:
             self.record(out)
+
+    DEADLINE_SLACK = 0.1  # seconds
+
+    def gone(self, context) -> str:
+        """Why a call ended early: "deadline_exceeded" or "cancelled". The client's own
+        deadline timer fires (and cancels the call) a moment before the server's copy of
+        the deadline passes, so a call cancelled within DEADLINE_SLACK of it counts as expired."""
+        remaining = context.time_remaining() if context is not None else None
+        return "deadline_exceeded" if remaining is not None and remaining <= self.DEADLINE_SLACK else "cancelled"
 
     def route(self, out: Outcome, model: str, version: str, routing_key: str):
         if not model:

@@ -40,7 +40,10 @@ class VersionManager:
             ckpt = load_checkpoint(path)
         except (FileNotFoundError, ValueError) as exc:
             raise InvalidArgument(f"source: {exc}") from None
-        net = build_model(ckpt, quantize, group_size)
+        try:
+            net = build_model(ckpt, quantize, group_size)
+        except ValueError as exc:  # e.g. a group size that does not divide the model's widths
+            raise InvalidArgument(str(exc)) from None
         engine = Engine(net, ckpt.tokenizer, kv_slots=self.options.kv_slots,
                         max_seq_len=min(self.options.max_seq_len, ckpt.config.max_position_embeddings),
                         max_waiting=self.options.max_waiting,

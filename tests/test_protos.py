@@ -442,7 +442,7 @@ def test_llm_field_numbers():
         "model": 1, "version": 2, "prompt": 3, "chat": 4, "sampling": 5, "routing_key": 6, "request_id": 7,
     }
     assert numbers(llm_pb2.SamplingParams) == {
-        "max_tokens": 1, "temperature": 2, "top_k": 3, "top_p": 4, "seed": 5, "stop": 6,
+        "max_tokens": 1, "temperature": 2, "top_k": 3, "top_p": 4, "seed": 5, "stop": 6, "ignore_eos": 7,
     }
     assert numbers(llm_pb2.GenerateStreamResponse) == {
         "request_id": 1, "model": 2, "version": 3, "text": 4, "token_ids": 5, "final": 6,
