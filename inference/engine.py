@@ -1,10 +1,11 @@
-"""Continuous batching: one thread runs a model version's prefills and decode steps.
+"""Continuous batching: a model version's prefills and decode steps, scheduled.
 
 Requests join the running batch between decode steps (after their prefill) and leave
 it as soon as they finish, are cancelled or fail; each holds one slot of the bounded KV
 pool while it runs. The waiting queue is bounded too: when it is full, `submit` raises
 `Overloaded` at once. Results go back through each request's `emit` callback, which
 the gRPC layer points at its own event loop, so the engine never touches asyncio.
+Steps run on the process's compute thread (`inference.compute`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from inference.compute import ComputeThread, single_threaded_torch
 from inference.model import KVCache, Llama
 from inference.sampling import Sampler, SamplingParams, sample
 from inference.tokenizer import Tokenizer
@@ -79,6 +81,7 @@ class Job:
     emit: Callable[[object], None]
     params: SamplingParams | None = None       # generation
     label_ids: list[list[int]] | None = None   # classification
+    stream: bool = True                        # send text as it comes, not only at the end
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -122,14 +125,15 @@ class EngineStats:
 class Engine:
     def __init__(self, model: Llama, tokenizer: Tokenizer, *, kv_slots: int = 16,
                  max_seq_len: int = 1024, max_waiting: int = 64,
-                 on_token: Callable[[float], None] | None = None):
+                 on_token: Callable[[float], None] | None = None, compute: ComputeThread | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_waiting = max_waiting
         device = next(model.parameters()).device
         dtype = model.norm.weight.dtype
-        self.cache = KVCache(model.config, kv_slots, max_seq_len, dtype=dtype, device=device)
+        with single_threaded_torch():  # no OpenMP pool outside the compute thread
+            self.cache = KVCache(model.config, kv_slots, max_seq_len, dtype=dtype, device=device)
         self.device = device
         self.free_slots = list(range(kv_slots))
         self.waiting: collections.deque[Job] = collections.deque()
@@ -137,15 +141,16 @@ class Engine:
         self.stats = EngineStats()
         self.stats.kv_tokens_total = kv_slots * max_seq_len
         self.on_token = on_token  # inter-token latency observer
-        self.wakeup = threading.Condition()
+        self.lock = threading.Lock()  # guards waiting and stopping
         self.stopping = False
-        self.thread = threading.Thread(target=self.loop, name="vigil-engine", daemon=True)
-        self.thread.start()
+        self.stopped = threading.Event()
+        self.compute = compute or ComputeThread.shared()
+        self.compute.attach(self)
 
     # -- called from any thread ------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        with self.wakeup:
+        with self.lock:
             if self.stopping:
                 raise Overloaded("the engine is shutting down")
             self.drop_cancelled_waiting()
@@ -153,10 +158,10 @@ class Engine:
                 raise Overloaded(f"{len(self.waiting)} requests already waiting (limit {self.max_waiting})")
             self.waiting.append(job)
             self.stats.waiting = len(self.waiting)
-            self.wakeup.notify()
+        self.compute.notify()
 
     def drop_cancelled_waiting(self) -> None:
-        """Answer and forget waiting jobs whose callers are gone. Holds self.wakeup."""
+        """Answer and forget waiting jobs whose callers are gone. Holds self.lock."""
         if any(job.cancelled for job in self.waiting):
             now = time.monotonic()
             for job in [job for job in self.waiting if job.cancelled]:
@@ -166,36 +171,40 @@ class Engine:
             self.stats.waiting = len(self.waiting)
 
     def stop(self) -> None:
-        with self.wakeup:
+        """Cancel what runs and waits, and leave the compute thread."""
+        with self.lock:
             self.stopping = True
-            self.wakeup.notify()
-        self.thread.join()
+        self.compute.notify()
+        self.stopped.wait()
 
-    # -- the engine thread -----------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.stopping)
 
-    def loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self.wakeup:
-                while not (self.waiting or self.running or self.stopping):
-                    self.wakeup.wait()
-                if self.stopping:
-                    break
-            try:
-                self.step()
-            except Exception as exc:  # a bug must fail the requests in flight, not the server
-                log.exception("engine step failed")
-                for r in list(self.running):
-                    self.finish(r, "error", error=f"internal error: {exc}")
-        for r in list(self.running):
-            self.finish(r, "cancelled")
-        for job in self.waiting:
-            job.emit(Finished("", [], len(job.prompt_ids), "cancelled", Confidence(), Timing()))
+    # -- on the compute thread -------------------------------------------------------
+
+    def step_or_close(self) -> bool:
+        """One scheduling step; True once the engine has stopped."""
+        if self.stopping:
+            for r in list(self.running):
+                self.finish(r, "cancelled")
+            with self.lock:
+                waiting, self.waiting = list(self.waiting), collections.deque()
+            for job in waiting:
+                job.emit(Finished("", [], len(job.prompt_ids), "cancelled", Confidence(), Timing()))
+            self.stopped.set()
+            return True
+        try:
+            self.step()
+        except Exception as exc:  # a bug must fail the requests in flight, not the server
+            log.exception("engine step failed")
+            for r in list(self.running):
+                self.finish(r, "error", error=f"internal error: {exc}")
+        return False
 
     def step(self) -> None:
         for r in [r for r in self.running if r.job.cancelled]:
             self.finish(r, "cancelled")
-        with self.wakeup:
+        with self.lock:
             self.drop_cancelled_waiting()
         self.admit()
         if self.running:
@@ -207,7 +216,7 @@ class Engine:
 
     def admit(self) -> None:
         while self.free_slots:
-            with self.wakeup:
+            with self.lock:
                 if not self.waiting:
                     return
                 job = self.waiting.popleft()
@@ -281,7 +290,7 @@ class Engine:
         # hold back what could still become the start of a stop string
         hold = max((len(s) - 1 for s in r.stop), default=0)
         ready = len(r.text) - hold
-        if ready > r.emitted or hold == 0:
+        if r.job.stream and (ready > r.emitted or hold == 0):
             chunk = r.text[r.emitted:max(ready, r.emitted)]
             r.emitted += len(chunk)
             r.job.emit(TextChunk(chunk, r.unsent))
@@ -292,7 +301,7 @@ class Engine:
         self.running.remove(r)
         self.free_slots.append(r.slot)
         self.free_slots.sort()
-        if r.emitted < len(r.text) or r.unsent:
+        if r.job.stream and (r.emitted < len(r.text) or r.unsent):
             r.job.emit(TextChunk(r.text[r.emitted:], r.unsent))
         n = len(r.logprobs)
         confidence = Confidence(sum(r.logprobs) / n, sum(r.entropies) / n, min(r.top1)) if n else Confidence()

@@ -291,7 +291,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             ids = self.serving.prompt_ids(out, mv, prompt, None, "text_input")
             params = self.serving.sampling(params)
             prefix = "" if exclude or stream else prompt
-            async for update in self.serving.generate(out, mv, ids, params):
+            async for update in self.serving.generate(out, mv, ids, params, stream=stream):
                 final = isinstance(update, Finished)
                 if stream and not final and update.text:
                     yield self.response(request, out, {"text_output": update.text}, final=False)

@@ -95,7 +95,7 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         with self.serving.track("Generate", request.request_id, context) as out:
             mv, ids = self.start(request, out)
             params = self.serving.sampling(sampling_params(request.sampling, self.serving.limits.default_max_tokens))
-            async for update in self.serving.generate(out, mv, ids, params):
+            async for update in self.serving.generate(out, mv, ids, params, stream=False):
                 if isinstance(update, Finished):
                     return llm_pb2.GenerateResponse(
                         request_id=out.request_id, model=out.model, version=out.version, text=update.text,

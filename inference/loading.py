@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from inference.model import Llama, ModelConfig, rope_inv_freq
-from inference.quantize import HalfLinear, Int4Linear, q4_blocks_to_groups, quantize_model
+from inference.quantize import CastLinear, Int4Linear, q4_blocks_to_groups, quantize_model
 from inference.tokenizer import Tokenizer
 
 QUANTIZE_MODES = ("none", "int8", "int4")
@@ -207,10 +207,11 @@ def build_model(ckpt: Checkpoint, quantize: str = "none", group_size: int = 32,
 
 
 def quantize_projections(model: Llama, ckpt: Checkpoint, mode: str, group_size: int) -> None:
-    """Weight-only quantisation of the layer projections; the lm_head goes to fp16.
+    """Weight-only quantisation of the layer projections; the lm_head goes to bf16.
 
-    The quantised matmuls take bf16 activations (torch's CPU kernels for packed int4
-    and int8 weights are fast only in bf16); the rest of the model stays fp32."""
+    The quantised matmuls take and give bf16 activations (torch's CPU kernels for
+    packed int4 and int8 weights are fast only in bf16); norms, rotary embeddings,
+    attention and the residual stream stay fp32."""
     if mode == "int4" and group_size == 32:
         for i in range(ckpt.config.num_layers):
             for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
@@ -221,7 +222,7 @@ def quantize_projections(model: Llama, ckpt: Checkpoint, mode: str, group_size: 
                             Int4Linear.from_groups(*codes, group_size=32, compute_dtype=torch.bfloat16))
     biased = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
     quantize_model(model, mode, group_size, skip=("lm_head", *biased), compute_dtype=torch.bfloat16)
-    model.lm_head = HalfLinear.from_float(model.lm_head)
+    model.lm_head = CastLinear.from_float(model.lm_head, torch.bfloat16)
 
 
 def exact_q4_codes(ckpt: Checkpoint, layer: str, module_name: str):

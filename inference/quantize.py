@@ -27,9 +27,9 @@ Dtypes (torch 2.13 CPU, measured): both ops need scales in the activation's dtyp
 and are fast only for bf16 activations; fp32 (and fp16) activations are exact but
 run a slow reference path (int4 ~15x slower than fp32 dense). Either run the model
 in bf16 (`model.to(torch.bfloat16)` converts the float buffers), or give the
-modules `compute_dtype=torch.bfloat16`: fp32 activations are then cast to bf16 for
-the matmul and the result cast back. All matmuls go through `int8_matmul` and
-`int4_matmul`.
+modules `compute_dtype=torch.bfloat16`: activations are then cast to bf16 for the
+matmul and the product stays bf16 (an fp32 residual add promotes it back without an
+extra op). All matmuls go through `int8_matmul` and `int4_matmul`.
 """
 
 from __future__ import annotations
@@ -82,9 +82,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
-        if cd is not None and x.dtype != cd:
-            return int8_matmul(x.to(cd), self.weight, self.scales).to(x.dtype)
-        return int8_matmul(x, self.weight, self.scales)
+        return int8_matmul(x if cd is None else x.to(cd), self.weight, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -207,10 +205,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
-        xc = x.to(cd) if cd is not None else x
-        y = int4_matmul(xc, self.qweight, self.scales, self.zeros, self.group_size,
-                        self._cpu_qweight, self._cpu_scales_zeros)
-        return y.to(x.dtype)
+        return int4_matmul(x if cd is None else x.to(cd), self.qweight, self.scales, self.zeros,
+                           self.group_size, self._cpu_qweight, self._cpu_scales_zeros)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -219,25 +215,26 @@ class Int4Linear(nn.Module):
 # --------------------------------------------------------------------------- fp16
 
 
-class HalfLinear(nn.Module):
-    """A bias-free linear with fp16 weights, multiplied in fp16 (the lm_head of a
-    quantised model: half the memory traffic of fp32, logits nearly exact)."""
+class CastLinear(nn.Module):
+    """A bias-free linear whose weights and product are in `dtype` (the lm_head of a
+    quantised model: bf16 is 3x faster than fp32 at batch 1 and 4x at batch 16 on
+    this CPU, where fp16 is fast only at batch 1)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().to(torch.float16))
+        self.register_buffer("weight", weight.detach().to(dtype))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "HalfLinear":
+    def from_float(cls, linear: nn.Linear, dtype: torch.dtype) -> "CastLinear":
         _check_linear(linear)
-        return cls(linear.weight)
+        return cls(linear.weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
 
 # --------------------------------------------------------------------------- GGUF

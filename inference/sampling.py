@@ -23,15 +23,18 @@ class SoftmaxStats(NamedTuple):
 
 def softmax_stats(logits: torch.Tensor, temperature: torch.Tensor | float) -> SoftmaxStats:
     """Softmax of `logits / temperature` [N, V] with its max, entropy and log-sum-exp."""
-    if logits.shape[-1] == 0:
-        raise ValueError("softmax_stats: rows are empty")
+    if logits.dim() != 2 or logits.shape[-1] == 0:
+        raise ValueError(f"softmax_stats: logits must be [N, V] with V > 0, got {tuple(logits.shape)}")
     t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
     scaled = logits.float() / (t[:, None] if t.dim() == 1 else t)
-    lse = torch.logsumexp(scaled, dim=-1)
-    logp = scaled - lse[:, None]
-    probs = logp.exp()
-    entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
-    return SoftmaxStats(probs, probs.max(-1).values, entropy, lse)
+    top = scaled.amax(-1, keepdim=True)
+    probs = (scaled - top).exp_()
+    total = probs.sum(-1, keepdim=True)
+    probs.div_(total)
+    lse = (top + total.log()).squeeze(-1)
+    # H = lse - sum(p * x); nansum drops the 0 * -inf of masked logits
+    entropy = lse - (probs * scaled).nansum(-1)
+    return SoftmaxStats(probs, total.squeeze(-1).reciprocal(), entropy, lse)
 
 
 @dataclass(frozen=True)
@@ -86,18 +89,15 @@ class Sampler:
 
 def sample(logits: torch.Tensor, samplers: list[Sampler]) -> list[Choice]:
     """One token for each row of `logits` [N, V], row i drawn by samplers[i]."""
-    temps = torch.tensor([s.params.temperature or 1.0 for s in samplers])
+    temps = torch.tensor([s.params.temperature or 1.0 for s in samplers], device=logits.device)
     stats = softmax_stats(logits, temps)
-    choices = []
+    tokens = logits.argmax(-1)
     for i, s in enumerate(samplers):
-        probs = stats.probs[i]
-        if s.greedy:
-            token = int(torch.argmax(logits[i]))
-        else:
-            token = int(torch.multinomial(filter_top_k_top_p(probs, s.params), 1, generator=s.generator))
-        logprob = float(logits[i, token].float() / temps[i] - stats.lse[i])
-        choices.append(Choice(token, logprob, float(stats.entropy[i]), float(stats.max_prob[i])))
-    return choices
+        if not s.greedy:
+            tokens[i] = torch.multinomial(filter_top_k_top_p(stats.probs[i], s.params), 1, generator=s.generator)[0]
+    logprobs = logits.float().gather(1, tokens[:, None]).squeeze(1) / temps - stats.lse
+    return [Choice(*row) for row in zip(tokens.tolist(), logprobs.tolist(), stats.entropy.tolist(),
+                                         stats.max_prob.tolist())]
 
 
 def filter_top_k_top_p(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from inference.compute import ComputeThread
 from inference.demo import DEMO_MODEL_NAME
 from inference.events import EventSink, MemorySink
 from inference.kserve import KServeService
@@ -61,7 +61,7 @@ class InferenceServer:
     async def start(self) -> None:
         o = self.options
         if o.threads:
-            torch.set_num_threads(o.threads)
+            ComputeThread.shared().set_threads(o.threads)
         if o.model:
             await self.versions.load(model_name(o), o.version, o.model, o.quantize, o.group_size)
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])

@@ -155,11 +155,12 @@ class Serving:
             raise InvalidArgument(f"sampling.{exc}") from None
         return params
 
-    async def generate(self, out: Outcome, mv, ids: list[int], params: SamplingParams):
-        """Yields TextChunk ... Finished. Leaving early cancels the generation."""
+    async def generate(self, out: Outcome, mv, ids: list[int], params: SamplingParams, stream: bool = True):
+        """Yields TextChunk ... Finished (only Finished unless `stream`).
+        Leaving early cancels the generation."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u), params=params)
+        job = Job(ids, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u), params=params, stream=stream)
         mv.engine.submit(job)
         try:
             while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from inference.compute import single_threaded_torch
 from inference.demo import demo_model_path
 from inference.engine import Engine
 from inference.loading import INT4_GROUP_SIZES, QUANTIZE_MODES, build_model, load_checkpoint
@@ -34,6 +35,10 @@ class VersionManager:
 
     def load_sync(self, model: str, version: str, source: str, quantize: str = "none",
                   group_size: int = 32) -> ModelVersion:
+        with single_threaded_torch():  # the cores belong to the compute thread
+            return self.build(model, version, source, quantize, group_size)
+
+    def build(self, model: str, version: str, source: str, quantize: str, group_size: int) -> ModelVersion:
         validate_version(model, version, source, quantize, group_size)
         path = demo_model_path() if source == "demo" else source
         try:
