@@ -3,7 +3,8 @@
 Inputs follow Triton's LLM backends: BYTES `text_input` of shape [1] or [1, 1];
 optional `max_tokens`, `top_k` (INT32), `temperature`, `top_p` (FP32), `seed`
 (INT64/UINT64), `stream`, `exclude_input_in_output` (BOOL), `stop` (BYTES, any number),
-and `sampling_parameters` (a JSON string, as the vLLM backend). Outputs: `text_output`,
+and `sampling_parameters` (a JSON string, as the vLLM backend, with the same keys and
+`ignore_eos`). Outputs: `text_output`,
 and on request `finish_reason`, `num_input_tokens`, `num_output_tokens`,
 `cumulative_logprob`. Tensors may come typed in `contents` or in `raw_input_contents`.
 """
@@ -49,7 +50,7 @@ INPUTS = {
 }
 OUTPUTS = {"text_output": "BYTES", "finish_reason": "BYTES", "num_input_tokens": "INT32",
            "num_output_tokens": "INT32", "cumulative_logprob": "FP32"}
-JSON_SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+JSON_SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
 
 
 def decode_bytes_elements(raw: bytes, name: str) -> list[bytes]:
@@ -145,7 +146,8 @@ def sampling_from_inputs(values: dict[str, list], default_max_tokens: int) -> tu
             max_tokens=int(params["max_tokens"]), temperature=float(params.get("temperature", 0.0)),
             top_k=int(params.get("top_k", 0)), top_p=float(params.get("top_p", 1.0)) or 1.0,
             seed=None if params.get("seed") is None else int(params["seed"]),
-            stop=tuple(str(s) for s in params.get("stop", ())))
+            stop=tuple(str(s) for s in params.get("stop", ())),
+            ignore_eos=bool(params.get("ignore_eos", False)))
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"inputs[sampling_parameters]: {exc}") from None
     stream = bool(values.get("stream", [False])[0])

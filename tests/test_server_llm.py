@@ -515,3 +515,11 @@ def test_bad_admin_input(admin, tiny_llama, case, method, fields, code, field):
     listed = versions(admin)
     assert list(listed) == ["1"] and listed["1"].weight == 1.0
     assert tiny_generate(admin).version == "1"
+
+
+def test_ignore_eos_generates_past_the_end_of_the_answer(llm):
+    short = generate(llm, messages=chat(("user", QUESTION)), max_tokens=48)
+    assert short.finish_reason == llm_pb2.FINISH_REASON_STOP and short.completion_tokens < 48
+    long = generate(llm, messages=chat(("user", QUESTION)), max_tokens=48, ignore_eos=True)
+    assert long.finish_reason == llm_pb2.FINISH_REASON_LENGTH and long.completion_tokens == 48
+    assert long.text.startswith(short.text)

@@ -22,16 +22,19 @@ from inference.versions import EngineOptions
 
 
 def option(group, name: str, **kwargs) -> None:
-    """Add --name to `group`, defaulting to $VIGIL_NAME when it is set.
-
-    argparse converts a string default with the option's `type`, so a bad value in the
-    environment fails just as it would on the command line."""
+    """Add --name to `group`, defaulting to $VIGIL_NAME when it is set; a value in the
+    environment that the option would refuse stops the command with the variable's name."""
     var = "VIGIL_" + name[2:].upper().replace("-", "_")
     kwargs["help"] = kwargs.get("help", "") + f" [env {var}] (default: %(default)s)"
     if var in os.environ:
         value = os.environ[var]
+        convert = kwargs.get("type", str)
+        try:
+            converted = convert(value)
+        except (TypeError, ValueError):
+            raise SystemExit(f"vigil: {var}={value!r} is not a valid value for {name}") from None
         choices = kwargs.get("choices")
-        if choices is not None and kwargs.get("type", str)(value) not in choices:
+        if choices is not None and converted not in choices:
             raise SystemExit(f"vigil: {var}={value!r} is not one of {', '.join(map(str, choices))}")
         kwargs["default"] = value
     group.add_argument(name, **kwargs)
