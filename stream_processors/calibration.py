@@ -1,0 +1,228 @@
+"""Calibration of a classifier's probabilities, online, over a sliding window of feedback.
+
+Each joined feedback is a pair (probabilities, true label). From the window of the last
+``window_size`` pairs:
+
+- accuracy: share of pairs whose top label (argmax, first on ties) is the true one;
+- Brier score: mean of ``sum_k (p_k - y_k)^2`` for a probability vector, or of
+  ``(p - y)^2`` for a single probability of the positive class (binary, y in {0, 1});
+- expected calibration error over top-label confidence (the probability of the predicted
+  label): ``sum_b (n_b / n) |accuracy_b - confidence_b|``, with ``n_bins``
+  - equal-width bins: bin ``min(floor(conf * n_bins), n_bins - 1)``; kept incrementally,
+    O(1) per pair;
+  - equal-mass bins: the window sorted by confidence (stable) and cut into ``n_bins``
+    runs of equal size (the first ``n % n_bins`` one longer, as ``numpy.array_split``);
+    computed when asked, O(n log n);
+- reliability-diagram data: per bin, its confidence range, count, mean confidence,
+  accuracy and gap.
+
+For a binary probability p the top label is 1 when p > 0.5 and its confidence max(p, 1-p).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["Calibration"]
+
+
+class Calibration:
+    """Accuracy, Brier score, ECE and reliability data over the last ``window_size`` pairs."""
+
+    def __init__(self, n_bins: int = 10, window_size: int = 10_000):
+        if n_bins < 1 or window_size < 1:
+            raise ValueError("n_bins and window_size must be >= 1")
+        self.n_bins = int(n_bins)
+        self.window_size = int(window_size)
+        W = self.window_size
+        self._conf = np.zeros(W)
+        self._correct = np.zeros(W, dtype=np.int8)
+        self._brier = np.zeros(W)
+        self._head = 0
+        self._n = 0
+        self.n_seen = 0
+        self._bin_n = np.zeros(self.n_bins, dtype=np.int64)
+        self._bin_conf = np.zeros(self.n_bins)
+        self._bin_correct = np.zeros(self.n_bins, dtype=np.int64)
+        self._brier_sum = 0.0
+        self._since_refresh = 0
+
+    # -- input --------------------------------------------------------------------------
+    @staticmethod
+    def _score(probs, label) -> tuple[float, int, float]:
+        """(top-label confidence, correct 0/1, Brier term) of one pair."""
+        if np.ndim(probs) == 0:
+            p, y = float(probs), int(label)
+            pred = 1 if p > 0.5 else 0
+            return max(p, 1.0 - p), int(pred == y), (p - y) * (p - y)
+        p = np.asarray(probs, dtype=np.float64)
+        y = int(label)
+        pred = int(np.argmax(p))
+        onehot = np.zeros(len(p))
+        onehot[y] = 1.0
+        return float(p[pred]), int(pred == y), float(np.sum((p - onehot) ** 2))
+
+    def _bin(self, conf):
+        return np.minimum((np.asarray(conf) * self.n_bins).astype(np.int64), self.n_bins - 1)
+
+    def update(self, probs, label) -> None:
+        """Add one (probabilities, label) pair."""
+        conf, correct, brier = self._score(probs, label)
+        W, h = self.window_size, self._head
+        if self._n == W:                            # evict the oldest pair, in place
+            oc, ok, ob = float(self._conf[h]), int(self._correct[h]), float(self._brier[h])
+            b = min(int(oc * self.n_bins), self.n_bins - 1)
+            self._bin_n[b] -= 1
+            self._bin_conf[b] -= oc
+            self._bin_correct[b] -= ok
+            self._brier_sum -= ob
+        else:
+            self._n += 1
+        self._conf[h], self._correct[h], self._brier[h] = conf, correct, brier
+        b = min(int(conf * self.n_bins), self.n_bins - 1)
+        self._bin_n[b] += 1
+        self._bin_conf[b] += conf
+        self._bin_correct[b] += correct
+        self._brier_sum += brier
+        self._head = (h + 1) % W
+        self.n_seen += 1
+        self._since_refresh += 1
+        if self._since_refresh >= W:
+            self._refresh()
+
+    def update_many(self, probs, labels) -> None:
+        """Add pairs: ``probs`` of shape (n,) (binary) or (n, k), ``labels`` of shape (n,)."""
+        p = np.asarray(probs, dtype=np.float64)
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(y) == 0:
+            return
+        if p.ndim == 1:
+            pred = (p > 0.5).astype(np.int64)
+            conf = np.maximum(p, 1.0 - p)
+            brier = (p - y) * (p - y)
+        else:
+            pred = np.argmax(p, axis=1)
+            rows = np.arange(len(y))
+            conf = p[rows, pred]
+            onehot = np.zeros_like(p)
+            onehot[rows, y] = 1.0
+            brier = np.sum((p - onehot) ** 2, axis=1)
+        for s in range(0, len(y), self.window_size):
+            e = s + self.window_size
+            self._push(conf[s:e], (pred[s:e] == y[s:e]).astype(np.int8), brier[s:e])
+
+    def _push(self, conf: np.ndarray, correct: np.ndarray, brier: np.ndarray) -> None:
+        W, k = self.window_size, len(conf)          # k <= W
+        idx = (self._head + np.arange(k)) % W
+        n_out = max(0, self._n + k - W)
+        if n_out:
+            out = idx[k - n_out:]                   # the slots that still hold the oldest pairs
+            self._account(self._conf[out], self._correct[out], self._brier[out], -1)
+        self._conf[idx], self._correct[idx], self._brier[idx] = conf, correct, brier
+        self._account(conf, correct, brier, +1)
+        self._head = (self._head + k) % W
+        self._n = min(W, self._n + k)
+        self.n_seen += k
+        self._since_refresh += k
+        if self._since_refresh >= W:
+            self._refresh()
+
+    def _account(self, conf, correct, brier, sign: int) -> None:
+        b = self._bin(conf)
+        nb = self.n_bins
+        self._bin_n += sign * np.bincount(b, minlength=nb)
+        self._bin_conf += sign * np.bincount(b, weights=conf, minlength=nb)
+        self._bin_correct += sign * np.bincount(b, weights=correct, minlength=nb).astype(np.int64)
+        self._brier_sum += sign * float(np.sum(brier))
+
+    def _refresh(self) -> None:
+        """Recompute the running float sums from the window (bounds rounding drift)."""
+        conf, correct, brier = self._window()
+        b = self._bin(conf)
+        self._bin_conf = np.bincount(b, weights=conf, minlength=self.n_bins)
+        self._brier_sum = math.fsum(brier)
+        self._since_refresh = 0
+
+    def _window(self):
+        n = self._n
+        if n < self.window_size:
+            return self._conf[:n], self._correct[:n], self._brier[:n]
+        return self._conf, self._correct, self._brier
+
+    # -- output -------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        """Pairs in the window."""
+        return self._n
+
+    @property
+    def accuracy(self) -> float:
+        return float(self._bin_correct.sum()) / self._n if self._n else math.nan
+
+    @property
+    def brier(self) -> float:
+        return self._brier_sum / self._n if self._n else math.nan
+
+    def ece(self, strategy: str = "width") -> float:
+        """Expected calibration error with equal-width ("width") or equal-mass ("mass") bins."""
+        if self._n == 0:
+            return math.nan
+        if strategy == "width":
+            return float(np.sum(np.abs(self._bin_correct - self._bin_conf))) / self._n
+        if strategy == "mass":
+            return sum(abs(b["n"] * (b["accuracy"] - b["confidence"])) for b in self.reliability("mass")) / self._n
+        raise ValueError("strategy must be 'width' or 'mass'")
+
+    def reliability(self, strategy: str = "width") -> list[dict]:
+        """Reliability-diagram data, one dict per non-empty bin.
+
+        Keys: lower, upper (the bin's edges for equal width, its confidence range for
+        equal mass), n, confidence (mean), accuracy, gap (accuracy - confidence).
+        """
+        out = []
+        if strategy == "width":
+            for b in range(self.n_bins):
+                n = int(self._bin_n[b])
+                if n == 0:
+                    continue
+                conf = float(self._bin_conf[b]) / n
+                acc = float(self._bin_correct[b]) / n
+                out.append({"lower": b / self.n_bins, "upper": (b + 1) / self.n_bins, "n": n,
+                            "confidence": conf, "accuracy": acc, "gap": acc - conf})
+            return out
+        if strategy != "mass":
+            raise ValueError("strategy must be 'width' or 'mass'")
+        conf, correct, _ = self._window()
+        order = np.argsort(conf, kind="stable")
+        for part in np.array_split(order, min(self.n_bins, len(order))):
+            if len(part) == 0:
+                continue
+            c = conf[part]
+            mc, acc = float(c.mean()), float(correct[part].mean())
+            out.append({"lower": float(c[0]), "upper": float(c[-1]), "n": int(len(part)),
+                        "confidence": mc, "accuracy": acc, "gap": acc - mc})
+        return out
+
+    def summary(self) -> dict:
+        return {"n": self._n, "accuracy": self.accuracy, "brier": self.brier,
+                "ece_width": self.ece("width"), "ece_mass": self.ece("mass")}
+
+    # -- checkpoints --------------------------------------------------------------------
+    def to_state(self) -> dict:
+        conf, correct, brier = self._window()
+        order = np.arange(self._n) if self._n < self.window_size else (self._head + np.arange(self.window_size)) % self.window_size
+        return {"n_bins": self.n_bins, "window_size": self.window_size, "n_seen": self.n_seen,
+                "confidence": self._conf[order].tolist(), "correct": self._correct[order].tolist(),
+                "brier": self._brier[order].tolist()}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "Calibration":
+        c = cls(st["n_bins"], st["window_size"])
+        if st["confidence"]:
+            c._push(np.asarray(st["confidence"], dtype=np.float64), np.asarray(st["correct"], dtype=np.int8),
+                    np.asarray(st["brier"], dtype=np.float64))
+        c._refresh()
+        c.n_seen = int(st["n_seen"])
+        return c

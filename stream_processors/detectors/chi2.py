@@ -1,0 +1,296 @@
+"""Chi-square test of homogeneity for a categorical feature (for example the finish reason).
+
+The reference's category counts (pinned, or the first ``reference_size`` values) and the
+sliding window's counts form a 2 x K table over the categories seen in either; the
+statistic is Pearson's chi-square of that table with K - 1 degrees of freedom, with Yates'
+continuity correction when K = 2, as ``scipy.stats.chi2_contingency`` computes it. The
+detector is rejecting while the p-value is below ``alpha`` (once the window is full), and
+``drift_detected`` is true on the update where that starts. Categories are any hashable
+values; one the reference never saw simply has a reference count of 0.
+
+With both sample sizes fixed, a category's two cells depend only on its window count, so
+each category's contribution is tabulated (window_size + 1 values) the first time it is
+seen, and the statistic is summed in category order, by ``update`` and ``update_many``
+alike.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from scipy.special import chdtrc
+
+from .base import Reading
+
+__all__ = ["ChiSquare"]
+
+_CHUNK = 1 << 15
+
+
+def _cells(r: int, c: int, n_ref: int, n_w: int, yates: bool) -> float:
+    """Both cells' (O - E)^2 / E for a category with counts r (reference) and c (window)."""
+    n = n_ref + n_w
+    col = r + c
+    if col == 0:
+        return 0.0
+    out = 0.0
+    for obs, row in ((r, n_ref), (c, n_w)):
+        exp = row * col / n
+        o = float(obs)
+        if yates:
+            diff = exp - o
+            o += min(0.5, abs(diff)) * (1.0 if diff > 0 else -1.0 if diff < 0 else 0.0)
+        out += (o - exp) ** 2 / exp
+    return out
+
+
+class ChiSquare:
+    """Chi-square drift detector for categories.
+
+    Parameters
+    ----------
+    window_size
+        Values in the sliding window.
+    reference_size
+        Values taken as the reference when none is pinned (default: ``window_size``).
+    alpha
+        Significance level, per update (the test runs at every update once the window is full).
+    reference
+        Pinned baseline: a mapping category -> count, or a sequence of categories.
+    """
+
+    name = "chi2"
+
+    def __init__(self, window_size: int = 1000, reference_size: int | None = None,
+                 alpha: float = 1e-5, reference=None):
+        if window_size < 1:
+            raise ValueError("window_size must be >= 1")
+        self.window_size = int(window_size)
+        self.reference_size = int(reference_size or window_size)
+        self.alpha = float(alpha)
+        self.n_detections = 0
+        self._drift = False
+        self._rejecting = False
+        self._collect: list = []
+        self._ready = False
+        self._stat, self._p, self._dof = 0.0, 1.0, 0
+        if reference is not None:
+            self.set_reference(reference)
+
+    def set_reference(self, reference) -> None:
+        counts = Counter(reference) if not hasattr(reference, "items") else Counter(dict(reference))
+        counts = {k: int(v) for k, v in counts.items() if v > 0}
+        if not counts:
+            raise ValueError("reference is empty")
+        self._categories: list = []
+        self._index: dict = {}
+        self._ref: list[int] = []
+        self.n_ref = sum(counts.values())
+        self._plain: list[list[float]] = []
+        self._yates: list[list[float]] = []
+        for cat, cnt in counts.items():
+            self._add_category(cat, cnt)
+        self._collect = []
+        self._ready = True
+        self._ring = [0] * self.window_size
+        self._head = 0
+        self._n_w = 0
+        self._counts = [0] * len(self._categories)
+        self._rejecting = False
+        self._drift = False
+        self._stat, self._p, self._dof = 0.0, 1.0, 0
+
+    def _add_category(self, cat, ref_count: int = 0) -> int:
+        i = len(self._categories)
+        self._categories.append(cat)
+        self._index[cat] = i
+        self._ref.append(ref_count)
+        W = self.window_size
+        self._plain.append([_cells(ref_count, c, self.n_ref, W, False) for c in range(W + 1)])
+        self._yates.append([_cells(ref_count, c, self.n_ref, W, True) for c in range(W + 1)])
+        if hasattr(self, "_counts"):
+            self._counts.append(0)
+        return i
+
+    @property
+    def categories(self) -> list:
+        return list(self._categories) if self._ready else []
+
+    @property
+    def drift_detected(self) -> bool:
+        return self._drift
+
+    @property
+    def rejecting(self) -> bool:
+        return self._rejecting
+
+    @property
+    def statistic(self) -> float:
+        return self._stat
+
+    @property
+    def p_value(self) -> float:
+        return self._p
+
+    @property
+    def dof(self) -> int:
+        return self._dof
+
+    def table(self) -> tuple[list, np.ndarray]:
+        """(categories, 2 x K counts) over the categories with a non-zero count."""
+        if not self._ready:
+            return [], np.zeros((2, 0), dtype=np.int64)
+        keep = [i for i in range(len(self._categories)) if self._ref[i] + self._counts[i] > 0]
+        t = np.array([[self._ref[i] for i in keep], [self._counts[i] for i in keep]], dtype=np.int64)
+        return [self._categories[i] for i in keep], t
+
+    def reading(self) -> Reading:
+        n_ref = self.n_ref if self._ready else len(self._collect)
+        return Reading(self.name, self._stat, self.alpha, self._p, self._rejecting,
+                       (n_ref, self._n_w if self._ready else 0), self.n_detections)
+
+    def _score(self) -> None:
+        counts, ref = self._counts, self._ref
+        k = 0
+        for i in range(len(counts)):
+            if ref[i] + counts[i]:
+                k += 1
+        rows = self._yates if k == 2 else self._plain
+        s = 0.0
+        for i in range(len(counts)):
+            s += rows[i][counts[i]]
+        self._dof = k - 1
+        self._stat = s if k > 1 else 0.0
+        self._p = float(chdtrc(k - 1, s)) if k > 1 else 1.0
+        rej = self._p < self.alpha
+        self._drift = rej and not self._rejecting
+        if self._drift:
+            self.n_detections += 1
+        self._rejecting = rej
+
+    def update(self, x) -> None:
+        self._drift = False
+        if x is None:
+            return
+        if not self._ready:
+            self._collect.append(x)
+            if len(self._collect) >= self.reference_size:
+                self.set_reference(self._collect)
+            return
+        i = self._index.get(x)
+        if i is None:
+            i = self._add_category(x)
+        W, head = self.window_size, self._head
+        if self._n_w == W:
+            self._counts[self._ring[head]] -= 1
+        else:
+            self._n_w += 1
+        self._ring[head] = i
+        self._head = (head + 1) % W
+        self._counts[i] += 1
+        if self._n_w == W:
+            self._score()
+
+    def update_many(self, xs) -> np.ndarray:
+        """As ``update`` on each value; returns the positions where drift was detected."""
+        xs = list(xs)
+        if len(xs) > _CHUNK:
+            parts = [self.update_many(xs[i:i + _CHUNK]) + i for i in range(0, len(xs), _CHUNK)]
+            return np.concatenate(parts)
+        keep = [j for j, v in enumerate(xs) if v is not None]
+        if len(keep) < len(xs):
+            hits = self.update_many([xs[j] for j in keep])
+            if xs and xs[-1] is None:
+                self._drift = False
+            return np.asarray(keep, dtype=np.int64)[hits] if len(hits) else np.zeros(0, dtype=np.int64)
+        pos, n = 0, len(xs)
+        if n:
+            self._drift = False
+        if not self._ready and n:
+            take = min(self.reference_size - len(self._collect), n)
+            self._collect.extend(xs[:take])
+            pos = take
+            if len(self._collect) >= self.reference_size:
+                self.set_reference(self._collect)
+        if not self._ready or pos >= n:
+            return np.zeros(0, dtype=np.int64)
+        idx = np.empty(n - pos, dtype=np.int64)
+        for j, v in enumerate(xs[pos:]):
+            i = self._index.get(v)
+            idx[j] = self._add_category(v) if i is None else i
+        W, K, R = self.window_size, len(self._categories), len(idx)
+        order = (self._ring[self._head:] + self._ring[:self._head]) if self._n_w == W else self._ring[:self._n_w]
+        combined = np.concatenate((np.asarray(order, dtype=np.int64), idx))
+        fill = min(W - self._n_w, R)
+        onehot = np.zeros((R, K), dtype=np.int64)
+        onehot[np.arange(R), idx] += 1
+        if R > fill:
+            np.subtract.at(onehot, (np.arange(fill, R), combined[:R - fill]), 1)
+        counts = np.asarray(self._counts, dtype=np.int64) + np.cumsum(onehot, axis=0)
+        n_w = np.minimum(self._n_w + np.arange(1, R + 1), W)
+        hits: list[int] = []
+        full = n_w == W
+        if full.any():
+            first = int(np.argmax(full))
+            c = counts[first:]
+            ref = np.asarray(self._ref, dtype=np.int64)
+            k = ((c + ref) > 0).sum(axis=1)
+            cols = np.arange(K)[None, :]
+            plain = np.asarray(self._plain)[cols, c]
+            yates = np.asarray(self._yates)[cols, c]
+            terms = np.where((k == 2)[:, None], yates, plain)
+            stat = np.cumsum(terms, axis=1)[:, -1]
+            stat = np.where(k > 1, stat, 0.0)
+            p = np.where(k > 1, chdtrc(np.maximum(k - 1, 1), stat), 1.0)
+            rej = p < self.alpha
+            prev = np.concatenate(([self._rejecting], rej[:-1]))
+            rises = np.flatnonzero(rej & ~prev) + first
+            hits = (rises + pos).tolist()
+            self.n_detections += len(rises)
+            self._rejecting = bool(rej[-1])
+            self._drift = bool(len(rises) and rises[-1] == R - 1)
+            self._stat, self._p, self._dof = float(stat[-1]), float(p[-1]), int(k[-1] - 1)
+        last = combined[-W:] if len(combined) >= W else combined
+        self._n_w = int(n_w[-1])
+        self._ring = last.tolist() + [0] * (W - len(last))
+        self._head = self._n_w % W
+        self._counts = counts[-1].tolist()
+        return np.asarray(hits, dtype=np.int64)
+
+    def to_state(self) -> dict:
+        st = {"params": {"window_size": self.window_size, "reference_size": self.reference_size,
+                         "alpha": self.alpha},
+              "n_detections": self.n_detections, "drift": self._drift, "rejecting": self._rejecting,
+              "stat": self._stat, "p": self._p, "dof": self._dof}
+        if not self._ready:
+            st["collecting"] = list(self._collect)
+        else:
+            order = (self._ring[self._head:] + self._ring[:self._head]) if self._n_w == self.window_size \
+                else self._ring[:self._n_w]
+            st["categories"] = list(self._categories)
+            st["reference_counts"] = list(self._ref)
+            st["window"] = [self._categories[i] for i in order]
+        return st
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ChiSquare":
+        d = cls(**state["params"])
+        if "categories" in state:
+            d.set_reference({c: r for c, r in zip(state["categories"], state["reference_counts"]) if r > 0})
+            for c in state["categories"]:
+                if c not in d._index:
+                    d._add_category(c)
+            idx = [d._index[c] for c in state["window"]]
+            d._n_w = len(idx)
+            d._ring = idx + [0] * (d.window_size - len(idx))
+            d._head = d._n_w % d.window_size
+            d._counts = [0] * len(d._categories)
+            for i in idx:
+                d._counts[i] += 1
+        else:
+            d._collect = list(state["collecting"])
+        d.n_detections = int(state["n_detections"])
+        d._drift, d._rejecting = bool(state["drift"]), bool(state["rejecting"])
+        d._stat, d._p, d._dof = float(state["stat"]), float(state["p"]), int(state["dof"])
+        return d

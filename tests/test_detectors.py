@@ -1,0 +1,357 @@
+"""Drift detectors against independent references (river, scipy) on the same data, batch vs.
+one-by-one equivalence, checkpoints, and invariants (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from river import drift as river_drift
+from scipy import stats
+
+from stream_processors.detectors import ADWIN, PSI, ChiSquare, KSWindow, PageHinkley, Reading, ks_2samp_pvalue, psi
+
+
+def shifted_stream(seed: int, n: int = 12_000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 1.0, n)
+    x[n // 3:] += 0.5                   # abrupt mean shift
+    x[2 * n // 3:] *= 2.5               # variance change
+    return x
+
+
+def detections(det, xs) -> list[int]:
+    out = []
+    for i, v in enumerate(xs):
+        det.update(v)
+        if det.drift_detected:
+            out.append(i)
+    return out
+
+
+def batched(det, xs, sizes=(1, 7, 333, 1000, 4096)) -> list[int]:
+    out, i, k = [], 0, 0
+    while i < len(xs):
+        n = sizes[k % len(sizes)]
+        out += (det.update_many(xs[i:i + n]) + i).tolist()
+        i += n
+        k += 1
+    return out
+
+
+def roundtrip(det):
+    return type(det).from_state(json.loads(json.dumps(det.to_state())))
+
+
+# -- ADWIN ----------------------------------------------------------------------------------
+
+ADWIN_PARAMS = [
+    {},
+    {"delta": 0.1, "clock": 1},
+    {"delta": 0.01, "clock": 7, "max_buckets": 3, "min_window_length": 2, "grace_period": 0},
+    {"delta": 0.002, "clock": 16, "max_buckets": 2, "min_window_length": 1, "grace_period": 50},
+]
+
+
+@pytest.mark.parametrize("params", ADWIN_PARAMS)
+def test_adwin_matches_river(params):
+    xs = shifted_stream(1)
+    ours, ref = ADWIN(**params), river_drift.ADWIN(**params)
+    ours_hits, ref_hits = [], []
+    for i, v in enumerate(xs):
+        ours.update(v)
+        ref.update(v)
+        if ours.drift_detected:
+            ours_hits.append(i)
+        if ref.drift_detected:
+            ref_hits.append(i)
+        assert ours.width == ref.width
+        assert ours.total == ref.total
+        assert ours.estimation == ref.estimation
+    assert ref_hits and ours_hits == ref_hits
+
+
+def test_adwin_matches_river_on_binary_error_stream():
+    rng = np.random.default_rng(5)
+    errors = np.concatenate([rng.uniform(size=8000) < 0.1, rng.uniform(size=8000) < 0.25]).astype(float)
+    ours, ref = ADWIN(delta=0.002), river_drift.ADWIN(delta=0.002)
+    assert detections(ours, errors) == detections(ref, errors) != []
+
+
+@pytest.mark.parametrize("params", ADWIN_PARAMS)
+def test_adwin_batch_equals_one_by_one(params):
+    xs = shifted_stream(2)
+    one, many = ADWIN(**params), ADWIN(**params)
+    assert detections(one, xs) == batched(many, xs)
+    assert one.to_state() == many.to_state()
+
+
+def test_adwin_skips_non_finite_values():
+    xs = shifted_stream(3, 6000)
+    dirty = xs.copy()
+    dirty[::97] = np.nan
+    clean = ADWIN(clock=4)
+    hits_clean = detections(clean, xs[np.isfinite(dirty)])
+    keep = np.flatnonzero(np.isfinite(dirty))
+    assert batched(ADWIN(clock=4), dirty) == keep[hits_clean].tolist()
+
+
+def test_adwin_reading_and_checkpoint():
+    xs = shifted_stream(4)
+    a = ADWIN()
+    a.update_many(xs[:5000])
+    b = roundtrip(a)
+    assert batched(a, xs[5000:]) == batched(b, xs[5000:])
+    r = a.reading()
+    assert isinstance(r, Reading) and r.detector == "adwin" and r.window_sizes == (a.width,)
+    assert r.threshold == 1.0 and r.statistic >= 0.0 and a.n_detections >= 2
+
+
+def _check_adwin_invariants(a: ADWIN, values_in_window: np.ndarray) -> None:
+    rows = a.bucket_rows
+    M = a.max_buckets
+    assert all(r <= M for r in rows)
+    assert all(r >= M - 1 for r in rows[:-1])            # only the top row may be short
+    assert a.width == sum(n << i for i, n in enumerate(rows))
+    if a.width:
+        assert len(rows) <= math.floor(math.log2(a.width)) + 1
+        assert a.n_buckets <= M * (math.floor(math.log2(a.width)) + 1)
+        assert math.isclose(a.total, float(values_in_window.sum()), rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(a.variance, float(values_in_window.var()), rel_tol=1e-6, abs_tol=1e-9)
+
+
+def synthetic(seed: int, n: int, shift: float, noise: float, discrete: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, noise, n)
+    x[n // 2:] += shift
+    return np.round(x) if discrete else x
+
+
+streams = st.builds(synthetic, seed=st.integers(0, 2**31), n=st.one_of(st.integers(1, 300), st.integers(2000, 5000)),
+                    shift=st.sampled_from([0.0, 0.5, 3.0, -20.0]), noise=st.sampled_from([0.0, 1.0, 100.0]),
+                    discrete=st.booleans())
+
+
+@settings(max_examples=40, deadline=None)
+@given(xs=streams, max_buckets=st.integers(2, 6), clock=st.integers(1, 40), delta=st.sampled_from([0.002, 0.1, 0.5]))
+def test_adwin_invariants(xs, max_buckets, clock, delta):
+    a = ADWIN(delta=delta, clock=clock, max_buckets=max_buckets)
+    start = 0
+    for i, v in enumerate(xs):
+        if a._reset_pending:
+            start = i
+        a.update(v)
+        # the window is always the newest `width` values since the last reset
+        assert a.width <= i + 1 - start
+        if i % 37 == 0 or a.drift_detected:
+            _check_adwin_invariants(a, xs[i + 1 - a.width:i + 1])
+        else:
+            assert all(r <= max_buckets for r in a.bucket_rows)
+
+
+@settings(max_examples=40, deadline=None)
+@given(xs=streams, clock=st.integers(1, 40), cuts=st.lists(st.integers(0, 4000), max_size=6))
+def test_adwin_batch_equals_one_by_one_on_any_chunking(xs, clock, cuts):
+    one, many = ADWIN(delta=0.1, clock=clock), ADWIN(delta=0.1, clock=clock)
+    hits, bounds = [], sorted(set([0, len(xs)] + [c for c in cuts if c < len(xs)]))
+    for lo, hi in zip(bounds, bounds[1:]):
+        hits += (many.update_many(xs[lo:hi]) + lo).tolist()
+    assert detections(one, xs) == hits
+    assert one.to_state() == many.to_state()
+
+
+def test_adwin_memory_is_logarithmic_in_width():
+    a = ADWIN(delta=1e-9)             # stationary stream: the window just grows
+    xs = np.random.default_rng(6).normal(size=300_000)
+    for chunk in np.split(xs, 30):
+        a.update_many(chunk)
+        assert a.n_buckets <= a.max_buckets * (math.floor(math.log2(a.width)) + 1)
+    assert a.width == len(xs) and a.n_buckets < 100
+
+
+# -- Page-Hinkley ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"threshold": 20.0, "delta": 0.01, "mode": "up"},
+    {"min_instances": 5, "threshold": 10.0, "alpha": 0.99, "mode": "down"},
+])
+def test_page_hinkley_matches_river(params):
+    xs = shifted_stream(7, 20_000)
+    ours, ref = PageHinkley(**params), river_drift.PageHinkley(**params)
+    hits = detections(ours, xs)
+    assert hits and hits == detections(ref, xs)
+    assert batched(PageHinkley(**params), xs) == hits
+    half = PageHinkley(**params)
+    half.update_many(xs[:9000])
+    assert (roundtrip(half).update_many(xs[9000:]) + 9000).tolist() == [h for h in hits if h >= 9000]
+
+
+# -- Kolmogorov-Smirnov ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("n1,n2", [(5, 7), (30, 30), (100, 37), (64, 48), (500, 200), (1, 13)])
+def test_ks_pvalue_matches_scipy_exact(n1, n2):
+    rng = np.random.default_rng(n1 * 1000 + n2)
+    for shift in (0.0, 0.3, 0.8, 2.0):
+        a, b = rng.normal(size=n1), rng.normal(shift, 1.0, size=n2)
+        ref = stats.ks_2samp(a, b)
+        g = math.gcd(n1, n2)
+        h = round(ref.statistic * (n1 // g * n2))
+        assert abs(ks_2samp_pvalue(n1, n2, h) - ref.pvalue) < 1e-6
+
+
+def test_ks_pvalue_matches_scipy_asymptotic():
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=12_000), rng.normal(0.05, 1.0, size=300)
+    ref = stats.ks_2samp(a, b)               # max(n) > 10000: asymptotic
+    g = math.gcd(12_000, 300)
+    h = round(ref.statistic * (12_000 // g * 300))
+    assert abs(ks_2samp_pvalue(12_000, 300, h) - ref.pvalue) < 1e-6
+
+
+@pytest.mark.parametrize("window,ref_size,kind", [(50, 50, "normal"), (40, 70, "integers"), (300, 200, "normal")])
+def test_ks_window_matches_scipy(window, ref_size, kind):
+    rng = np.random.default_rng(9)
+    n = 2500
+    xs = rng.normal(size=n) if kind == "normal" else rng.integers(0, 6, size=n).astype(float)
+    xs[1300:] += 0.6 if kind == "normal" else 1.0
+    det = KSWindow(window_size=window, reference_size=ref_size, alpha=0.01)
+    reference = xs[:ref_size]
+    for i, v in enumerate(xs):
+        det.update(v)
+        if i < ref_size or (i - ref_size) % 5:
+            continue
+        current = xs[max(ref_size, i + 1 - window):i + 1]
+        ref = stats.ks_2samp(reference, current)
+        assert abs(det.statistic - ref.statistic) <= 1e-12
+        assert abs(det.p_value - ref.pvalue) <= 1e-6
+        if len(current) == window:
+            assert det.rejecting == (ref.pvalue < 0.01)
+    one = KSWindow(window_size=window, reference_size=ref_size, alpha=0.01)
+    hits = detections(one, xs)
+    assert hits and batched(KSWindow(window_size=window, reference_size=ref_size, alpha=0.01), xs) == hits
+
+
+def test_ks_pinned_reference_and_asymptotic_window():
+    rng = np.random.default_rng(10)
+    baseline = rng.normal(size=12_000)
+    det = KSWindow(window_size=400, reference=baseline, alpha=0.001)
+    xs = np.concatenate([rng.normal(size=3000), rng.normal(0.4, 1.0, size=3000)])
+    hits = batched(det, xs)
+    assert hits and hits[0] > 3000
+    ref = stats.ks_2samp(baseline, xs[-400:])
+    assert abs(det.statistic - ref.statistic) <= 1e-12 and abs(det.p_value - ref.pvalue) <= 1e-6
+    assert det.reading().window_sizes == (12_000, 400)
+
+
+@pytest.mark.parametrize("n_ref,window,alpha", [(500, 500, 0.005), (300, 200, 0.01), (40, 70, 0.05)])
+def test_ks_critical_value_is_the_boundary(n_ref, window, alpha):
+    det = KSWindow(window_size=window, reference_size=n_ref, alpha=alpha)
+    det.update_many(np.arange(n_ref, dtype=float))
+    h = det._h_crit
+    assert ks_2samp_pvalue(n_ref, window, h) < alpha <= ks_2samp_pvalue(n_ref, window, h - 1)
+
+
+def test_ks_checkpoint_continues_identically():
+    xs = shifted_stream(11, 6000)
+    a = KSWindow(window_size=200, alpha=0.01)
+    a.update_many(xs[:2500])
+    b = roundtrip(a)
+    assert batched(a, xs[2500:]) == batched(b, xs[2500:])
+    assert a.statistic == b.statistic
+
+
+# -- PSI ------------------------------------------------------------------------------------
+
+def test_psi_matches_direct_computation():
+    xs = shifted_stream(12, 8000)
+    det = PSI(window_size=500, reference_size=1000, n_bins=10, threshold=0.1)
+    for i, v in enumerate(xs):
+        det.update(v)
+        if i >= 1499 and i % 11 == 0:
+            e = det.edges
+            rc = np.bincount(np.searchsorted(e, xs[:1000], side="left"), minlength=len(e) + 1)
+            wc = np.bincount(np.searchsorted(e, xs[i - 499:i + 1], side="left"), minlength=len(e) + 1)
+            expected = psi(rc, wc)
+            # and by hand, to pin the formula down
+            rp, cp = np.maximum(rc / 1000, 1e-4), np.maximum(wc / 500, 1e-4)
+            assert math.isclose(expected, float(((cp - rp) * np.log(cp / rp)).sum()), rel_tol=1e-12)
+            assert abs(det.statistic - expected) < 1e-12
+            assert det.rejecting == (det.statistic >= 0.1)
+
+
+def test_psi_batch_checkpoint_and_fixed_edges():
+    xs = shifted_stream(13, 8000)
+    params = {"window_size": 400, "reference_size": 600, "threshold": 0.1}
+    hits = detections(PSI(**params), xs)
+    assert hits and batched(PSI(**params), xs) == hits
+    a = PSI(**params)
+    a.update_many(xs[:3000])
+    assert (roundtrip(a).update_many(xs[3000:]) + 3000).tolist() == [h for h in hits if h >= 3000]
+    fixed = PSI(window_size=100, edges=[-1.0, 0.0, 1.0], reference=np.zeros(10) + 0.5)
+    assert fixed.reference_counts.tolist() == [0, 0, 10, 0]
+    fixed.update_many(np.full(100, 0.5))
+    assert fixed.statistic == 0.0 and not fixed.rejecting
+
+
+# -- chi-square -----------------------------------------------------------------------------
+
+def finish_reasons(seed: int, n: int, p) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.array(["stop", "length", "error", "cancelled"]), size=n, p=p).tolist()
+
+
+def test_chi_square_matches_scipy():
+    ys = finish_reasons(14, 6000, [0.7, 0.2, 0.05, 0.05]) + finish_reasons(15, 6000, [0.6, 0.3, 0.05, 0.05])
+    det = ChiSquare(window_size=400, reference_size=1000, alpha=0.001)
+    for i, y in enumerate(ys):
+        det.update(y)
+        if i >= 1399 and i % 17 == 0:
+            _, table = det.table()
+            ref = stats.chi2_contingency(table)
+            assert math.isclose(det.statistic, ref.statistic, rel_tol=1e-12, abs_tol=1e-12)
+            assert abs(det.p_value - ref.pvalue) < 1e-12 and det.dof == ref.dof
+    hits = detections(ChiSquare(window_size=400, reference_size=1000, alpha=0.001), ys)
+    assert hits and hits[0] > 6000
+    assert batched(ChiSquare(window_size=400, reference_size=1000, alpha=0.001), ys) == hits
+
+
+def test_chi_square_two_categories_uses_yates_and_new_categories():
+    rng = np.random.default_rng(16)
+    ys = rng.choice(["a", "b"], size=2000).tolist()
+    det = ChiSquare(window_size=100, reference_size=200)
+    for i, y in enumerate(ys):
+        det.update(y)
+        if i >= 299:
+            _, table = det.table()
+            ref = stats.chi2_contingency(table)      # correction=True applies at dof 1
+            assert abs(det.statistic - ref.statistic) < 1e-12 and abs(det.p_value - ref.pvalue) < 1e-12
+    det.update_many(["c"] * 60)                      # a category the reference never saw
+    _, table = det.table()
+    assert sorted(det.categories) == ["a", "b", "c"]
+    assert math.isclose(det.statistic, stats.chi2_contingency(table).statistic, rel_tol=1e-12)
+    assert det.rejecting
+    b = roundtrip(det)
+    more = rng.choice(["a", "b", "c"], size=500).tolist()
+    assert batched(det, more) == batched(b, more)
+
+
+# -- common shape ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [ADWIN, PageHinkley, lambda: KSWindow(100), lambda: PSI(100), lambda: ChiSquare(100)])
+def test_common_interface(make):
+    det = make()
+    assert det.drift_detected is False
+    xs = shifted_stream(17, 3000)
+    if isinstance(det, ChiSquare):
+        xs = ["a" if v < 0.5 else "b" for v in xs]
+    det.update(xs[0])
+    det.update_many(xs[1:])
+    r = det.reading()
+    assert isinstance(r, Reading) and r.drifted in (True, False)
+    assert json.dumps(r.as_dict()) and json.dumps(det.to_state())
+    assert all(isinstance(n, int) for n in r.window_sizes)
