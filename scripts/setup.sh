@@ -27,5 +27,16 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$sta
     touch "$stamp"
 fi
 
+# Test tools from Debian: promtool and amtool check deploy/ (prometheus, prometheus-alertmanager).
+if [[ -n "$extras" ]] && ! { command -v promtool && command -v amtool; } >/dev/null 2>&1; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get -qq update >/dev/null
+        apt-get -qq install -y --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+    else
+        echo "setup: promtool/amtool missing; as root: apt-get install prometheus prometheus-alertmanager" >&2
+    fi
+fi
+
 # The demo model (about 100 MB), fetched once into ~/.cache/vigil (or $VIGIL_CACHE_DIR).
 .venv/bin/vigil fetch-demo

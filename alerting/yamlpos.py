@@ -1,0 +1,75 @@
+"""YAML loading that keeps line numbers, so a validator can name the line of a bad field.
+
+Built on PyYAML's compose step (safe constructors for scalars). Mappings come back as
+`Map` (a dict that knows the line of each key), sequences as `Seq` (a list that knows
+the line of each item). Duplicate keys are an error, as they are for promtool.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+
+class Map(dict):
+    line: int = 0
+    key_lines: dict
+
+    def line_of(self, key) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+class Seq(list):
+    line: int = 0
+    item_lines: list
+
+    def line_of(self, i: int) -> int:
+        return self.item_lines[i] if 0 <= i < len(self.item_lines) else self.line
+
+
+class YamlError(ValueError):
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+def load(text: str):
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        return _convert(loader, node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise YamlError(mark.line + 1 if mark else 0, f"{e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise YamlError(0, str(e)) from None
+    finally:
+        loader.dispose()
+
+
+def _convert(loader, node):
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        out = Map()
+        out.line = node.start_mark.line + 1
+        out.key_lines = {}
+        for knode, vnode in node.value:
+            key = _convert(loader, knode)
+            if isinstance(key, (Map, Seq)):
+                raise YamlError(knode.start_mark.line + 1, "a mapping key must be a scalar")
+            if key in out:
+                raise YamlError(knode.start_mark.line + 1, f"duplicate key {key!r}")
+            out[key] = _convert(loader, vnode)
+            out.key_lines[key] = knode.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        out = Seq()
+        out.line = node.start_mark.line + 1
+        out.item_lines = []
+        for item in node.value:
+            out.append(_convert(loader, item))
+            out.item_lines.append(item.start_mark.line + 1)
+        return out
+    return loader.construct_object(node, deep=True)
