@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference import kernels
+from inference.kernels import dispatch
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -113,6 +116,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.active:
+            return kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
@@ -134,17 +139,24 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if dispatch.active:
+            q, k = kernels.apply_rotary(q, k, cos[:, 0], sin[:, 0])
+        else:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
 
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
         rows = slots[:, None]
         k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
         v_cache[rows, :, positions] = v.to(v_cache.dtype)
         span = mask.shape[-1]
-        keys, values = gather_slots(k_cache, slots, span), gather_slots(v_cache, slots, span)
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
-                                             attn_mask=mask, enable_gqa=True)
+        if dispatch.active and t == 1:  # decode: read the cache rows in place
+            out = kernels.decode_attention(q[:, :, 0], k_cache[:, :, :span], v_cache[:, :, :span],
+                                           positions[:, 0] + 1, slots)[:, :, None]
+        else:
+            keys, values = gather_slots(k_cache, slots, span), gather_slots(v_cache, slots, span)
+            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                                 attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -164,7 +176,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_mul(gate, up) if dispatch.active else F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

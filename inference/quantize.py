@@ -5,7 +5,7 @@ INT8 (`Int8Linear`)
     scales  fp32 [N]
 
 INT4 (`Int4Linear`), the portable format (what a state_dict holds, and what a
-GPU kernel such as the planned Triton `quant_matmul` consumes):
+GPU kernel such as the Triton `inference.kernels.quant_matmul` consumes):
     qweight  uint8 [N, K/2]: byte j of row n holds column 2j in its low nibble
              and column 2j+1 in its high nibble; codes are unsigned, 0..15
     scales   fp32  [N, K/g]
@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference.kernels.quant_matmul import quant_matmul
+
 INT4_GROUP_SIZES = (32, 64, 128)
 _CPU_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,8 +54,8 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     x2 = x.reshape(-1, k)
     if x.device.type == "cpu" and x.dtype in _CPU_FAST_DTYPES:
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight, scales.to(x.dtype))
-    else:  # plain fallback: scaling the output is the same as scaling the rows of w
-        y = (x2 @ weight.to(x.dtype).t()) * scales.to(x.dtype)
+    else:  # Triton on CUDA, else (x2 @ weight.T) * scales
+        y = quant_matmul(x2, weight, scales)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -113,7 +115,7 @@ def int4_matmul(x, qweight, scales, zeros, group_size: int, cpu_qweight=None, cp
     """x [..., K] @ dequantize_int4(...).T -> [..., N] in x.dtype.
 
     On CPU, with the op's own layout given, runs `_weight_int4pack_mm_for_cpu`;
-    elsewhere dequantises and multiplies (the place for a fused GPU kernel)."""
+    elsewhere `quant_matmul` (Triton on CUDA, dequantise and multiply otherwise)."""
     n = qweight.shape[0]
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -122,8 +124,8 @@ def int4_matmul(x, qweight, scales, zeros, group_size: int, cpu_qweight=None, cp
             x2.contiguous(), cpu_qweight, group_size, cpu_scales_zeros.to(x.dtype))
         if y.shape[-1] != n:  # rows were padded to a multiple of 16
             y = y[:, :n]
-    else:
-        y = x2 @ dequantize_int4(qweight, scales, zeros, group_size, x.dtype).t()
+    else:  # Triton on CUDA, else x2 @ dequantize_int4(...).t()
+        y = quant_matmul(x2, qweight, scales, zeros, group_size)
     return y.reshape(*lead, n)
 
 

@@ -13,28 +13,10 @@ from typing import NamedTuple
 
 import torch
 
+from inference.kernels import SoftmaxStats, fused_softmax_stats  # noqa: F401 (SoftmaxStats: re-exported)
 
-class SoftmaxStats(NamedTuple):
-    probs: torch.Tensor     # [N, V]
-    max_prob: torch.Tensor  # [N]
-    entropy: torch.Tensor   # [N], nats
-    lse: torch.Tensor       # [N], log-sum-exp of logits / temperature
-
-
-def softmax_stats(logits: torch.Tensor, temperature: torch.Tensor | float) -> SoftmaxStats:
-    """Softmax of `logits / temperature` [N, V] with its max, entropy and log-sum-exp."""
-    if logits.dim() != 2 or logits.shape[-1] == 0:
-        raise ValueError(f"softmax_stats: logits must be [N, V] with V > 0, got {tuple(logits.shape)}")
-    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
-    scaled = logits.float() / (t[:, None] if t.dim() == 1 else t)
-    top = scaled.amax(-1, keepdim=True)
-    probs = (scaled - top).exp_()
-    total = probs.sum(-1, keepdim=True)
-    probs.div_(total)
-    lse = (top + total.log()).squeeze(-1)
-    # H = lse - sum(p * x); nansum drops the 0 * -inf of masked logits
-    entropy = lse - (probs * scaled).nansum(-1)
-    return SoftmaxStats(probs, total.squeeze(-1).reciprocal(), entropy, lse)
+# logits [N, V] -> SoftmaxStats: Triton on CUDA, its torch reference (in inference.kernels) elsewhere
+softmax_stats = fused_softmax_stats
 
 
 @dataclass(frozen=True)
