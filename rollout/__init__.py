@@ -1,0 +1,25 @@
+"""Vigil rollout: moves traffic between model versions on what the monitors see.
+
+What this folder does: per model, a stable version, a candidate, a strategy (canary steps,
+blue/green with analysis on shadow traffic, shadow only) and a history of promotions and
+rollbacks (controller.py); the analysis of a step, candidate against stable over the same
+interval: error rate, latency and confidence distributions, drift signals, calibration
+(analysis.py); validated configuration (config.py); feature flags and the pure function
+the inference router calls to evaluate them (flags.py); conversions from and to the
+protobuf messages of protos/events.proto (wire.py); the `vigil rollout` commands
+(cli.py). records.py holds the observation and decision records and the clocks.
+
+What it may touch: nothing of the other services, and no Kafka or network. It imports
+only protos/ (in wire.py, lazily) and scipy. The service layer (vigil/, with eventbus/)
+feeds `Controller.observe` from vigil.inference.events, vigil.feedback, vigil.signals and
+vigil.alerts, calls `Controller.tick` on a timer, publishes each returned Decision on
+vigil.rollout, and on start-up resumes with `Controller.from_records` from the latest
+record per model (each Decision carries the model's whole state in `state`).
+"""
+
+from .analysis import Analysis, Check, Window, analyse
+from .config import DEFAULT_STEPS, RolloutConfig, Thresholds
+from .controller import Controller, ModelState
+from .flags import Flag, Rule, bucket, evaluate, evaluate_all
+from .records import (BLUEGREEN, CANARY, FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOW, STABLE,
+                      AlertObs, Decision, DriftSignal, Feedback, ManualClock, Outcome, RolloutError, SystemClock)

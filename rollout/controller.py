@@ -1,0 +1,417 @@
+"""The rollout controller: per model, a stable version, a candidate, a strategy and a
+history; observations in, decisions out.
+
+Drive it with `observe(obs)` for every observation and `tick()` on a timer (every second
+or so); both return the decisions made, to be published on vigil.rollout. A firing alert
+with the rollout's labels is acted on inside `observe`. Operator commands (start, pause,
+resume, promote, abort, undo, set_flag) return the decision they made. Nothing here
+sleeps or does I/O; time is read from the injected clock.
+
+A step holds until its analysis interval has passed; the analysis is then conclusive
+only if the candidate served at least `min_requests` requests in the step. Inconclusive
+and marginal analyses hold the step (the window keeps growing) and are counted; past
+`inconclusive_limit` in a row the rollout pauses with `attention` set. It never rolls back
+for lack of data. Failed analyses past `failure_limit`, a firing alert, or `abort` put all
+traffic back on the stable version in one decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from . import analysis as an
+from .config import RolloutConfig, plan
+from .flags import Flag
+from .records import (ACTIVE, BLUEGREEN, FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOW,
+                      STABLE, AlertObs, Decision, DriftSignal, Feedback, Observation, Outcome,
+                      RolloutError, SystemClock)
+
+HISTORY_LIMIT = 500
+
+
+@dataclass
+class ModelState:
+    model: str
+    stable: str
+    versions: list[str]
+    lineage: list[str] = field(default_factory=list)  # earlier stable versions, oldest first
+    phase: str = STABLE
+    candidate: str = ""
+    config: RolloutConfig | None = None
+    step: int = 0
+    step_started: float = 0.0
+    next_analysis: float = 0.0
+    undecided: int = 0        # inconclusive or marginal analyses in a row
+    failures: int = 0
+    keep_until: float = 0.0   # blue/green: the old version stays loaded until then
+    attention: bool = False
+    weights: dict[str, float] = field(default_factory=dict)
+    shadow: list[str] = field(default_factory=list)
+    windows: dict[str, an.Window] = field(default_factory=dict)
+    baseline: an.Window | None = None  # stable's last window, for steps where it serves nothing
+    firing: dict[str, dict] = field(default_factory=dict)  # alert fingerprint -> rule, labels
+    flags: dict[str, Flag] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    generation: int = 0
+    reason: str = ""
+    figures: dict = field(default_factory=dict)
+    time: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["config"] = self.config.to_dict() if self.config else None
+        d["windows"] = {v: w.to_dict() for v, w in self.windows.items()}
+        d["baseline"] = self.baseline.to_dict() if self.baseline else None
+        d["flags"] = {n: f.to_dict() for n, f in self.flags.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelState":
+        d = dict(d)
+        d["config"] = RolloutConfig.from_dict(d["config"]) if d.get("config") else None
+        d["windows"] = {v: an.Window.from_dict(w) for v, w in d.get("windows", {}).items()}
+        d["baseline"] = an.Window.from_dict(d["baseline"]) if d.get("baseline") else None
+        d["flags"] = {n: Flag.from_dict(f) for n, f in d.get("flags", {}).items()}
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class Controller:
+    def __init__(self, clock=None, defaults: RolloutConfig | None = None):
+        self.clock = clock or SystemClock()
+        self.defaults = defaults or RolloutConfig()
+        self.models: dict[str, ModelState] = {}
+
+    # ---- versions -------------------------------------------------------------------
+
+    def register(self, model: str, *versions: str, stable: str = "") -> Decision | None:
+        """Make versions known. The first registration of a model sets its stable version
+        (`stable`, or the first version given) and returns that decision."""
+        if not model:
+            raise RolloutError("model", "is empty")
+        if stable and stable not in versions:
+            versions = (*versions, stable)
+        if not versions or not all(versions):
+            raise RolloutError("version", "a version name is empty")
+        m = self.models.get(model)
+        if m is None:
+            first = stable or versions[0]
+            m = self.models[model] = ModelState(model, first, list(dict.fromkeys(versions)),
+                                                weights={first: 1.0})
+            return self._decide(m, f"{model} registered; {first} takes all traffic")
+        if stable and stable != m.stable:
+            raise RolloutError("stable", f"{model} is already stable on {m.stable}; promote or undo to change it")
+        m.versions.extend(v for v in versions if v not in m.versions)
+        return None
+
+    # ---- operator commands ----------------------------------------------------------
+
+    def start(self, model: str, candidate: str, strategy: str | None = None,
+              steps: Iterable[float] | None = None, **settings) -> Decision:
+        m = self._model(model)
+        if m.phase in ACTIVE:
+            raise RolloutError("model", f"{model} already has a rollout of {m.candidate} ({m.phase})")
+        if candidate not in m.versions:
+            raise RolloutError("candidate", f"{model} has no version {candidate!r} "
+                               f"(known: {', '.join(m.versions)})")
+        if candidate == m.stable:
+            raise RolloutError("candidate", f"{candidate!r} is already the stable version")
+        d = self.defaults.to_dict()
+        if isinstance(settings.get("thresholds"), dict):
+            settings["thresholds"] = {**d["thresholds"], **settings["thresholds"]}
+        d.update({k: v for k, v in settings.items() if v is not None})
+        if strategy is not None:
+            d["strategy"] = strategy
+        if steps is not None:
+            d["steps"] = list(steps)
+        m.config = RolloutConfig.from_dict(d)
+        m.candidate, m.phase, m.attention, m.baseline, m.keep_until = candidate, PROGRESSING, False, None, 0.0
+        m.windows = {}
+        return self._enter_step(m, 0, f"started {m.config.strategy} of {candidate} against {m.stable}")
+
+    def pause(self, model: str, reason: str = "paused by operator") -> Decision:
+        m = self._active(model)
+        m.phase, m.attention = PAUSED, False
+        return self._decide(m, reason)
+
+    def resume(self, model: str) -> Decision:
+        m = self._active(model)
+        if m.phase != PAUSED:
+            raise RolloutError("model", f"{model} is not paused")
+        m.phase, m.attention, m.undecided = PROGRESSING, False, 0
+        m.next_analysis = self._now() + m.config.interval  # the step's data so far still counts
+        return self._decide(m, f"resumed at step {m.step} by operator")
+
+    def promote(self, model: str) -> Decision:
+        m = self._active(model)
+        return self._promote(m, f"by operator at step {m.step}", {})
+
+    def abort(self, model: str) -> Decision:
+        m = self._active(model)
+        return self._end(m, ROLLED_BACK, "aborted", f"by operator at step {m.step}", {})
+
+    def undo(self, model: str) -> Decision:
+        """Go back one stable version."""
+        m = self._model(model)
+        if m.phase in ACTIVE:
+            raise RolloutError("model", f"{model} has a rollout in progress; abort it instead")
+        if not m.lineage:
+            raise RolloutError("model", f"{model} has no earlier version to go back to")
+        prev, cur = m.lineage.pop(), m.stable
+        m.stable, m.phase, m.weights, m.shadow = prev, ROLLED_BACK, {prev: 1.0}, []
+        reason = f"undo by operator: back to {prev} from {cur}"
+        self._record(m, "undo", prev, cur, reason, {})
+        return self._decide(m, reason)
+
+    def set_flag(self, model: str, flag: Flag | dict) -> Decision:
+        m = self._model(model)
+        f = flag if isinstance(flag, Flag) else Flag.from_dict(flag)
+        m.flags[f.name] = f
+        return self._decide(m, f"flag {f.name} set to {f.percentage:g}%"
+                            f"{'' if f.enabled else ' (disabled)'} with {len(f.rules)} rules")
+
+    def remove_flag(self, model: str, name: str) -> Decision:
+        m = self._model(model)
+        if m.flags.pop(name, None) is None:
+            raise RolloutError("flag", f"{model} has no flag {name!r}")
+        return self._decide(m, f"flag {name} removed")
+
+    # ---- queries --------------------------------------------------------------------
+
+    def status(self, model: str) -> dict:
+        m = self._model(model)
+        out = self._decision(m).to_dict()
+        del out["state"]
+        out.update(versions=list(m.versions), undecided=m.undecided, failures=m.failures,
+                   next_analysis=m.next_analysis if m.phase == PROGRESSING else None,
+                   config=m.config.to_dict() if m.config else None,
+                   window={v: {"requests": w.n, "errors": w.errors} for v, w in m.windows.items()})
+        return out
+
+    def list_models(self) -> list[str]:
+        return sorted(self.models)
+
+    def history(self, model: str) -> list[dict]:
+        return list(self._model(model).history)
+
+    # ---- observations and time ------------------------------------------------------
+
+    def observe(self, obs: Observation) -> list[Decision]:
+        if isinstance(obs, AlertObs):
+            return self._alert(obs)
+        m = self.models.get(obs.model)
+        if m is None:
+            if isinstance(obs, Outcome) and obs.route in ("", "stable"):
+                self.register(obs.model, obs.version)
+            return []
+        if obs.version not in m.versions:
+            m.versions.append(obs.version)
+        w = m.windows.get(obs.version)
+        t = obs.time or self._now()
+        if m.phase not in ACTIVE or w is None or t < w.start:
+            return []
+        if isinstance(obs, Outcome):
+            if obs.route != "pinned":
+                w.add_outcome(obs.error, obs.latency, obs.confidence)
+        elif isinstance(obs, DriftSignal):
+            if obs.kind in ("drift", ""):
+                w.add_drift(obs.detector, obs.feature, obs.drifted, obs.statistic)
+        elif isinstance(obs, Feedback):
+            w.feedback.add((an._6(obs.probability), bool(obs.correct)))
+        return []
+
+    def tick(self) -> list[Decision]:
+        now = self._now()
+        out = []
+        for m in list(self.models.values()):
+            if m.phase in ACTIVE and (alert := self._firing_for(m)):
+                out.append(self._alert_rollback(m, alert))
+            elif m.phase == PROGRESSING and now >= m.next_analysis:
+                out.append(self._analyse(m, now))
+        return out
+
+    # ---- persistence ----------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        return {"models": {n: m.to_dict() for n, m in self.models.items()}}
+
+    @classmethod
+    def restore(cls, snapshot: dict, clock=None, defaults: RolloutConfig | None = None) -> "Controller":
+        c = cls(clock, defaults)
+        c.models = {n: ModelState.from_dict(d) for n, d in snapshot.get("models", {}).items()}
+        return c
+
+    @classmethod
+    def from_records(cls, records: Iterable[Decision | dict], clock=None,
+                     defaults: RolloutConfig | None = None) -> "Controller":
+        """Resume from decision records (vigil.rollout read to its end): the latest per model."""
+        latest: dict[str, dict] = {}
+        for r in records:
+            d = r.to_dict() if isinstance(r, Decision) else r
+            if d.get("state") and d["generation"] >= latest.get(d["model"], {}).get("generation", -1):
+                latest[d["model"]] = d
+        return cls.restore({"models": {n: d["state"] for n, d in latest.items()}}, clock, defaults)
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self.clock.now()
+
+    def _model(self, model: str) -> ModelState:
+        m = self.models.get(model)
+        if m is None:
+            raise RolloutError("model", f"unknown model {model!r}")
+        return m
+
+    def _active(self, model: str) -> ModelState:
+        m = self._model(model)
+        if m.phase not in ACTIVE:
+            raise RolloutError("model", f"{model} has no rollout in progress ({m.phase})")
+        return m
+
+    def _reset_windows(self, m: ModelState, now: float) -> None:
+        m.windows = {m.stable: an.Window(now), m.candidate: an.Window(now)}
+        m.step_started, m.next_analysis = now, now + m.config.interval
+
+    def _enter_step(self, m: ModelState, i: int, reason: str, figures: dict | None = None) -> Decision:
+        now = self._now()
+        pct, shadowed = plan(m.config)[i]
+        old = m.windows.get(m.stable)
+        if old is not None and old.n >= m.config.thresholds.min_samples:
+            m.baseline = old
+        m.step = i
+        share = pct / 100.0
+        m.weights = {m.stable: 1.0 - share, m.candidate: share}
+        m.shadow = [m.candidate] if shadowed else []
+        if m.config.strategy == BLUEGREEN and i == 1:
+            m.keep_until = now + m.config.keep_old_for
+        m.undecided = m.failures = 0
+        self._reset_windows(m, now)
+        return self._decide(m, f"{reason}; step {i} ({self._step_name(m)})", figures or {})
+
+    def _step_name(self, m: ModelState) -> str:
+        pct, shadowed = plan(m.config)[m.step]
+        return f"shadow of {m.candidate}" if shadowed else f"{pct:g}% on {m.candidate}"
+
+    def _analyse(self, m: ModelState, now: float) -> Decision:
+        cfg = m.config
+        cand, stab = m.windows[m.candidate], m.windows[m.stable]
+        base = ""
+        if stab.n < cfg.thresholds.min_samples and m.baseline is not None:
+            stab, base = m.baseline, " (stable baseline from the previous step)"
+        where = f"step {m.step} ({self._step_name(m)})"
+        m.next_analysis = now + cfg.interval
+        if cand.n < cfg.min_requests:
+            result = an.Analysis(an.INCONCLUSIVE, None, [])
+            text = f"candidate served {cand.n} of {cfg.min_requests} requests needed"
+            figures = {"verdict": an.INCONCLUSIVE, "candidate_n": cand.n, "min_requests": cfg.min_requests}
+        else:
+            result = an.analyse(cand, stab, cfg.thresholds)
+            text, figures = result.summary() + base, result.figures()
+        figures["undecided"], figures["failures"] = m.undecided, m.failures
+
+        if result.verdict in (an.INCONCLUSIVE, an.MARGINAL):
+            m.undecided += 1
+            figures["undecided"] = m.undecided
+            if m.undecided > cfg.inconclusive_limit:
+                m.phase, m.attention = PAUSED, True
+                return self._decide(m, f"paused: {where} {result.verdict} {m.undecided} times in a row "
+                                    f"(limit {cfg.inconclusive_limit}): {text}", figures)
+            return self._decide(m, f"{where} {result.verdict} ({m.undecided}/{cfg.inconclusive_limit}): {text}",
+                                figures)
+        m.undecided = 0
+        if result.verdict == an.FAIL:
+            m.failures += 1
+            figures["failures"] = m.failures
+            failed = ", ".join(c.name for c in result.failed) or "score"
+            if m.failures > cfg.failure_limit:
+                traffic = any(w > 0 for v, w in m.weights.items() if v == m.candidate)
+                return self._end(m, ROLLED_BACK if traffic else FAILED, "rolled_back" if traffic else "failed",
+                                 f"{where} failed on {failed}: {text}", figures)
+            self._reset_windows(m, now)
+            return self._decide(m, f"{where} failed on {failed} ({m.failures}/{cfg.failure_limit} tolerated): "
+                                f"{text}", figures)
+        # passed
+        last = m.step == len(plan(cfg)) - 1
+        if cfg.strategy == SHADOW:
+            m.failures = 0
+            self._reset_windows(m, now)
+            return self._decide(m, f"{where} passed: {text}; waiting for promote or abort", figures)
+        if last and now < m.keep_until:
+            return self._decide(m, f"{where} passed: {text}; old version {m.stable} stays loaded until "
+                                f"{m.keep_until:.0f}", figures)
+        if last:
+            return self._promote(m, f"{where} passed: {text}", figures)
+        return self._enter_step(m, m.step + 1, f"{where} passed: {text}", figures)
+
+    def _promote(self, m: ModelState, reason: str, figures: dict) -> Decision:
+        old, new = m.stable, m.candidate
+        m.lineage.append(old)
+        m.stable, m.candidate, m.phase, m.attention = new, "", PROMOTED, False
+        m.weights, m.shadow, m.windows, m.baseline = {new: 1.0}, [], {}, None
+        reason = f"promoted {new} over {old}: {reason}"
+        self._record(m, "promoted", new, old, reason, figures)
+        return self._decide(m, reason, figures)
+
+    def _end(self, m: ModelState, phase: str, action: str, reason: str, figures: dict) -> Decision:
+        cand = m.candidate
+        m.phase, m.candidate, m.attention = phase, "", False
+        m.weights, m.shadow, m.windows, m.baseline = {m.stable: 1.0}, [], {}, None
+        reason = f"{action.replace('_', ' ')} {cand}, all traffic to {m.stable}: {reason}"
+        self._record(m, action, m.stable, cand, reason, figures)
+        return self._decide(m, reason, figures)
+
+    def _alert(self, a: AlertObs) -> list[Decision]:
+        if a.state == "firing":
+            target = self.models.get(a.labels.get("model", ""))
+            if target is not None:
+                target.firing[a.fingerprint] = {"rule": a.rule, "labels": dict(a.labels), "time": a.time}
+                if target.phase in ACTIVE and self._firing_for(target):
+                    return [self._alert_rollback(target, self._firing_for(target))]
+        else:
+            for m in self.models.values():
+                m.firing.pop(a.fingerprint, None)
+        return []
+
+    def _firing_for(self, m: ModelState) -> dict | None:
+        for fp, a in sorted(m.firing.items()):
+            if a["labels"].get("model") == m.model and a["labels"].get("version") == m.candidate:
+                return {"fingerprint": fp, **a}
+        return None
+
+    def _alert_rollback(self, m: ModelState, alert: dict) -> Decision:
+        traffic = m.weights.get(m.candidate, 0.0) > 0
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(alert["labels"].items()))
+        return self._end(m, ROLLED_BACK if traffic else FAILED, "rolled_back" if traffic else "failed",
+                         f"alert {alert['rule']}{{{labels}}} firing at step {m.step}",
+                         {"alert": alert["rule"], "labels": alert["labels"], "fingerprint": alert["fingerprint"]})
+
+    def _record(self, m: ModelState, action: str, to: str, frm: str, reason: str, figures: dict) -> None:
+        m.history.append({"time": self._now(), "action": action, "to": to, "from": frm,
+                          "strategy": m.config.strategy if m.config else "", "step": m.step,
+                          "reason": reason, "figures": figures})
+        del m.history[:-HISTORY_LIMIT]
+
+    def _decide(self, m: ModelState, reason: str, figures: dict | None = None) -> Decision:
+        m.generation += 1
+        m.time, m.reason, m.figures = self._now(), reason, _clean(figures or {})
+        return self._decision(m)
+
+    def _decision(self, m: ModelState) -> Decision:
+        return Decision(model=m.model, generation=m.generation, time=m.time, phase=m.phase, stable=m.stable,
+                        candidate=m.candidate, strategy=m.config.strategy if m.config else "", step=m.step,
+                        weights=dict(m.weights), shadow=list(m.shadow), reason=m.reason, figures=m.figures,
+                        attention=m.attention, flags={n: f.to_dict() for n, f in m.flags.items()},
+                        state=m.to_dict())
+
+
+def _clean(x: Any) -> Any:
+    """Figures as JSON can carry them (an infinite ratio becomes a string)."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x

@@ -1,0 +1,129 @@
+"""What the controller takes in (observations), what it gives out (decisions), its errors
+and its clocks. Plain dataclasses; wire.py converts them from and to protos/events.proto."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Phases of a model's rollout. `stable`: no rollout has run yet; `failed`: the candidate
+# failed its analysis before it took any traffic (shadow, blue/green before the switch),
+# so nothing had to be rolled back.
+STABLE, PROGRESSING, PAUSED, PROMOTED, ROLLED_BACK, FAILED = (
+    "stable", "progressing", "paused", "promoted", "rolled_back", "failed")
+ACTIVE = (PROGRESSING, PAUSED)
+
+CANARY, BLUEGREEN, SHADOW = "canary", "bluegreen", "shadow"
+STRATEGIES = (CANARY, BLUEGREEN, SHADOW)
+
+
+class RolloutError(ValueError):
+    """A bad request or configuration; `field` names what was wrong."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One request's outcome (from an InferenceEvent). `route` is stable, canary, shadow
+    or pinned; pinned requests chose their version and are left out of the analysis."""
+    model: str
+    version: str
+    time: float
+    error: bool
+    latency: float
+    confidence: float | None = None  # mean log-prob of the generated tokens
+    route: str = ""
+
+
+@dataclass(slots=True)
+class DriftSignal:
+    """A detector verdict (from a Signal of kind drift) for one model version."""
+    model: str
+    version: str
+    time: float
+    detector: str
+    feature: str
+    drifted: bool
+    statistic: float = 0.0
+    kind: str = "drift"
+
+
+@dataclass(slots=True)
+class AlertObs:
+    """An alert's state change (from an Alert on vigil.alerts)."""
+    fingerprint: str
+    rule: str
+    state: str  # firing, resolved, pending, inactive
+    labels: dict[str, str]
+    time: float
+
+
+@dataclass(slots=True)
+class Feedback:
+    """Ground truth joined to the prediction it answers: the probability the model gave
+    its answer, and whether the answer was right."""
+    model: str
+    version: str
+    time: float
+    probability: float
+    correct: bool
+
+
+Observation = Outcome | DriftSignal | AlertObs | Feedback
+
+
+@dataclass
+class Decision:
+    """The desired state of one model after a decision: what goes on vigil.rollout.
+
+    `weights` are shares of traffic (0 to 1, summing to 1); a version listed with weight
+    0 stays loaded (a candidate under shadow, the old version of a blue/green switch), a
+    version not listed may be unloaded. `figures` are the numbers the decision rests on;
+    `attention` is true when a person must look (paused after too many inconclusive
+    analyses). `state` is the model's whole controller state, so a controller that
+    restarts resumes from the last record (Controller.from_records)."""
+    model: str
+    generation: int
+    time: float
+    phase: str
+    stable: str
+    candidate: str
+    strategy: str
+    step: int
+    weights: dict[str, float]
+    shadow: list[str]
+    reason: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    attention: bool = False
+    flags: dict[str, dict] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Decision":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+class ManualClock:
+    """Time moves only when a test says so."""
+
+    def __init__(self, start: float = 1_700_000_000.0):
+        self.t = float(start)
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> float:
+        self.t += seconds
+        return self.t
