@@ -1,8 +1,10 @@
 """Where the server hands its events: one per request and one per Feedback call.
 
-`publish` must return at once; a sink that talks to a broker queues and sends in the
-background. `MemorySink` keeps the latest events in process, for tests and for a
-server run without a broker.
+Serving builds each event as a dict; `to_message` turns it into the protobuf message
+that goes on Kafka (protos/events.proto). `publish` must return at once: the Kafka
+publisher (eventbus.publisher.Publisher) queues and sends in the background.
+`MemorySink` keeps the latest events in process, for tests and for a server run
+without a broker.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import collections
 import threading
 from typing import Protocol
 
-INFERENCE_TOPIC = "vigil.inference.events"
-FEEDBACK_TOPIC = "vigil.feedback"
+from eventbus import topics
+from protos import events_pb2
+
+INFERENCE_TOPIC = topics.INFERENCE
+FEEDBACK_TOPIC = topics.FEEDBACK
 
 
 class EventSink(Protocol):
@@ -31,3 +36,64 @@ class MemorySink:
     def events(self, topic: str | None = None) -> list[dict]:
         with self.lock:
             return [e for t, _, e in self.records if topic is None or t == topic]
+
+
+STATUS = {
+    "ok": events_pb2.STATUS_OK,
+    "invalid_argument": events_pb2.STATUS_INVALID_ARGUMENT,
+    "not_found": events_pb2.STATUS_NOT_FOUND,
+    "resource_exhausted": events_pb2.STATUS_RESOURCE_EXHAUSTED,
+    "cancelled": events_pb2.STATUS_CANCELLED,
+    "deadline_exceeded": events_pb2.STATUS_DEADLINE_EXCEEDED,
+    "internal": events_pb2.STATUS_INTERNAL,
+}
+ROUTE = {
+    "stable": events_pb2.ROUTE_STABLE,
+    "canary": events_pb2.ROUTE_CANARY,
+    "shadow": events_pb2.ROUTE_SHADOW,
+    "pinned": events_pb2.ROUTE_PINNED,
+}
+
+
+def to_message(topic: str, event: dict):
+    if topic == INFERENCE_TOPIC:
+        return inference_event(event)
+    if topic == FEEDBACK_TOPIC:
+        return feedback_event(event)
+    raise ValueError(f"no event type for topic {topic!r}")
+
+
+def inference_event(e: dict) -> events_pb2.InferenceEvent:
+    m = events_pb2.InferenceEvent(
+        event_id=e["event_id"], source=e["source"], request_id=e["request_id"], method=e["method"],
+        model=e["model"], version=e["version"], route=ROUTE.get(e["route"], events_pb2.ROUTE_UNSPECIFIED),
+        status=STATUS.get(e["status"], events_pb2.STATUS_UNSPECIFIED), error=e["error"],
+        prompt_chars=e["prompt_chars"], prompt_sha256=e["prompt_sha256"], prompt_tokens=e["prompt_tokens"],
+        completion_chars=e.get("completion_chars", 0), completion_sha256=e.get("completion_sha256", ""),
+        completion_tokens=e["completion_tokens"], finish_reason=e["finish_reason"],
+        queue_seconds=e["queue_seconds"], first_token_seconds=e["first_token_seconds"],
+        total_seconds=e["total_seconds"])
+    m.time.FromNanoseconds(int(e["time"] * 1e9))
+    if e.get("mean_logprob") is not None:
+        m.confidence.mean_logprob = e["mean_logprob"]
+        m.confidence.mean_entropy = e["mean_entropy"]
+        m.confidence.min_top1_prob = e["min_top1_prob"]
+    if e.get("label_probabilities"):
+        m.label_probabilities.update(e["label_probabilities"])
+    if e.get("prompt_text") is not None:
+        m.prompt_text = e["prompt_text"]
+    if e.get("completion_text") is not None:
+        m.completion_text = e["completion_text"]
+    return m
+
+
+def feedback_event(e: dict) -> events_pb2.FeedbackEvent:
+    m = events_pb2.FeedbackEvent(event_id=e["feedback_id"], source=e.get("source", ""),
+                                 feedback_id=e["feedback_id"], request_id=e["request_id"],
+                                 model=e["model"], version=e["version"], comment=e.get("comment", ""))
+    m.time.FromNanoseconds(int(e["time"] * 1e9))
+    if e.get("label") is not None:
+        m.label = e["label"]
+    elif e.get("score") is not None:
+        m.score = e["score"]
+    return m

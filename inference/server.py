@@ -4,7 +4,9 @@ vigil.v1 LLM service, gRPC health and reflection; Prometheus metrics on a second
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from eventbus import codec
+from eventbus.metrics import PublisherMetrics
+from eventbus.publisher import Publisher, PublisherOptions
+from eventbus.topics import TopicOptions
 from inference.compute import ComputeThread
-from inference.demo import DEMO_MODEL_NAME
-from inference.events import EventSink, MemorySink
+from inference.demo import DEMO_MODEL_NAME, cache_dir
+from inference.events import EventSink, MemorySink, to_message
 from inference.kserve import KServeService
 from inference.llm_service import LLMService
 from inference.metrics import ServerMetrics
@@ -25,6 +31,22 @@ from protos import grpc_service_pb2_grpc, llm_pb2_grpc
 from protos.reflection import SERVICE_NAMES, reflection_pool
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EventOptions:
+    bootstrap_servers: str = ""  # empty: events stay in process (MemorySink)
+    format: str = "protobuf"     # or "json"
+    include_text: bool = False   # prompt and completion text in events, not only hash and length
+    outbox_dir: str = ""         # empty: <cache>/outbox/<host>-<port>
+    outbox_fsync_ms: int = 1000
+    outbox_max_bytes: int = 1 << 30
+    queue_size: int = 10_000
+    publish_timeout_ms: int = 5_000
+    compression: str = "gzip"    # gzip or none (lz4, zstd, snappy need cramjam)
+    topic_partitions: int = 6
+    topic_replication_factor: int = 1
+    topic_retention_ms: int = 7 * 24 * 3600 * 1000
 
 
 @dataclass
@@ -40,15 +62,22 @@ class ServerOptions:
     engine: EngineOptions = field(default_factory=EngineOptions)
     limits: Limits = field(default_factory=Limits)
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    events: EventOptions = field(default_factory=EventOptions)
 
 
 class InferenceServer:
     def __init__(self, options: ServerOptions, sink: EventSink | None = None):
         self.options = options
         self.router = Router()
-        self.sink = sink if sink is not None else MemorySink()
         self.metrics = ServerMetrics(self.router)
-        self.serving = Serving(self.router, self.sink, self.metrics, options.limits)
+        self.publisher: Publisher | None = None
+        if sink is None and options.events.bootstrap_servers:
+            self.publisher = Publisher(publisher_options(options), PublisherMetrics(self.metrics.registry),
+                                       to_message=to_message)
+            sink = self.publisher
+        self.sink = sink if sink is not None else MemorySink()
+        self.serving = Serving(self.router, self.sink, self.metrics, options.limits,
+                               include_text=options.events.include_text)
         itl = self.metrics.itl
         self.versions = VersionManager(self.router, options.engine,
                                        on_token=lambda m, v: itl.labels(m, v).observe)
@@ -75,6 +104,12 @@ class InferenceServer:
         self.port = server.add_insecure_port(f"{o.host}:{o.port}")
         if not self.port:
             raise OSError(f"port: cannot listen on {o.host}:{o.port}")
+        self.serving.source = f"vigil-inference/{socket.gethostname()}:{self.port}"
+        if self.publisher is not None:
+            if not self.publisher.options.outbox_dir:
+                self.publisher.options = dataclasses.replace(
+                    self.publisher.options, outbox_dir=str(cache_dir() / "outbox" / f"{o.host}-{self.port}"))
+            await self.publisher.start()
         await server.start()
         self.grpc = server
         for name in ("", *SERVICE_NAMES):
@@ -90,6 +125,19 @@ class InferenceServer:
         if self.metrics_http:
             self.metrics_http.shutdown()
         await asyncio.to_thread(self.versions.stop)
+        if self.publisher is not None:
+            await self.publisher.stop()
+
+
+def publisher_options(o: ServerOptions) -> PublisherOptions:
+    e = o.events
+    return PublisherOptions(
+        bootstrap_servers=e.bootstrap_servers, outbox_dir=e.outbox_dir, content_type=codec.FORMATS[e.format],
+        source="vigil-inference", client_id="vigil-inference", queue_size=e.queue_size,
+        publish_timeout_ms=e.publish_timeout_ms, compression=None if e.compression == "none" else e.compression,
+        outbox_fsync_ms=e.outbox_fsync_ms, outbox_max_bytes=e.outbox_max_bytes,
+        topic_options=TopicOptions(partitions=e.topic_partitions, replication_factor=e.topic_replication_factor,
+                                   retention_ms=e.topic_retention_ms))
 
 
 def model_name(o: ServerOptions) -> str:

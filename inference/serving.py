@@ -49,6 +49,7 @@ class Outcome:
     error: str = ""
     prompt_chars: int = 0
     prompt_sha256: str = ""
+    prompt_text: str = ""
     finished: Finished | None = None
     scores: dict[str, float] | None = None
     prompt_tokens: int = 0
@@ -58,10 +59,13 @@ class Outcome:
 
 class Serving:
     def __init__(self, router: Router, sink: EventSink, metrics, limits: Limits = Limits(),
-                 source: str = "vigil-inference"):
+                 source: str = "vigil-inference", include_text: bool = False):
+        """include_text: events carry the prompt and completion themselves, not only
+        their SHA-256 and length."""
         self.router = router
         self.sink = sink
         self.metrics = metrics
+        self.include_text = include_text
         if limits.default_max_tokens > limits.max_tokens:  # the default must itself be allowed
             limits = dataclasses.replace(limits, default_max_tokens=limits.max_tokens)
         self.limits = limits
@@ -141,6 +145,7 @@ class Serving:
                                   f"{self.limits.max_prompt_chars}")
         out.prompt_chars = len(prompt)
         out.prompt_sha256 = hashlib.sha256(prompt.encode()).hexdigest()
+        out.prompt_text = prompt
         ids = mv.tokenizer.encode(prompt)
         limit = mv.engine.max_seq_len - 1
         if len(ids) > limit:
@@ -233,7 +238,7 @@ class Serving:
         feedback_id = str(uuid.uuid4())
         self.sink.publish(FEEDBACK_TOPIC, event_key(model, version), {
             "feedback_id": feedback_id, "request_id": request_id, "model": model, "version": version,
-            "label": label, "score": score, "comment": comment, "time": time.time(),
+            "label": label, "score": score, "comment": comment, "time": time.time(), "source": self.source,
         })
         return feedback_id
 
@@ -261,7 +266,12 @@ class Serving:
             "mean_entropy": f.confidence.mean_entropy if f else None,
             "min_top1_prob": f.confidence.min_top1_prob if f else None,
             "label_probabilities": out.scores,
+            "completion_chars": len(f.text) if f else 0,
+            "completion_sha256": hashlib.sha256(f.text.encode()).hexdigest() if f and f.text else "",
         }
+        if self.include_text:
+            event["prompt_text"] = out.prompt_text if out.prompt_chars else None
+            event["completion_text"] = f.text if f else None
         self.sink.publish(INFERENCE_TOPIC, event_key(out.model, out.version), event)
         m, labels = self.metrics, (out.model or "unknown", out.version or "unknown")
         m.requests.labels(*labels, out.method, out.status).inc()

@@ -63,11 +63,13 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 class ServerThread:
-    """An InferenceServer on loopback, in a thread with its own event loop."""
+    """An InferenceServer on loopback, in a thread with its own event loop. Its events go
+    to a MemorySink, or to Kafka where options.events names bootstrap servers (then
+    `sink` is the server's Publisher)."""
 
     def __init__(self, options: ServerOptions):
-        self.sink = MemorySink()
-        self.server = InferenceServer(options, sink=self.sink)
+        self.server = InferenceServer(options, sink=None if options.events.bootstrap_servers else MemorySink())
+        self.sink = self.server.sink
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -105,6 +107,16 @@ def start_server():
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """The embedded Kafka-compatible broker (Tansu), on a free loopback port. Tests that
+    stop or restart a broker start their own."""
+    from eventbus.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        yield broker
 
 
 @pytest.fixture(scope="session")

