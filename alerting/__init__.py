@@ -10,9 +10,11 @@ retries and per-receiver queues; Alertmanager's v2 API). core.py runs them on on
 loop with an injectable clock (clock.py); admin.py is the HTTP admin API
 (Alertmanager-compatible silences); cli.py holds the command-line entry points.
 
-What it may touch: nothing of the other services. It imports no other Vigil package; the
-service layer (vigil/, with eventbus/) converts vigil.signals records into `Signal`,
-publishes `StateChange` records to vigil.alerts, and persists `AlertingCore.snapshot()`.
+What it may touch: nothing of the other services. Only service.py (`vigil alerting`) imports
+eventbus/ and protos/: it converts vigil.signals records into `Signal`, publishes
+`StateChange` records to vigil.alerts, and persists `AlertingCore.snapshot()`, the
+notification log and silences on the compacted vigil.alerting.state topic. The other
+modules import no other Vigil package.
 Its network traffic is HTTP out to the configured webhooks and Alertmanagers, and HTTP in
 on the admin port.
 """

@@ -5,6 +5,10 @@
     vigil alerting silences create -m 'model="m"' [-m ...] --author A --comment C [--duration 2h | --ends-at T]
     vigil alerting silences list [--expired] [--json]
     vigil alerting silences expire ID...                                     -> silences_main
+    vigil alerting [--bootstrap-servers ... --rules FILE... --config FILE ...] -> run (the service)
+
+`add_parser(subparsers, option)` registers all of them under `vigil alerting` and `run(args)`
+runs what was asked (vigil/cli.py calls both).
 
 The silences commands talk to a running `vigil alerting` through its admin API
 (Alertmanager's v2 silences API): --url, or VIGIL_ALERTING_URL, default
@@ -30,13 +34,24 @@ from .vocabulary import DEFAULT
 DEFAULT_URL = "http://127.0.0.1:9095"
 
 
-def check_rules_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vigil alerting check-rules",
-                                description="Validate Vigil alerting rule files, as promtool check rules does.")
+CHECK_RULES = "Validate Vigil alerting rule files, as promtool check rules does."
+CHECK_CONFIG = "Validate the alerting configuration (routes, receivers, inhibitions)."
+SILENCES = "Create, list and expire silences."
+
+
+def _check_rules_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--detector", action="append", default=[], help="accept this detector name too")
     p.add_argument("--feature", action="append", default=[], help="accept this feature name too")
-    a = p.parse_args(argv)
+
+
+def check_rules_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vigil alerting check-rules", description=CHECK_RULES)
+    _check_rules_args(p)
+    return _check_rules(p.parse_args(argv))
+
+
+def _check_rules(a) -> int:
     vocab = DEFAULT.extended(a.detector, a.feature)
     failed = False
     for f in a.files:
@@ -53,10 +68,12 @@ def check_rules_main(argv: list[str] | None = None) -> int:
 
 
 def check_config_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vigil alerting check-config",
-                                description="Validate the alerting configuration (routes, receivers, inhibitions).")
+    p = argparse.ArgumentParser(prog="vigil alerting check-config", description=CHECK_CONFIG)
     p.add_argument("files", nargs="+", metavar="FILE")
-    a = p.parse_args(argv)
+    return _check_config(p.parse_args(argv))
+
+
+def _check_config(a) -> int:
     failed = False
     for f in a.files:
         print(f"Checking {f}")
@@ -90,7 +107,12 @@ def _api_matcher(m: dict) -> str:
 
 
 def silences_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vigil alerting silences", description="Create, list and expire silences.")
+    p = argparse.ArgumentParser(prog="vigil alerting silences", description=SILENCES)
+    _silences_args(p)
+    return _silences(p.parse_args(argv))
+
+
+def _silences_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=os.environ.get("VIGIL_ALERTING_URL", DEFAULT_URL),
                    help="admin API of vigil alerting (or an Alertmanager); env VIGIL_ALERTING_URL")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -107,7 +129,9 @@ def silences_main(argv: list[str] | None = None) -> int:
     ls.add_argument("--json", action="store_true")
     ex = sub.add_parser("expire", help="expire silences by id")
     ex.add_argument("ids", nargs="+")
-    a = p.parse_args(argv)
+
+
+def _silences(a) -> int:
     base = a.url.rstrip("/")
     try:
         if a.cmd == "create":
@@ -157,6 +181,93 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: vigil alerting {{{','.join(cmds)}}} ...", file=sys.stderr)
         return 2
     return cmds[argv[0]](argv[1:])
+
+
+# -- `vigil alerting`, wired into vigil/cli.py ------------------------------------------------
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_RULES = os.path.join(PACKAGE, "default_rules.yml")
+DEFAULT_CONFIG = os.path.join(PACKAGE, "default_config.yml")
+
+
+def add_parser(subparsers, option) -> argparse.ArgumentParser:
+    """`vigil alerting` (the service) and its subcommands. `option` is vigil.cli's helper
+    that also reads each option from VIGIL_<NAME>."""
+    p = subparsers.add_parser(
+        "alerting", help="run the alerting service, check rules and configuration, manage silences",
+        description="Without a subcommand: run the alerting service (signals from vigil.signals, alert "
+                    "state changes to vigil.alerts, notifications to webhooks and Alertmanagers; state kept "
+                    "on the compacted vigil.alerting.state topic). SIGHUP reloads rules and configuration, "
+                    "keeping the last good ones when the new ones are invalid.")
+    g = p.add_argument_group("service")
+    option(g, "--bootstrap-servers", default="127.0.0.1:9092", help="Kafka brokers, HOST:PORT[,HOST:PORT...]")
+    option(g, "--rules", nargs="+", default=[DEFAULT_RULES], metavar="FILE",
+           help="rule files (in VIGIL_RULES: separated by commas)")
+    option(g, "--config", default=DEFAULT_CONFIG, metavar="FILE",
+           help="routes, receivers (webhooks, Alertmanagers), inhibition rules")
+    option(g, "--admin-host", default="127.0.0.1", help="address of the admin API and /metrics")
+    option(g, "--admin-port", type=int, default=9095,
+           help="port of the admin API (Alertmanager v2 silences and alerts, /-/reload) and /metrics; 0: any free")
+    option(g, "--peer-position", type=int, default=0,
+           help="position in an HA group: 0 sends at once; N waits N x --peer-timeout, then sends only what "
+                "the shared notification log does not show as sent")
+    option(g, "--peer-timeout", type=float, default=15.0, help="seconds a standby waits per position")
+    option(g, "--instance", default="",
+           help="name of this instance's snapshot on vigil.alerting.state; default alerting-<peer position> "
+                "(keep it across restarts)")
+    option(g, "--webhook-secret-file", default="",
+           help="HMAC-SHA256 secret for webhooks whose configuration has no hmac_secret")
+    option(g, "--snapshot-interval", type=float, default=5.0,
+           help="seconds between state snapshots (also written soon after every change)")
+    option(g, "--topic-partitions", type=int, default=6, help="partitions of topics created at start-up")
+    sub = p.add_subparsers(dest="alerting_command", required=False, metavar="SUBCOMMAND")
+    _check_rules_args(sub.add_parser("check-rules", help="validate rule files", description=CHECK_RULES))
+    sub.add_parser("check-config", help="validate the configuration", description=CHECK_CONFIG).add_argument(
+        "files", nargs="+", metavar="FILE")
+    _silences_args(sub.add_parser("silences", help="create, list and expire silences", description=SILENCES))
+    return p
+
+
+def _files(value) -> list[str]:
+    if isinstance(value, str):  # from the environment
+        return [f.strip() for f in value.split(",") if f.strip()]
+    out = []
+    for v in value:
+        out.extend(_files(v) if "," in v else [v])
+    return out
+
+
+def run(args) -> int:
+    """Run what `vigil alerting ...` asked for; returns the exit code."""
+    cmd = getattr(args, "alerting_command", None)
+    if cmd == "check-rules":
+        return _check_rules(args)
+    if cmd == "check-config":
+        return _check_config(args)
+    if cmd == "silences":
+        return _silences(args)
+    import asyncio
+
+    from .rules import RuleLoadError
+    from .service import ServiceOptions, serve
+
+    options = ServiceOptions(
+        bootstrap_servers=args.bootstrap_servers, rule_files=_files(args.rules), config_file=args.config,
+        admin_host=args.admin_host, admin_port=args.admin_port, instance=args.instance,
+        peer_position=args.peer_position, peer_timeout=args.peer_timeout,
+        webhook_secret_file=args.webhook_secret_file, snapshot_interval=args.snapshot_interval,
+        topic_partitions=args.topic_partitions)
+    try:
+        asyncio.run(serve(options))
+    except RuleLoadError as e:
+        print(f"vigil alerting: refusing to start on invalid rules or configuration:\n{e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, LookupError) as e:
+        print(f"vigil alerting: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,8 +2,13 @@
 name. `check-rules` rejects a name that is not here (a typo in a rule would otherwise
 match nothing, silently).
 
-These are the names the stream processors publish on vigil.signals (issue 6): keep the
-two in step. A deployment with detectors of its own extends the vocabulary with
+These are the names the stream processors publish on vigil.signals (issue 6) and that
+protos/events.proto's Signal comments list: keep the three in step. Where two names are
+current for one thing, both are kept: a feature by its short name and by the
+InferenceEvent field it is read from (latency and total_seconds, ttft and
+first_token_seconds), ECE as `ece`/`ece_equal_mass` and as calibration.summary()'s
+`ece_width`/`ece_mass`, completion length as `completion_length` and quality.py's
+`mean_length`. A deployment with detectors of its own extends the vocabulary with
 `check-rules --detector NAME --feature NAME` or `Vocabulary.extended(...)`.
 """
 
@@ -12,12 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DETECTORS = frozenset({
-    # drift detectors
+    # drift detectors (stream_processors/detectors/*.py `name`), and the trend test (trend.py)
     "adwin", "ks", "psi", "page_hinkley", "chi2", "mann_kendall",
     # quality against the version's baseline (z-scores)
     "zscore",
     # windowed measurements (statistic = the measured value)
     "ece", "ece_equal_mass", "brier", "accuracy", "error_rate", "quantile",
+    # calibration.py summary() names
+    "ece_width", "ece_mass",
+    # latency quantiles as stream_processors/processor.py names them (feature total_seconds
+    # or first_token_seconds, statistic the quantile in seconds)
+    "p50", "p95", "p99",
 })
 
 FEATURES = frozenset({
@@ -25,9 +35,10 @@ FEATURES = frozenset({
     "latency", "ttft", "error", "finish_reason",
     # the inference event's own field names for the same measurements
     "total_seconds", "first_token_seconds", "queue_seconds",
-    "distinct_1", "distinct_2", "token_entropy", "completion_length",
+    # quality.py METRICS (mean_length is its name for completion_length)
+    "distinct_1", "distinct_2", "token_entropy", "completion_length", "mean_length",
     "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95", "ttft_p99",
-    "confidence", "label",
+    "confidence", "label", "top_label_prob",
 })
 
 # Feature names with a free suffix (Classify's probability of a label).
@@ -39,10 +50,11 @@ METRICS = {
     "ece": {"detector": "ece", "aggregate": "last"},
     "brier": {"detector": "brier", "aggregate": "last"},
     "accuracy": {"detector": "accuracy", "aggregate": "last"},
-    "latency_p50": {"detector": "quantile", "feature": "latency_p50", "aggregate": "max"},
-    "latency_p95": {"detector": "quantile", "feature": "latency_p95", "aggregate": "max"},
-    "latency_p99": {"detector": "quantile", "feature": "latency_p99", "aggregate": "max"},
-    "ttft_p99": {"detector": "quantile", "feature": "ttft_p99", "aggregate": "max"},
+    # latency quantiles as stream_processors/processor.py publishes them
+    "latency_p50": {"detector": "p50", "feature": "total_seconds", "aggregate": "max"},
+    "latency_p95": {"detector": "p95", "feature": "total_seconds", "aggregate": "max"},
+    "latency_p99": {"detector": "p99", "feature": "total_seconds", "aggregate": "max"},
+    "ttft_p99": {"detector": "p99", "feature": "first_token_seconds", "aggregate": "max"},
 }
 
 AGGREGATES = ("last", "mean", "max", "min", "sum", "count")

@@ -16,9 +16,17 @@ SIGNALS = "vigil.signals"
 ALERTS = "vigil.alerts"
 ROLLOUT = "vigil.rollout"
 DEADLETTER = "vigil.deadletter"
+# vigil alerting's own state (JSON values, not events): "snapshot/<instance>" (alerts, timers,
+# read offsets of vigil.signals), "nflog/<group key>/<receiver>" and "silence/<id>", which every
+# instance of an HA pair reads and merges, so each notification goes out once.
+ALERTING_STATE = "vigil.alerting.state"
+# vigil process's checkpoints (zlib-compressed JSON, not events): "<group>/<partition>" -> the
+# state of that partition number of vigil.inference.events and vigil.feedback, with the next
+# offset of each, so a restart or rebalance resumes exactly where the state stands.
+CHECKPOINTS = "vigil.checkpoints"
 
 ALL = (INFERENCE, FEEDBACK, SIGNALS, ALERTS, ROLLOUT, DEADLETTER)
-COMPACTED = frozenset({ROLLOUT})  # a consumer wants the latest state per key, not the history
+COMPACTED = frozenset({ROLLOUT, ALERTING_STATE, CHECKPOINTS})  # a consumer wants the latest state per key, not the history
 
 
 def model_key(model: str, version: str) -> str:

@@ -24,6 +24,7 @@ from inference.events import EventSink, MemorySink, to_message
 from inference.kserve import KServeService
 from inference.llm_service import LLMService
 from inference.metrics import ServerMetrics
+from inference.rollout_follower import RolloutFollower
 from inference.router import Router
 from inference.serving import Limits, Serving
 from inference.versions import EngineOptions, VersionManager
@@ -84,6 +85,7 @@ class InferenceServer:
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.metrics_http = None
+        self.follower: RolloutFollower | None = None  # follows vigil.rollout when events go to Kafka
         self.port = 0
         self.metrics_port = 0
 
@@ -110,6 +112,9 @@ class InferenceServer:
                 self.publisher.options = dataclasses.replace(
                     self.publisher.options, outbox_dir=str(cache_dir() / "outbox" / f"{o.host}-{self.port}"))
             await self.publisher.start()
+        if o.events.bootstrap_servers:  # the latest rollout state is applied before serving
+            self.follower = RolloutFollower(self.router, o.events.bootstrap_servers)
+            await self.follower.start()
         await server.start()
         self.grpc = server
         for name in ("", *SERVICE_NAMES):
@@ -124,6 +129,8 @@ class InferenceServer:
             await self.grpc.stop(grace)
         if self.metrics_http:
             self.metrics_http.shutdown()
+        if self.follower is not None:
+            await self.follower.stop()
         await asyncio.to_thread(self.versions.stop)
         if self.publisher is not None:
             await self.publisher.stop()

@@ -54,6 +54,7 @@ class RolloutPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLLOUT_PHASE_PROMOTED: _ClassVar[RolloutPhase]
     ROLLOUT_PHASE_ROLLED_BACK: _ClassVar[RolloutPhase]
     ROLLOUT_PHASE_BLUE_GREEN: _ClassVar[RolloutPhase]
+    ROLLOUT_PHASE_FAILED: _ClassVar[RolloutPhase]
 ROUTE_UNSPECIFIED: Route
 ROUTE_STABLE: Route
 ROUTE_CANARY: Route
@@ -84,6 +85,7 @@ ROLLOUT_PHASE_PAUSED: RolloutPhase
 ROLLOUT_PHASE_PROMOTED: RolloutPhase
 ROLLOUT_PHASE_ROLLED_BACK: RolloutPhase
 ROLLOUT_PHASE_BLUE_GREEN: RolloutPhase
+ROLLOUT_PHASE_FAILED: RolloutPhase
 
 class Confidence(_message.Message):
     __slots__ = ("mean_logprob", "mean_entropy", "min_top1_prob")
@@ -278,7 +280,7 @@ class VersionWeight(_message.Message):
     def __init__(self, version: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class RolloutState(_message.Message):
-    __slots__ = ("event_id", "time", "source", "model", "stable_version", "candidate_version", "weights", "shadow_versions", "phase", "strategy", "step", "reason", "generation")
+    __slots__ = ("event_id", "time", "source", "model", "stable_version", "candidate_version", "weights", "shadow_versions", "phase", "strategy", "step", "reason", "generation", "controller_state", "figures_json", "attention", "flags_json")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +294,10 @@ class RolloutState(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_STATE_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_JSON_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_JSON_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     time: _timestamp_pb2.Timestamp
     source: str
@@ -305,7 +311,11 @@ class RolloutState(_message.Message):
     step: int
     reason: str
     generation: int
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., stable_version: _Optional[str] = ..., candidate_version: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow_versions: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., strategy: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    controller_state: str
+    figures_json: str
+    attention: bool
+    flags_json: str
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., stable_version: _Optional[str] = ..., candidate_version: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow_versions: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., strategy: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., controller_state: _Optional[str] = ..., figures_json: _Optional[str] = ..., attention: _Optional[bool] = ..., flags_json: _Optional[str] = ...) -> None: ...
 
 class Header(_message.Message):
     __slots__ = ("key", "value")

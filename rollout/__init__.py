@@ -9,9 +9,9 @@ the inference router calls to evaluate them (flags.py); conversions from and to 
 protobuf messages of protos/events.proto (wire.py); the `vigil rollout` commands
 (cli.py). records.py holds the observation and decision records and the clocks.
 
-What it may touch: nothing of the other services, and no Kafka or network. It imports
-only protos/ (in wire.py, lazily) and scipy. The service layer (vigil/, with eventbus/)
-feeds `Controller.observe` from vigil.inference.events, vigil.feedback, vigil.signals and
+What it may touch: nothing of the other services. The controller core imports only
+protos/ (in wire.py, lazily) and scipy, and does no I/O. service.py (the `vigil rollout`
+service, with eventbus/ and aiohttp) feeds `Controller.observe` from vigil.inference.events, vigil.feedback, vigil.signals and
 vigil.alerts, calls `Controller.tick` on a timer, publishes each returned Decision on
 vigil.rollout, and on start-up resumes with `Controller.from_records` from the latest
 record per model (each Decision carries the model's whole state in `state`).

@@ -155,11 +155,12 @@ def latency(c: Window, s: Window, t: Thresholds) -> Check:
     p, r = _mwu(cv, sv, "greater")
     mc, ms = float(_median(cv)), float(_median(sv))
     ratio = mc / ms if ms > 0 else (1.0 if mc == 0 else math.inf)
-    bad = p < t.alpha and ratio > t.latency_ratio
+    bad = p < t.alpha and ratio > t.latency_ratio and mc - ms > t.latency_margin
     figs = {"candidate_median": _r(mc), "stable_median": _r(ms), "ratio": _r(ratio), "p": _r(p),
             "candidate_n": len(cv), "stable_n": len(sv)}
     return Check("latency", FAIL if bad else PASS,
-                 f"median {mc:.4g}s vs {ms:.4g}s (x{ratio:.2f}, limit x{t.latency_ratio:g}), "
+                 f"median {mc:.4g}s vs {ms:.4g}s (x{ratio:.2f}, limit x{t.latency_ratio:g} "
+                 f"and +{t.latency_margin:g}s), "
                  f"Mann-Whitney p={p:.2g}", figs)
 
 

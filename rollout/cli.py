@@ -40,12 +40,33 @@ def _plain(r):
 
 
 class LocalApi:
-    def __init__(self, controller: Controller | None = None):
+    """`register_candidates`: `start` makes its candidate known (the service does this: a
+    candidate at weight 0 sends no event before its rollout starts). Without it, an
+    unknown candidate is an error naming the field."""
+
+    def __init__(self, controller: Controller | None = None, register_candidates: bool = False):
         self.controller = controller or Controller()
+        self.register_candidates = register_candidates
 
     def call(self, op: str, **kw):
         if op not in OPS:
             raise RolloutError("op", f"{op!r} is not one of {', '.join(OPS)}")
+        if op == "start":  # the candidate (and, for a model not seen yet, its stable version) become known
+            kw = dict(kw)
+            stable = kw.pop("stable", None) or ""
+            model, cand, c = kw.get("model", ""), kw.get("candidate", ""), self.controller
+            if not model:
+                raise RolloutError("model", "is empty")
+            if not cand:
+                raise RolloutError("candidate", "is empty")
+            if model not in c.models and not stable:
+                raise RolloutError("model", f"unknown model {model!r}" + (
+                    ": no event of it seen yet; name its stable version (--stable)" if self.register_candidates else ""))
+            if model in c.models:
+                if self.register_candidates:
+                    c.register(model, cand)
+            else:
+                c.register(model, stable, cand, stable=stable)
         if op == "register":  # versions travel as a list
             return _plain(self.controller.register(kw["model"], *kw.get("versions", ()), stable=kw.get("stable", "")))
         return _plain(getattr(self.controller, op)(**kw))
@@ -66,6 +87,33 @@ class FileApi(LocalApi):
         return r
 
 
+class HttpApi:
+    """The admin API of a running `vigil rollout` service: POST <url>/api/<op>."""
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        self.url, self.timeout = url.rstrip("/"), timeout
+
+    def call(self, op: str, **kw):
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.url}/api/{op}", data=json.dumps(kw).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            try:
+                body = json.loads(e.read())
+            except ValueError:
+                body = {"error": f"HTTP {e.code}", "field": ""}
+            if body.get("field"):
+                raise RolloutError(body["field"], body["error"].removeprefix(f"{body['field']}: ")) from None
+            raise RolloutError("url", f"{self.url}: {body.get('error')}") from None
+        except OSError as e:
+            raise RolloutError("url", f"cannot reach the rollout service at {self.url}: {e}") from None
+
+
 def parse_steps(text: str) -> list[float]:
     out = []
     for part in text.split(","):
@@ -81,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=os.environ.get("VIGIL_ROLLOUT_STATE", DEFAULT_STATE),
                    help="controller state file for the in-process controller [env VIGIL_ROLLOUT_STATE] "
                         "(default: %(default)s)")
-    sub = p.add_subparsers(dest="command", required=True)
+    add_commands(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def add_commands(sub) -> None:
     s = sub.add_parser("start", help="start a rollout of a candidate version")
     s.add_argument("model")
     s.add_argument("--candidate", required=True, metavar="VERSION")
@@ -92,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inconclusive-limit", type=int, help="inconclusive analyses in a row before pausing")
     s.add_argument("--failure-limit", type=int, help="failed analyses tolerated before rolling back")
     s.add_argument("--keep-old-for", type=float, help="blue/green: seconds the old version stays loaded")
+    s.add_argument("--stable", help="the stable version, when the controller has seen no event of the model yet")
     st = sub.add_parser("status", help="phase, weights and last reason")
     st.add_argument("model", nargs="?")
     st.add_argument("--json", action="store_true")
@@ -106,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model")
     r.add_argument("versions", nargs="+", metavar="VERSION")
     r.add_argument("--stable", default="")
-    return p
 
 
 def _pct(w: float) -> str:
@@ -136,29 +188,111 @@ def show_history(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None, api=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        api = api or FileApi(a.state)
-        if a.command == "start":
+        return execute(a, api or FileApi(a.state))
+    except RolloutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def execute(a, api, command: str | None = None) -> int:
+    command = command or a.command
+    try:
+        if command == "start":
             kw = {"min_requests": a.min_requests, "interval": a.interval, "inconclusive_limit": a.inconclusive_limit,
-                  "failure_limit": a.failure_limit, "keep_old_for": a.keep_old_for}
+                  "failure_limit": a.failure_limit, "keep_old_for": a.keep_old_for,
+                  "stable": getattr(a, "stable", None)}
             d = api.call("start", model=a.model, candidate=a.candidate, strategy=a.strategy,
                          steps=parse_steps(a.steps) if a.steps else None, **{k: v for k, v in kw.items() if v is not None})
             print(show_status(d))
-        elif a.command == "status":
+        elif command == "status":
             models = [a.model] if a.model else api.call("list_models")
             found = [api.call("status", model=m) for m in models]
             print(json.dumps(found if not a.model else found[0], indent=2) if a.json
                   else "\n".join(show_status(d) for d in found) or "no models")
-        elif a.command == "history":
+        elif command == "history":
             rows = api.call("history", model=a.model)
             print(json.dumps(rows, indent=2) if a.json else show_history(rows))
-        elif a.command == "register":
+        elif command == "register":
             d = api.call("register", model=a.model, versions=a.versions, stable=a.stable)
             print(show_status(api.call("status", model=a.model)) if d is None else show_status(d))
         else:
-            print(show_status(api.call(a.command, model=a.model)))
+            print(show_status(api.call(command, model=a.model)))
     except RolloutError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+DEFAULT_URL = "http://127.0.0.1:8004"
+
+
+def add_parser(subparsers, option) -> argparse.ArgumentParser:
+    """`vigil rollout` (the controller service) and its commands, on the `vigil` parser.
+    `option` is vigil.cli.option (flags with VIGIL_* environment defaults)."""
+    from .config import RolloutConfig
+
+    p = subparsers.add_parser(
+        "rollout", help="run the rollout controller, or talk to it",
+        description="Without a command: run the rollout controller (consumes vigil.inference.events, "
+                    "vigil.feedback, vigil.signals, vigil.alerts; publishes decisions on vigil.rollout; one "
+                    "leader among instances of the same --group-id). With a command: ask the running "
+                    "controller through its admin API (--url).")
+    g = p.add_argument_group("controller service")
+    option(g, "--bootstrap-servers", default="127.0.0.1:9092", help="Kafka brokers, HOST:PORT[,HOST:PORT...]")
+    option(g, "--host", env="VIGIL_ROLLOUT_HOST", default="127.0.0.1", help="address of the admin API")
+    option(g, "--admin-port", type=int, default=8004, help="admin API and /metrics port; 0 picks a free port")
+    option(g, "--group-id", env="VIGIL_ROLLOUT_GROUP_ID", default="vigil-rollout",
+           help="consumer group of the leader lease; instances in one group elect one leader")
+    option(g, "--tick", env="VIGIL_ROLLOUT_TICK", type=float, default=1.0, help="seconds between analyses checks")
+    option(g, "--session-timeout-ms", env="VIGIL_ROLLOUT_SESSION_TIMEOUT_MS", type=int, default=6000,
+           help="a leader that stops answering is replaced after this long")
+    option(g, "--outbox-dir", env="VIGIL_ROLLOUT_OUTBOX_DIR", default="",
+           help="where decisions wait while the broker is unreachable; empty: <cache>/outbox/rollout-<instance>")
+    d = RolloutConfig()
+    option(g, "--default-min-requests", type=int, default=d.min_requests,
+           help="candidate requests an analysis needs, for rollouts started without --min-requests")
+    option(g, "--default-interval", type=float, default=d.interval,
+           help="seconds between analyses, for rollouts started without --interval")
+    option(p.add_argument_group("commands"), "--url", env="VIGIL_ROLLOUT_URL", default=DEFAULT_URL,
+           help="admin API of the running controller")
+    sub = p.add_subparsers(dest="rollout_command", required=False, metavar="COMMAND")
+    add_commands(sub)
+    for c in sub.choices.values():  # `vigil rollout status --url ...` as well as `vigil rollout --url ... status`
+        c.add_argument("--url", default=argparse.SUPPRESS, help="admin API of the running controller")
+    return p
+
+
+def run(args) -> int:
+    if args.rollout_command:
+        return execute(args, HttpApi(args.url), args.rollout_command)
+    import asyncio
+    import signal
+
+    from .config import RolloutConfig
+    from .service import ServiceOptions, run as run_service
+
+    async def until_signalled():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+    try:
+        defaults = RolloutConfig(min_requests=args.default_min_requests, interval=args.default_interval)
+        options = ServiceOptions(bootstrap_servers=args.bootstrap_servers, host=args.host,
+                                 admin_port=args.admin_port, group_id=args.group_id, tick=args.tick,
+                                 session_timeout_ms=args.session_timeout_ms, outbox_dir=args.outbox_dir,
+                                 defaults=defaults)
+        asyncio.run(run_service(options, until_signalled))
+    except RolloutError as e:
+        print(f"vigil rollout: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"vigil rollout: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -24,6 +24,8 @@ class Thresholds:
     min_samples: int = 20            # per version, for a distribution or error test
     error_margin: float = 0.01       # absolute rise of the error rate that matters
     latency_ratio: float = 1.10      # candidate median latency / stable median latency
+    latency_margin: float = 0.005    # seconds: a rise of the median below this never fails (ratios of
+                                     # millisecond latencies swing with load, not with the version)
     confidence_effect: float = 0.2   # |rank-biserial correlation| of the confidence distributions
     min_feedback: int = 30           # per version, for calibration
     ece_margin: float = 0.05         # rise of expected calibration error
@@ -105,6 +107,7 @@ def validate(c: RolloutConfig) -> None:
     for name in ("error_margin", "confidence_effect", "ece_margin", "accuracy_margin"):
         _finite(f"thresholds.{name}", getattr(t, name))
     _finite("thresholds.latency_ratio", t.latency_ratio, 1.0)
+    _finite("thresholds.latency_margin", t.latency_margin)
     for k, w in t.weights.items():
         _finite(f"thresholds.weights.{k}", w)
     _finite("thresholds.marginal_score", t.marginal_score)

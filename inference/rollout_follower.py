@@ -1,0 +1,98 @@
+"""The server side of rollouts: follow vigil.rollout and serve what it says.
+
+At start the follower reads the compacted topic to its end and applies the latest
+RolloutState of each model it serves, before the server takes requests; then it applies
+each new record as it comes. Weights are applied with Router.set_weights, one dict
+replaced at once on the server's event loop, so a request is routed either by the old
+weights or by the new ones, never by a mix.
+
+A record may name versions this server has not loaded (the record carries no source to
+load them from): they are left out, with a warning, and the remaining weights are used
+(all traffic on the loaded versions); if no loaded version keeps a positive weight the
+record is skipped. The latest record per model is kept, and applied again when the set of
+loaded versions changes (a version loaded later through the admin API gets its share).
+Shadow versions and feature flags in the record are not acted on here yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from eventbus import topics
+from eventbus.consumer import Received
+from eventbus.state import TopicReader
+from inference.router import Router
+
+log = logging.getLogger(__name__)
+
+
+class RolloutFollower:
+    def __init__(self, router: Router, bootstrap_servers: str, topic: str = topics.ROLLOUT,
+                 recheck: float = 0.5):
+        self.router = router
+        self.reader = TopicReader(bootstrap_servers, topic, client_id="vigil-inference-rollout")
+        self.recheck = recheck
+        self.desired: dict[str, object] = {}      # model -> latest RolloutState
+        self.applied: dict[str, tuple] = {}       # model -> (generation, loaded versions) last applied
+        self.warned: set[tuple[str, str]] = set()
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        latest: dict[str, object] = {}
+        for r in await self.reader.start():
+            if r.message is not None and r.message.model:
+                latest[r.message.model] = r.message  # log order: later records win
+        for msg in latest.values():
+            self.take(msg)
+        self.tasks = [self.reader.follow(self.on_record), asyncio.create_task(self.watch_versions())]
+
+    async def stop(self) -> None:
+        for t in self.tasks[1:]:
+            t.cancel()
+        await self.reader.stop()
+        self.tasks = []
+
+    def on_record(self, r: Received) -> None:
+        if r.message is None:
+            log.warning("vigil.rollout %d@%d undecodable: %s", r.partition, r.offset, r.error)
+        elif r.message.model:
+            self.take(r.message)
+
+    def take(self, msg) -> None:
+        self.desired[msg.model] = msg
+        self.apply(msg.model)
+
+    async def watch_versions(self) -> None:
+        while True:
+            await asyncio.sleep(self.recheck)
+            for model in list(self.desired):
+                if self.applied.get(model, (None, None))[1] != self.loaded(model):
+                    self.apply(model)
+
+    def loaded(self, model: str) -> tuple:
+        return tuple(sorted(self.router.versions.get(model, {})))
+
+    def apply(self, model: str) -> dict[str, float] | None:
+        msg = self.desired[model]
+        loaded = self.loaded(model)
+        self.applied[model] = (msg.generation, loaded)
+        if not loaded:
+            return None  # not served here
+        weights = {}
+        for vw in msg.weights:
+            if vw.version in loaded:
+                weights[vw.version] = vw.weight
+            elif (model, vw.version) not in self.warned:
+                self.warned.add((model, vw.version))
+                log.warning("rollout of %s names version %s, which this server has not loaded; "
+                            "its share goes to the loaded versions", model, vw.version)
+        if sum(weights.values()) <= 0:
+            log.warning("rollout of %s generation %d gives no traffic to a loaded version (%s); not applied",
+                        model, msg.generation, ", ".join(loaded))
+            return None
+        total = sum(weights.values())
+        new = self.router.set_weights(model, {v: w / total for v, w in weights.items()})
+        log.info("rollout of %s generation %d: weights %s (%s)", model, msg.generation,
+                 ", ".join(f"{v} {w:.0%}" for v, w in sorted(new.items())), msg.reason)
+        return new

@@ -1,0 +1,346 @@
+"""`vigil rollout`: the controller as a service on Kafka.
+
+- Observations: vigil.inference.events, vigil.feedback, vigil.signals and vigil.alerts,
+  every partition from the end (no consumer group), into Controller.observe.
+- Time: Controller.tick() every `tick` seconds.
+- Decisions: every change of a model's state (a command, an analysis, an alert, a model
+  first seen) is published on vigil.rollout as a RolloutState keyed by the model, with the
+  model's whole controller state in it.
+- Leadership: every instance joins one consumer group on the single-partition topic
+  vigil.rollout.lease; the instance that holds partition 0 is the leader and the only one
+  that observes, ticks, takes commands and publishes. On becoming leader it reads
+  vigil.rollout to its end and resumes with Controller.from_records, so a restarted
+  controller, or a standby taking over, goes on from the last decision. On losing the
+  partition (or stopping) it flushes its decisions first, so the next leader reads them.
+  Observations between the last decision and a takeover are not seen by the new leader;
+  a step's window then restarts from what was recorded.
+- Admin API (aiohttp) on --admin-port: POST /api/<op> with the arguments as a JSON object
+  (ops of rollout.cli.OPS; `start` also registers the candidate, and the model with
+  `stable` when no event of it has been seen); GET /healthz; GET /metrics. A standby
+  answers 503 naming itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, CONTENT_TYPE_LATEST
+
+from eventbus import compat, topics
+from eventbus.consumer import decode
+from eventbus.publisher import Publisher, PublisherOptions
+from eventbus.state import TopicReader, stop_consumer
+
+from . import wire
+from .cli import OPS, LocalApi, _plain
+from .config import RolloutConfig
+from .controller import Controller
+from .records import RolloutError
+
+log = logging.getLogger("vigil.rollout")
+compat.install()
+
+LEASE_TOPIC = "vigil.rollout.lease"
+OBSERVED = (topics.INFERENCE, topics.FEEDBACK, topics.SIGNALS, topics.ALERTS)
+
+
+@dataclass
+class ServiceOptions:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    host: str = "127.0.0.1"
+    admin_port: int = 8004          # 0: any free port
+    group_id: str = "vigil-rollout"
+    tick: float = 1.0               # seconds between Controller.tick() calls
+    session_timeout_ms: int = 6000  # a leader that vanishes is replaced after about this long
+    outbox_dir: str = ""            # empty: <cache>/outbox/rollout-<instance>
+    instance: str = ""              # empty: <host>-<pid>
+    defaults: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.leader = Gauge("vigil_rollout_leader", "1 while this instance decides", registry=r)
+        self.decisions = Counter("vigil_rollout_decisions_total", "decisions published", ["model", "phase"],
+                                 registry=r)
+        self.observations = Counter("vigil_rollout_observations_total", "records observed", ["topic"], registry=r)
+        self.weight = Gauge("vigil_rollout_weight", "desired traffic share", ["model", "version"], registry=r)
+        self.step = Gauge("vigil_rollout_step", "canary step index", ["model"], registry=r)
+
+
+class RolloutService:
+    def __init__(self, options: ServiceOptions):
+        o = self.options = options
+        self.instance = o.instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = Metrics()
+        self.controller: Controller | None = None  # only while leader
+        self.suspended: Controller | None = None   # ours before a rebalance took the lease away
+        self.published: dict[str, int] = {}        # model -> last generation published
+        self.join = wire.FeedbackJoin()
+        self.publisher: Publisher | None = None
+        self.lease: AIOKafkaConsumer | None = None
+        self.observer: AIOKafkaConsumer | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.lock = asyncio.Lock()
+        self.runner: web.AppRunner | None = None
+        self.admin_port = 0
+        self.became_leader = asyncio.Event()
+
+    @property
+    def leader(self) -> bool:
+        return self.controller is not None
+
+    # ---- life -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        o = self.options
+        if not o.outbox_dir:
+            from inference.demo import cache_dir  # only for the default folder's location
+            o.outbox_dir = str(cache_dir() / "outbox" / f"rollout-{self.instance}")
+        self.publisher = Publisher(PublisherOptions(
+            bootstrap_servers=o.bootstrap_servers, outbox_dir=o.outbox_dir, source=f"vigil-rollout/{self.instance}",
+            client_id="vigil-rollout", publish_timeout_ms=3000))
+        await self.publisher.start()
+        await self._ensure_lease_topic()
+        self.observer = AIOKafkaConsumer(bootstrap_servers=o.bootstrap_servers, group_id=None,
+                                         enable_auto_commit=False, client_id=f"vigil-rollout-{self.instance}")
+        await self.observer.start()
+        tps = []
+        for t in OBSERVED:
+            for _ in range(50):
+                if ps := self.observer.partitions_for_topic(t):
+                    break
+                await self.observer.topics()
+                await asyncio.sleep(0.2)
+            tps += [TopicPartition(t, p) for p in sorted(ps or ())]
+        self.observer.assign(tps)
+        self.observer.pause(*tps)  # read only while leader
+        await self._serve_admin()
+        self.lease = AIOKafkaConsumer(
+            bootstrap_servers=o.bootstrap_servers, group_id=o.group_id, enable_auto_commit=False,
+            client_id=f"vigil-rollout-lease-{self.instance}", session_timeout_ms=o.session_timeout_ms,
+            heartbeat_interval_ms=max(100, o.session_timeout_ms // 10), rebalance_timeout_ms=3000,
+            max_poll_interval_ms=max(10000, o.session_timeout_ms * 2))
+        self.lease.subscribe([LEASE_TOPIC], listener=_Lease(self))
+        await self.lease.start()
+        self.tasks = [asyncio.create_task(self._poll_lease(), name="rollout-lease"),
+                      asyncio.create_task(self._observe(), name="rollout-observe"),
+                      asyncio.create_task(self._tick(), name="rollout-tick")]
+        log.info("vigil rollout %s: admin API on http://%s:%d, waiting for the lease on %s",
+                 self.instance, o.host, self.admin_port, LEASE_TOPIC)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks = []
+        await self._step_down("stopping")
+        if self.lease is not None:
+            await stop_consumer(self.lease)  # leaves the group: a standby takes over at once
+        if self.observer is not None:
+            await stop_consumer(self.observer)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.publisher is not None:
+            await self.publisher.stop()
+
+    async def _ensure_lease_topic(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.options.bootstrap_servers, client_id="vigil-rollout")
+        await admin.start()
+        try:
+            if LEASE_TOPIC not in await admin.list_topics():
+                await admin.create_topics([NewTopic(LEASE_TOPIC, 1, 1)])  # another instance may win the race
+        finally:
+            await admin.close()
+
+    async def _poll_lease(self) -> None:
+        while True:  # nothing is written there; polling keeps the membership alive
+            await self.lease.getmany(timeout_ms=500)
+
+    # ---- leadership -----------------------------------------------------------------
+
+    async def _take_over(self) -> None:
+        async with self.lock:
+            if self.leader:
+                return
+            reader = TopicReader(self.options.bootstrap_servers, topics.ROLLOUT, client_id="vigil-rollout-resume")
+            try:
+                records = [wire.decision_dict(r.message) for r in await reader.start() if r.message is not None]
+            finally:
+                await reader.stop()
+            tps = list(self.observer.assignment())
+            await self.observer.seek_to_end(*tps)
+            self.observer.resume(*tps)
+            latest = {}
+            for d in records:
+                latest[d["model"]] = max(latest.get(d["model"], 0), d["generation"])
+            c = self.suspended
+            if c is None or latest != {n: g for n, g in self.published.items() if g}:
+                c = Controller.from_records(records, defaults=self.options.defaults)
+            # else: the lease came back and nobody decided meanwhile: keep the windows in memory
+            self.suspended = None
+            self.published = {n: m.generation for n, m in c.models.items()}
+            self.controller = c
+            self.metrics.leader.set(1)
+            self.became_leader.set()
+            log.info("%s is the leader: resumed %d models from %d records on %s", self.instance,
+                     len(c.models), len(records), topics.ROLLOUT)
+            for n, m in c.models.items():
+                log.info("  %s: %s, stable %s%s, generation %d", n, m.phase, m.stable,
+                         f", candidate {m.candidate} step {m.step}" if m.candidate else "", m.generation)
+
+    async def _step_down(self, why: str) -> None:
+        async with self.lock:
+            if not self.leader:
+                return
+            self.suspended, self.controller = self.controller, None
+            self.metrics.leader.set(0)
+            self.became_leader.clear()
+            if self.observer is not None:
+                self.observer.pause(*self.observer.assignment())
+            if self.publisher is not None:
+                await self.publisher.flush(5.0)  # the next leader must read every decision made
+            log.info("%s is no longer the leader (%s)", self.instance, why)
+
+    # ---- work -----------------------------------------------------------------------
+
+    async def _observe(self) -> None:
+        while True:
+            if not self.leader:
+                await asyncio.sleep(0.1)
+                continue
+            batches = await self.observer.getmany(timeout_ms=200)
+            async with self.lock:
+                if not self.leader:
+                    continue
+                for records in batches.values():
+                    for rec in records:
+                        self._observe_one(decode(rec))
+                self._publish_changes()
+
+    def _observe_one(self, r) -> None:
+        if r.message is None:
+            return
+        self.metrics.observations.labels(r.topic).inc()
+        c, obs = self.controller, None
+        if r.topic == topics.INFERENCE:
+            self.join.remember(r.message)
+            obs = wire.outcome(r.message)
+        elif r.topic == topics.FEEDBACK:
+            obs = self.join.join(r.message)
+        elif r.topic == topics.SIGNALS:
+            obs = wire.drift_signal(r.message)
+        elif r.topic == topics.ALERTS:
+            obs = wire.alert(r.message)
+        if obs is not None:
+            c.observe(obs)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.tick)
+            async with self.lock:
+                if self.leader:
+                    self.controller.tick()
+                    self._publish_changes()
+
+    def _publish_changes(self) -> None:
+        """Every model whose generation moved since it was last published: one record with
+        its latest state (decisions are cumulative, so the latest carries everything)."""
+        for name, m in self.controller.models.items():
+            if m.generation > self.published.get(name, 0):
+                d = self.controller._decision(m)
+                self.publisher.publish(topics.ROLLOUT, name, wire.rollout_state(d, source=f"vigil-rollout/{self.instance}"))
+                self.published[name] = m.generation
+                self.metrics.decisions.labels(name, d.phase).inc()
+                self.metrics.step.labels(name).set(d.step)
+                for v in m.versions:
+                    self.metrics.weight.labels(name, v).set(d.weights.get(v, 0.0))
+                log.info("%s generation %d: %s; weights %s; %s", name, d.generation, d.phase,
+                         ", ".join(f"{v} {w:.0%}" for v, w in d.weights.items()), d.reason)
+
+    # ---- admin API ------------------------------------------------------------------
+
+    async def command(self, op: str, kw: dict):
+        if op not in OPS:
+            raise RolloutError("op", f"{op!r} is not one of {', '.join(OPS)}")
+        async with self.lock:
+            if not self.leader:
+                raise NotLeader(self.instance)
+            c = self.controller
+            result = LocalApi(c, register_candidates=True).call(op, **kw)
+            self._publish_changes()
+            return _plain(result)
+
+    async def _serve_admin(self) -> None:
+        app = web.Application()
+
+        async def api(request: web.Request) -> web.Response:
+            op = request.match_info["op"]
+            try:
+                kw = await request.json() if request.can_read_body else {}
+                if not isinstance(kw, dict):
+                    raise RolloutError("body", "must be a JSON object")
+                return web.json_response(await self.command(op, kw))
+            except NotLeader as e:
+                return web.json_response({"error": str(e), "field": ""}, status=503)
+            except RolloutError as e:
+                return web.json_response({"error": str(e), "field": e.field}, status=400)
+            except (TypeError, KeyError, ValueError) as e:
+                return web.json_response({"error": f"bad request: {e}", "field": ""}, status=400)
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"instance": self.instance, "leader": self.leader})
+
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_post("/api/{op}", api)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.options.host, self.options.admin_port)
+        await site.start()
+        self.admin_port = site._server.sockets[0].getsockname()[1]
+
+
+class NotLeader(RuntimeError):
+    def __init__(self, instance: str):
+        super().__init__(f"{instance} is a standby, not the leader; ask the leader")
+
+
+class _Lease(ConsumerRebalanceListener):
+    def __init__(self, service: RolloutService):
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked):
+        if revoked:
+            await self.service._step_down("lease revoked")
+
+    async def on_partitions_assigned(self, assigned):
+        if assigned:
+            try:
+                await self.service._take_over()
+            except Exception:
+                log.exception("taking over the rollout state failed")
+
+
+async def run(options: ServiceOptions, until) -> None:
+    s = RolloutService(options)
+    await s.start()
+    print(f"vigil rollout {s.instance}: admin API on http://{options.host}:{s.admin_port} "
+          f"(/api/<op>, /healthz, /metrics), Kafka at {options.bootstrap_servers}", flush=True)
+    try:
+        await until()
+    finally:
+        await s.stop()

@@ -1,0 +1,74 @@
+"""`vigil process`: options and entry. vigil/cli.py registers it with
+``add_parser(subparsers, option)`` and calls ``run(args)``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from stream_processors.processor import Settings
+
+
+def add_parser(subparsers, option):
+    p = subparsers.add_parser(
+        "process", help="run a stream processor (consumer group) over the event topics",
+        description="Consume vigil.inference.events and vigil.feedback in a consumer group, run drift, "
+                    "calibration, quality and latency detectors per model version, and publish vigil.signals. "
+                    "Start more processes with the same group id to spread the partitions.")
+    d, s = RunnerDefaults(), Settings()
+    g = p.add_argument_group("kafka")
+    option(g, "--bootstrap-servers", default=d.bootstrap_servers, help="Kafka brokers, HOST:PORT[,HOST:PORT...]")
+    option(g, "--group-id", default=d.group_id, help="consumer group; also names the checkpoints")
+    option(g, "--checkpoint-interval", type=float, default=d.checkpoint_interval,
+           help="seconds between checkpoints of state and offsets to vigil.checkpoints")
+    option(g, "--max-records", type=int, default=d.max_records, help="records per fetch")
+    option(g, "--session-timeout-ms", type=int, default=d.session_timeout_ms,
+           help="consumer group session timeout: how soon a dead processor's partitions move")
+    option(g, "--metrics-port", type=int, default=d.metrics_port,
+           help="Prometheus metrics port; 0 picks a free port, -1 turns metrics off")
+    g = p.add_argument_group("detectors")
+    option(g, "--ks-window", type=int, default=s.ks_window, help="KS reference and sliding window size")
+    option(g, "--ks-alpha", type=float, default=s.ks_alpha, help="KS significance level, per update")
+    option(g, "--psi-window", type=int, default=s.psi_window, help="PSI reference and window size")
+    option(g, "--psi-threshold", type=float, default=s.psi_threshold, help="PSI at which a feature drifted")
+    option(g, "--adwin-delta", type=float, default=s.adwin_delta, help="ADWIN confidence (false-alarm bound)")
+    option(g, "--chi2-window", type=int, default=s.chi2_window, help="chi-square window (finish reason)")
+    option(g, "--chi2-alpha", type=float, default=s.chi2_alpha, help="chi-square significance level")
+    option(g, "--signal-every", type=int, default=s.signal_every,
+           help="publish every detector's reading each this many events of a model version")
+    option(g, "--calibration-every", type=int, default=s.calibration_every,
+           help="publish accuracy, Brier and ECE each this many joined feedbacks")
+    option(g, "--calibration-bins", type=int, default=s.calibration_bins, help="ECE bins")
+    option(g, "--calibration-window", type=int, default=s.calibration_window, help="joined feedbacks kept")
+    option(g, "--ece-threshold", type=float, default=s.ece_threshold, help="ECE at which calibration drifted")
+    option(g, "--feedback-ttl", type=float, default=s.feedback_ttl_s,
+           help="seconds (event time) an event waits for its feedback, and feedback for its event")
+    option(g, "--quality-window", type=int, default=s.quality_window, help="completions per quality window")
+    option(g, "--trend-window", type=int, default=s.trend_window, help="windows in the Mann-Kendall test")
+    return p
+
+
+class RunnerDefaults:
+    def __init__(self):
+        from stream_processors.runner import RunnerOptions
+        o = RunnerOptions()
+        self.__dict__.update(o.__dict__)
+
+
+def options(args):
+    from stream_processors.runner import RunnerOptions
+    s = Settings(ks_window=args.ks_window, ks_alpha=args.ks_alpha, psi_window=args.psi_window,
+                 psi_threshold=args.psi_threshold, adwin_delta=args.adwin_delta, chi2_window=args.chi2_window,
+                 chi2_alpha=args.chi2_alpha, signal_every=args.signal_every,
+                 calibration_every=args.calibration_every, calibration_bins=args.calibration_bins,
+                 calibration_window=args.calibration_window, ece_threshold=args.ece_threshold,
+                 feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
+                 trend_window=args.trend_window)
+    return RunnerOptions(bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
+                         metrics_port=args.metrics_port, checkpoint_interval=args.checkpoint_interval,
+                         max_records=args.max_records, session_timeout_ms=args.session_timeout_ms, settings=s)
+
+
+def run(args) -> int:
+    from stream_processors.runner import serve
+    asyncio.run(serve(options(args)))
+    return 0

@@ -1,0 +1,329 @@
+"""`vigil process`: the consumer-group runner around ``processor.PartitionState``.
+
+One AIOKafkaConsumer in group ``group_id`` subscribes to vigil.inference.events and
+vigil.feedback. The unit of state is a partition *number*: partition p of both topics
+(an event and its feedback share a key, so the same partitioner puts them in the same
+partition number; aiokafka's default range assignor hands partition p of two topics with
+the same partition count to the same member, as Kafka Streams' co-partitioning relies on).
+
+Checkpoints: the state of partition number p, together with the next offset of each of
+the two topics, is one record on the compacted topic vigil.checkpoints, keyed
+``<group>/<p>``. It is written every ``checkpoint_interval`` seconds, when partitions are
+revoked, and at shutdown, after the producer has flushed the signals and dead letters
+that the state already accounts for. On assignment the latest checkpoint of each new
+partition number is loaded and both topics are sought to its offsets (the beginning when
+there is none), so a crash replays what came after the last checkpoint into the state of
+that checkpoint: no event lost, none counted twice. Signals published between the last
+checkpoint and a crash may be published again (at least once). The group's committed
+offsets follow the checkpoints, for lag tools; the runner itself never reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import OffsetAndMetadata
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from eventbus import cloudevents, codec, compat, topics
+from eventbus.consumer import dead_letter, decode
+from protos import events_pb2
+from stream_processors.processor import Out, PartitionState, Settings
+
+log = logging.getLogger(__name__)
+compat.install()
+
+INPUTS = (topics.INFERENCE, topics.FEEDBACK)
+EXPECTED = {topics.INFERENCE: events_pb2.InferenceEvent, topics.FEEDBACK: events_pb2.FeedbackEvent}
+
+
+@dataclass
+class RunnerOptions:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "vigil-processors"
+    metrics_port: int = 8003          # 0: a free port, -1: none
+    checkpoint_interval: float = 5.0  # seconds
+    max_records: int = 5000           # per fetch
+    session_timeout_ms: int = 10_000
+    settings: Settings = field(default_factory=Settings)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.processed = Counter("vigil_processor_events", "Records processed, by topic", ("topic",), registry=r)
+        self.dead = Counter("vigil_processor_dead_lettered", "Records sent to vigil.deadletter", ("topic",),
+                            registry=r)
+        self.signals = Counter("vigil_processor_signals", "Signals published, by kind and drifted",
+                               ("kind", "drifted"), registry=r)
+        self.checkpoints = Counter("vigil_processor_checkpoints", "Checkpoints written", registry=r)
+        self.skipped = Counter("vigil_processor_skipped", "Records already in a checkpoint's state", registry=r)
+        self.partitions = Gauge("vigil_processor_partitions", "Partition numbers owned", registry=r)
+        self.lag = Gauge("vigil_processor_lag", "Records behind the high watermark, by topic", ("topic",),
+                         registry=r)
+
+
+class Listener(ConsumerRebalanceListener):
+    def __init__(self, runner: "Runner"):
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked):
+        await self.runner.revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned):
+        await self.runner.assigned(assigned)
+
+
+class Runner:
+    def __init__(self, options: RunnerOptions, metrics: Metrics | None = None):
+        self.o = options
+        self.metrics = metrics or Metrics()
+        self.source = f"vigil-process/{socket.gethostname()}/{os.getpid()}"
+        self.states: dict[int, PartitionState] = {}
+        self.lock = asyncio.Lock()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.last_checkpoint = time.monotonic()
+        self.stopping = asyncio.Event()
+        self.metrics_port = 0
+
+    # -- life ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        o = self.o
+        if o.metrics_port >= 0:
+            server, _ = start_http_server(o.metrics_port, registry=self.metrics.registry)
+            self.metrics_port = server.server_port
+        admin = AIOKafkaAdminClient(bootstrap_servers=o.bootstrap_servers, client_id="vigil-process")
+        await admin.start()
+        try:
+            await topics.ensure_topics(admin, [*INPUTS, topics.SIGNALS, topics.DEADLETTER, topics.CHECKPOINTS],
+                                       topics.TopicOptions())
+        finally:
+            await admin.close()
+        self.producer = AIOKafkaProducer(bootstrap_servers=o.bootstrap_servers, client_id="vigil-process",
+                                         enable_idempotence=True, acks="all", linger_ms=5,
+                                         max_request_size=16 << 20, compression_type="gzip")
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=o.bootstrap_servers, group_id=o.group_id, client_id="vigil-process",
+            enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=o.session_timeout_ms,
+            heartbeat_interval_ms=max(300, o.session_timeout_ms // 5), max_poll_interval_ms=60_000,
+            rebalance_timeout_ms=o.session_timeout_ms, max_partition_fetch_bytes=4 << 20)
+        self.consumer.subscribe(list(INPUTS), listener=Listener(self))
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        """Checkpoint what is owned and leave the group (its partitions move at once)."""
+        if self.consumer is not None:
+            async with self.lock:
+                await self.checkpoint(list(self.states))
+                self.states.clear()
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+
+    async def run(self) -> None:
+        while not self.stopping.is_set():
+            batches = await self.consumer.getmany(timeout_ms=200, max_records=self.o.max_records)
+            async with self.lock:
+                outs: list = []
+                for tp, records in batches.items():
+                    self.process(tp, records, outs)
+                for item in outs:
+                    await self.send(item)
+                if time.monotonic() - self.last_checkpoint >= self.o.checkpoint_interval:
+                    await self.checkpoint(list(self.states))
+                    self.update_lag()
+
+    # -- records --------------------------------------------------------------------------
+    def process(self, tp: TopicPartition, records, outs: list) -> None:
+        state = self.states.get(tp.partition)
+        if state is None:  # revoked while the fetch was on its way
+            return
+        events, signals = [], []
+        for record in records:
+            if not state.accept(tp.topic, record.offset):
+                self.metrics.skipped.inc()
+                continue
+            r = decode(record)
+            if r.message is not None and not isinstance(r.message, EXPECTED[tp.topic]):
+                r.error = f"{r.message.DESCRIPTOR.full_name} is not the event type of {tp.topic}"
+                r.message = None
+            if r.message is None:
+                outs.append(r)
+                self.metrics.dead.labels(tp.topic).inc()
+                continue
+            if tp.topic == topics.INFERENCE:
+                events.append(r.message)
+            else:
+                if events:  # keep the order of events and feedback
+                    state.apply_events(events, signals)
+                    events = []
+                state.apply_feedback(r.message, signals)
+        if events:
+            state.apply_events(events, signals)
+        self.metrics.processed.labels(tp.topic).inc(len(records))
+        outs.extend(signals)
+
+    async def send(self, item) -> None:
+        if isinstance(item, Out):
+            message = signal_message(item, self.source)
+            topic, key = topics.SIGNALS, topics.model_key(item.model, item.version).encode()
+            self.metrics.signals.labels(str(item.kind), str(item.drifted).lower()).inc()
+        else:
+            message, topic, key = dead_letter(item, self.source), topics.DEADLETTER, item.key
+        headers = cloudevents.headers(message.event_id, message.DESCRIPTOR.full_name, self.source, time.time(),
+                                      codec.PROTOBUF)
+        await self.producer.send(topic, message.SerializeToString(), key=key, headers=headers)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint_key(self, partition: int) -> bytes:
+        return f"{self.o.group_id}/{partition}".encode()
+
+    async def checkpoint(self, partitions: list[int]) -> None:
+        """Signals and dead letters first, then the state that accounts for them."""
+        self.last_checkpoint = time.monotonic()
+        if not partitions:
+            return
+        await self.producer.flush()
+        futures, commit = [], {}
+        for p in partitions:
+            st = self.states[p]
+            st.expire()
+            futures.append(await self.producer.send(topics.CHECKPOINTS, st.encode(), key=self.checkpoint_key(p)))
+            for topic, offset in st.offsets.items():
+                commit[TopicPartition(topic, p)] = OffsetAndMetadata(offset, "")
+        await asyncio.gather(*futures)
+        self.metrics.checkpoints.inc(len(partitions))
+        try:
+            owned = self.consumer.assignment()
+            await self.consumer.commit({tp: m for tp, m in commit.items() if tp in owned})
+        except Exception as exc:  # informational only: the checkpoints are what counts
+            log.debug("committing offsets: %s", exc)
+
+    async def load_checkpoints(self, partitions: set[int]) -> dict[int, bytes]:
+        """The latest checkpoint of each partition number (read from the beginning of the
+        compacted topic to its end)."""
+        wanted = {self.checkpoint_key(p): p for p in partitions}
+        found: dict[int, bytes] = {}
+        reader = AIOKafkaConsumer(bootstrap_servers=self.o.bootstrap_servers, group_id=None,
+                                  enable_auto_commit=False, client_id="vigil-process-checkpoints",
+                                  max_partition_fetch_bytes=32 << 20, fetch_max_bytes=64 << 20)
+        await reader.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not (parts := reader.partitions_for_topic(topics.CHECKPOINTS)):
+                # a fresh client knows no topic's partitions until it asks: starting with an
+                # empty state here would overwrite a checkpoint, so the topic must be seen
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"topic {topics.CHECKPOINTS} not found")
+                await reader.topics()
+                await asyncio.sleep(0.1)
+            tps = [TopicPartition(topics.CHECKPOINTS, p) for p in parts]
+            reader.assign(tps)
+            ends = await reader.end_offsets(tps)
+            await reader.seek_to_beginning(*tps)
+            todo = {tp for tp in tps if ends[tp] > 0}
+            while todo:
+                # Tansu may report the end as the last batch's base offset: read on past
+                # it until a fetch comes back empty
+                batches = await reader.getmany(*todo, timeout_ms=300)
+                for tp, records in batches.items():
+                    for r in records:
+                        if r.key in wanted and r.value is not None:
+                            found[wanted[r.key]] = r.value
+                for tp in list(todo):
+                    if tp not in batches and await reader.position(tp) >= ends[tp]:
+                        todo.discard(tp)
+        finally:
+            await reader.stop()
+        return found
+
+    # -- rebalancing ----------------------------------------------------------------------
+    async def revoked(self, revoked) -> None:
+        async with self.lock:
+            gone = sorted({tp.partition for tp in revoked} & set(self.states))
+            await self.checkpoint(gone)
+            for p in gone:
+                del self.states[p]
+            self.metrics.partitions.set(len(self.states))
+            if gone:
+                log.info("partitions %s revoked (checkpointed)", gone)
+
+    async def assigned(self, assigned) -> None:
+        async with self.lock:
+            numbers = {tp.partition for tp in assigned}
+            for p in sorted(numbers):
+                owned = {tp.topic for tp in assigned if tp.partition == p}
+                if owned != set(INPUTS):
+                    log.warning("partition %d assigned for %s only: the topics must have the same number "
+                                "of partitions for events and feedback to meet", p, ", ".join(sorted(owned)))
+            new = numbers - set(self.states)
+            saved = await self.load_checkpoints(new)
+            for p in new:
+                if p in saved:
+                    self.states[p] = PartitionState.decode(saved[p], self.o.settings)
+                    log.info("partition %d resumed from its checkpoint at %s", p, self.states[p].offsets)
+                else:
+                    self.states[p] = PartitionState(p, self.o.settings)
+                    log.info("partition %d: no checkpoint, from the beginning", p)
+            for tp in assigned:
+                offset = self.states[tp.partition].offsets.get(tp.topic)
+                if offset is None:
+                    await self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, offset)
+            self.metrics.partitions.set(len(self.states))
+
+    def update_lag(self) -> None:
+        lag: dict[str, int] = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            st = self.states.get(tp.partition)
+            if high is not None and st is not None:
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - st.offsets.get(tp.topic, 0))
+        for topic, n in lag.items():
+            self.metrics.lag.labels(topic).set(n)
+
+
+def signal_message(o: Out, source: str) -> events_pb2.Signal:
+    s = events_pb2.Signal(event_id=str(uuid.uuid4()), source=source, model=o.model, version=o.version,
+                          kind=o.kind, detector=o.detector, feature=o.feature, statistic=o.statistic,
+                          drifted=o.drifted, reference_size=o.reference_size, window_size=o.window_size,
+                          labels=o.labels)
+    if o.threshold is not None:
+        s.threshold = o.threshold
+    if o.p_value is not None:
+        s.p_value = o.p_value
+    s.time.GetCurrentTime()
+    if o.time_s:
+        s.window_end.FromNanoseconds(int(o.time_s * 1e9))
+    return s
+
+
+async def serve(options: RunnerOptions, ready=None) -> None:
+    """Run until SIGTERM/SIGINT (or ``runner.stopping`` is set)."""
+    import signal as _signal
+
+    runner = Runner(options)
+    await runner.start()
+    loop = asyncio.get_running_loop()
+    for sig in (_signal.SIGINT, _signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.stopping.set)
+    print(f"vigil process: group {options.group_id} on {options.bootstrap_servers}, "
+          f"metrics on http://0.0.0.0:{runner.metrics_port}/metrics", flush=True)
+    if ready is not None:
+        ready(runner)
+    try:
+        await runner.run()
+    finally:
+        await runner.stop()
+        print("vigil process: stopped", flush=True)
