@@ -27,7 +27,7 @@ from inference.serving import Limits
 from inference.versions import EngineOptions
 from rollout import cli as rollout_cli
 from stream_processors import cli as processor_cli
-from vigil import stack
+from vigil import demo, stack
 
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     alerting_cli.add_parser(sub, option)  # vigil alerting [check-rules|check-config|silences]
     processor_cli.add_parser(sub, option)  # vigil process
     rollout_cli.add_parser(sub, option)  # vigil rollout [start|status|pause|...]
+    demo.add_parser(sub, option)  # vigil demo
     sub.add_parser("fetch-demo", help="download the demo model into the cache folder",
                    description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into $VIGIL_CACHE_DIR or ~/.cache/vigil.")
     parser.add_argument("--log-level", default="INFO", help="logging level")
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         return processor_cli.run(args)
     if args.command == "rollout":
         return rollout_cli.run(args)
+    if args.command == "demo":
+        return demo.run(args)
     if args.command == "fetch-demo":
         print(demo_model_path())
         return 0

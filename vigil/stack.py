@@ -36,7 +36,9 @@ class Service:
 
 
 def services(bootstrap: str, processor_metrics_port: int, alerting_port: int, rollout_port: int,
-             skip: set[str]) -> list[Service]:
+             skip: set[str], extra: dict[str, list[str]] | None = None) -> list[Service]:
+    """The child services, each with its own port; `extra` adds options per service name
+    (e.g. {"process": ["--ks-window", "60"]}), after the defaults so they win."""
     known = {
         "process": Service("process", ["--metrics-port", str(processor_metrics_port)],
                            f"http://127.0.0.1:{processor_metrics_port}/metrics"),
@@ -45,7 +47,7 @@ def services(bootstrap: str, processor_metrics_port: int, alerting_port: int, ro
     }
     chosen = [s for name, s in known.items() if name not in skip]
     for s in chosen:
-        s.args = [s.name, "--bootstrap-servers", bootstrap, *s.args]
+        s.args = [s.name, "--bootstrap-servers", bootstrap, *s.args, *(extra or {}).get(s.name, [])]
     return chosen
 
 
