@@ -40,8 +40,17 @@ def outcome(ev) -> Outcome | None:
     route = pb.Route.Name(ev.route).removeprefix("ROUTE_").lower()
     error = pb.Status.Name(ev.status) in ERROR_STATUSES or ev.finish_reason == "error"
     conf = ev.confidence.mean_logprob if ev.HasField("confidence") else None
-    return Outcome(ev.model, ev.version, _t(ev.time), error, ev.total_seconds, conf,
+    return Outcome(ev.model, ev.version, _t(ev.time), error, serving_latency(ev), conf,
                    "" if route == "unspecified" else route)
+
+
+def serving_latency(ev) -> float:
+    """Seconds per output token after the first, or the whole request's time for one token.
+    End-to-end time grows with the length of the answer, which the candidate itself
+    decides: comparing it would blame a version's speed for what it says."""
+    if ev.completion_tokens >= 2 and ev.total_seconds > ev.first_token_seconds > 0:
+        return (ev.total_seconds - ev.first_token_seconds) / (ev.completion_tokens - 1)
+    return ev.total_seconds
 
 
 def drift_signal(sig) -> DriftSignal:
