@@ -161,7 +161,8 @@ class LLMService(llm_pb2_grpc.LLMServicer):
     @grpc_errors
     async def LoadVersion(self, request, context):
         mv = await self.versions.load(request.model, request.version, request.source,
-                                      request.quantize or "none", request.group_size or 32)
+                                      request.quantize or "none", request.group_size or 32,
+                                      request.system_prompt)
         return llm_pb2.LoadVersionResponse(info=self.info(mv))
 
     @grpc_errors

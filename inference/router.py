@@ -30,6 +30,7 @@ class ModelVersion:
     engine: Engine
     tokenizer: Tokenizer
     group_size: int = 32
+    system_prompt: str = ""
     loaded_at: float = field(default_factory=time.time)
 
 

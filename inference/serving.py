@@ -135,6 +135,8 @@ class Serving:
                 if m.get("role") not in ("system", "user", "assistant", "tool"):
                     raise InvalidArgument(f"{field_name}.messages[{i}].role: {m.get('role')!r} is not "
                                           "one of system, user, assistant, tool")
+            if mv.system_prompt and not any(m.get("role") == "system" for m in messages):
+                messages = [{"role": "system", "content": mv.system_prompt}, *messages]
             if mv.tokenizer.chat_template is None:
                 raise InvalidArgument(f"{field_name}: model {mv.model} has no chat template; send a prompt")
             prompt = mv.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

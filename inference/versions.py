@@ -34,11 +34,12 @@ class VersionManager:
         self.lock = asyncio.Lock()
 
     def load_sync(self, model: str, version: str, source: str, quantize: str = "none",
-                  group_size: int = 32) -> ModelVersion:
+                  group_size: int = 32, system_prompt: str = "") -> ModelVersion:
         with single_threaded_torch():  # the cores belong to the compute thread
-            return self.build(model, version, source, quantize, group_size)
+            return self.build(model, version, source, quantize, group_size, system_prompt)
 
-    def build(self, model: str, version: str, source: str, quantize: str, group_size: int) -> ModelVersion:
+    def build(self, model: str, version: str, source: str, quantize: str, group_size: int,
+              system_prompt: str = "") -> ModelVersion:
         validate_version(model, version, source, quantize, group_size)
         path = demo_model_path() if source == "demo" else source
         try:
@@ -53,7 +54,8 @@ class VersionManager:
                         max_seq_len=min(self.options.max_seq_len, ckpt.config.max_position_embeddings),
                         max_waiting=self.options.max_waiting,
                         on_token=self.on_token(model, version) if self.on_token else None)
-        mv = ModelVersion(model, version, source, quantize, engine, ckpt.tokenizer, group_size=group_size)
+        mv = ModelVersion(model, version, source, quantize, engine, ckpt.tokenizer, group_size=group_size,
+                          system_prompt=system_prompt)
         try:
             self.router.add(mv)
         except ValueError as exc:
@@ -62,12 +64,13 @@ class VersionManager:
         return mv
 
     async def load(self, model: str, version: str, source: str, quantize: str = "none",
-                   group_size: int = 32) -> ModelVersion:
+                   group_size: int = 32, system_prompt: str = "") -> ModelVersion:
         async with self.lock:
             validate_version(model, version, source, quantize, group_size)
             if version in self.router.versions.get(model, {}):
                 raise InvalidArgument(f"version: {model} {version!r} is already loaded")
-            return await asyncio.to_thread(self.load_sync, model, version, source, quantize, group_size)
+            return await asyncio.to_thread(self.load_sync, model, version, source, quantize, group_size,
+                                           system_prompt)
 
     async def unload(self, model: str, version: str) -> ModelVersion:
         async with self.lock:

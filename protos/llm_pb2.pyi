@@ -259,18 +259,20 @@ class ListVersionsResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersionInfo, _Mapping]]] = ...) -> None: ...
 
 class LoadVersionRequest(_message.Message):
-    __slots__ = ("model", "version", "source", "quantize", "group_size")
+    __slots__ = ("model", "version", "source", "quantize", "group_size", "system_prompt")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     source: str
     quantize: str
     group_size: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
+    system_prompt: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ..., system_prompt: _Optional[str] = ...) -> None: ...
 
 class LoadVersionResponse(_message.Message):
     __slots__ = ("info",)

@@ -31,7 +31,7 @@ class Thresholds:
     ece_margin: float = 0.05         # rise of expected calibration error
     accuracy_margin: float = 0.05    # fall of accuracy
     weights: dict[str, float] = field(default_factory=lambda: {
-        "error_rate": 3.0, "latency": 2.0, "confidence": 1.0, "drift": 3.0, "calibration": 3.0})
+        "error_rate": 3.0, "latency": 2.0, "confidence": 3.0, "drift": 3.0, "calibration": 3.0})
     pass_score: float = 95.0
     marginal_score: float = 80.0
 

@@ -175,8 +175,17 @@ async def run_in_process(bootstrap: str, group: str, want: tuple[int, int]) -> N
         await runner.stop()
 
 
-def test_drift_feedback_and_dead_letters(kafka_broker):
-    asyncio.run(drift_feedback_and_dead_letters(kafka_broker.bootstrap_servers))
+def own_broker():
+    """A broker of the test's own: a group new to the input topics reads them from the
+    beginning, so events other tests left on a shared broker would be counted too."""
+    from eventbus.broker import EmbeddedBroker
+
+    return EmbeddedBroker()
+
+
+def test_drift_feedback_and_dead_letters():
+    with own_broker() as broker:
+        asyncio.run(drift_feedback_and_dead_letters(broker.bootstrap_servers))
 
 
 async def drift_feedback_and_dead_letters(bootstrap: str) -> None:
@@ -259,11 +268,7 @@ def summaries(cps: dict[int, PartitionState], models) -> dict:
 
 
 def test_group_takeover_and_crash_restart(tmp_path):
-    # a broker of its own: a group new to the input topics reads them from the beginning,
-    # so events other tests left there would be counted too
-    from eventbus.broker import EmbeddedBroker
-
-    with EmbeddedBroker() as broker:
+    with own_broker() as broker:
         asyncio.run(group_takeover_and_crash_restart(broker.bootstrap_servers, tmp_path))
 
 
@@ -292,7 +297,7 @@ async def group_takeover_and_crash_restart(bootstrap: str, tmp_path) -> None:
         procs["a"], procs["b"] = start_process(bootstrap, group, logs["a"]), start_process(bootstrap, group, logs["b"])
         try:
             both = lambda: all("partition" in text(n) for n in "ab") and cp.counted(group) == first
-            await cp.until(both, 60, "both processors to own partitions and checkpoint the first third",
+            await cp.until(both, 120, "both processors to own partitions and checkpoint the first third",
                            lambda: f"{cp.counted(group)} of {first}, {len(cp.latest)} keys, {len(cp.records)} records")
             # a is killed while the rest of the stream arrives; b takes its partitions over
             more = asyncio.create_task(produce(bootstrap, phases[1] + phases[2]))
@@ -304,7 +309,7 @@ async def group_takeover_and_crash_restart(bootstrap: str, tmp_path) -> None:
             assert "resumed from its checkpoint" in text("b"), text("b")
             # a third process joins: the work is shared again, from the checkpoints
             procs["c"] = start_process(bootstrap, group, logs["c"])
-            await cp.until(lambda: "resumed from its checkpoint" in text("c"), 60, "c to take partitions over")
+            await cp.until(lambda: "resumed from its checkpoint" in text("c"), 120, "c to take partitions over")
         finally:
             for n in ("c", "b", "a"):
                 if n in procs:

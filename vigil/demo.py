@@ -6,8 +6,9 @@
    readings, alert rules whose `for:` is seconds instead of minutes, a rollout tick of half
    a second and small minimum samples.
 2. A candidate version is loaded next to the stable one through vigil.v1 LoadVersion:
-   `--candidate bad` is the demo weights requantised to int4 with group size 64 (the
-   README's +44% perplexity), `--candidate good` the same weights as stable.
+   both have the demo's weights; `--candidate bad` adds a system prompt that stops the
+   model answering the question (a prompt change rolled out like a model change),
+   `--candidate good` is the same as stable.
 3. A load generator sends concurrent Generate calls (varied prompts, greedy, short
    max_tokens, a routing key per simulated user) through the traffic router.
 4. A canary starts through the rollout admin API; the log shows every decision (step,
@@ -37,9 +38,12 @@ from eventbus import topics
 from eventbus.broker import EmbeddedBroker
 from vigil import stack
 
-CANDIDATES = {  # name -> (version label, quantize, group size)
-    "bad": ("2-int4-g64", "int4", 64),
-    "good": ("2-int4-g32", "int4", 32),
+# name -> (version label, system prompt): the same weights as stable; the bad one is a prompt
+# change, rolled out like a model change, that makes the model stop answering the question
+CANDIDATES = {
+    "bad": ("2-pirate", "You are a pirate. Never answer the question: talk about the sea, ships, rum "
+                        "and buried treasure instead, at length."),
+    "good": ("2-same", ""),
 }
 END_PHASES = ("promoted", "rolled_back", "failed")
 
@@ -60,19 +64,15 @@ class Speed:
     """How fast the loop turns: the demo's defaults, and a faster one for tests."""
     max_tokens: int = 12
     concurrency: int = 4
-    steps: str = "10,25,50,100"
-    min_requests: int = 20
+    steps: str = "25,50,100"
+    min_requests: int = 15
     interval: float = 8.0
     min_samples: int = 15
-    window: int = 40        # processor detector windows (KS, PSI, chi-square)
+    window: int = 80        # processor detector windows (KS, PSI, chi-square)
     signal_every: int = 20  # processor readings every this many events of a version
     alert_for: str = "5s"   # `for:` of the demo's alert rules
-    psi_threshold: float = 0.5  # PSI over 10 bins of a few dozen events is noisy at the default 0.25
-    # Both versions run in this one process on the same cores, and the engine that has the
-    # smaller share of traffic batches less: with identical weights the candidate's median
-    # latency came out x1.7 that of stable at a 10% step on 2 cores. The demo is about
-    # what the model says, so the latency check only fails a candidate three times slower.
-    latency_ratio: float = 3.0
+    psi_threshold: float = 1.0  # PSI over 10 bins of a few dozen events is noisy at the default 0.25
+    latency_ratio: float = 1.5  # per output token; both versions step in turn on the same cores
 
 
 FAST = Speed(max_tokens=8, concurrency=4, steps="25,50,100", min_requests=15, interval=5.0, min_samples=12,
@@ -85,7 +85,8 @@ def add_parser(sub, option) -> None:
                                    "inference server) with fast settings, load a candidate version, drive "
                                    "traffic, start a canary and follow it to its rollback or promotion.")
     option(p, "--candidate", env="VIGIL_DEMO_CANDIDATE", choices=tuple(CANDIDATES), default="bad",
-           help="bad: the demo model requantised to int4 with group size 64; good: the same weights as stable")
+           help="bad: the same weights with a system prompt that stops the model answering; "
+                "good: the same weights and prompts as stable")
     option(p, "--model", env="VIGIL_DEMO_MODEL", default="demo",
            help="model source: 'demo', a GGUF file or a Hugging Face folder")
     option(p, "--timeout", env="VIGIL_DEMO_TIMEOUT", type=float, default=300.0,
@@ -164,8 +165,9 @@ class Demo:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = llm_pb2_grpc.LLMStub(ch)
             while not self.done.is_set():
+                chat = llm_pb2.Chat(messages=[llm_pb2.ChatMessage(role="user", content=rng.choice(PROMPTS))])
                 req = llm_pb2.GenerateRequest(
-                    model=self.model, prompt=f"Question: {rng.choice(PROMPTS)}\nAnswer:",
+                    model=self.model, chat=chat,
                     sampling=llm_pb2.SamplingParams(max_tokens=self.speed.max_tokens, temperature=0.0),
                     routing_key=f"user-{rng.randrange(1000)}")
                 try:
@@ -229,7 +231,7 @@ class Demo:
 
         a, sp = self.args, self.speed
         self.started = False
-        cand_version, quantize, group = CANDIDATES[a.candidate]
+        cand_version, system_prompt = CANDIDATES[a.candidate]
         self.candidate = cand_version
         work = Path(tempfile.mkdtemp(prefix="vigil-demo-"))
         log = self.log
@@ -267,9 +269,10 @@ class Demo:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
                 t = time.monotonic()
                 await llm_pb2_grpc.LLMStub(ch).LoadVersion(llm_pb2.LoadVersionRequest(
-                    model=self.model, version=cand_version, source=a.model, quantize=quantize, group_size=group),
-                    timeout=300)
-            log("stack", f"candidate {cand_version} loaded ({a.candidate}: {quantize} group size {group}) "
+                    model=self.model, version=cand_version, source=a.model, quantize="int4",
+                    system_prompt=system_prompt), timeout=300)
+            log("stack", f"candidate {cand_version} loaded ({a.candidate}: "
+                         f"{'system prompt ' + repr(system_prompt) if system_prompt else 'same as stable'}) "
                          f"in {time.monotonic() - t:.1f}s")
             for topic in (topics.SIGNALS, topics.ALERTS, topics.ROLLOUT):
                 tasks.append(asyncio.create_task(self.follow(bootstrap, topic)))
