@@ -2,7 +2,8 @@
 
 At start the follower reads the compacted topic to its end and applies the latest
 RolloutState of each model it serves, before the server takes requests; then it applies
-each new record as it comes. Weights are applied with Router.set_weights, one dict
+each new record as it comes. If the broker does not answer, the server serves with its
+local weights and the follower keeps trying in the background. Weights are applied with Router.set_weights, one dict
 replaced at once on the server's event loop, so a request is routed either by the old
 weights or by the new ones, never by a mix.
 
@@ -19,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from aiokafka.errors import KafkaError
+
 from eventbus import topics
-from eventbus.consumer import Received
+from eventbus.consumer import Received, TopicMissing
+from eventbus.publisher import describe
 from eventbus.state import TopicReader
 from inference.router import Router
 
@@ -38,17 +42,44 @@ class RolloutFollower:
         self.warned: set[tuple[str, str]] = set()
         self.tasks: list[asyncio.Task] = []
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 10.0) -> None:
+        """Apply the latest state before the server takes requests, if the broker answers
+        within `timeout`; otherwise serve with the local weights and keep trying in the
+        background (a broker that is down must not keep a server from serving)."""
+        try:
+            records = await asyncio.wait_for(self.reader.start(), timeout)
+        except (KafkaError, TopicMissing, asyncio.TimeoutError) as exc:
+            log.warning("%s not readable (%s): serving with local weights until it is", self.reader.topic,
+                        describe(exc))
+            await self.reader.stop()
+            self.tasks = [asyncio.create_task(self.retry())]
+            return
+        self.begin(records)
+
+    async def retry(self, every: float = 2.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                records = await self.reader.start()
+            except (KafkaError, TopicMissing):
+                await self.reader.stop()
+                continue
+            log.info("%s readable again: following it", self.reader.topic)
+            self.begin(records)
+            return
+
+    def begin(self, records: list[Received]) -> None:
         latest: dict[str, object] = {}
-        for r in await self.reader.start():
+        for r in records:
             if r.message is not None and r.message.model:
                 latest[r.message.model] = r.message  # log order: later records win
         for msg in latest.values():
             self.take(msg)
-        self.tasks = [self.reader.follow(self.on_record), asyncio.create_task(self.watch_versions())]
+        self.reader.follow(self.on_record)
+        self.tasks.append(asyncio.create_task(self.watch_versions()))
 
     async def stop(self) -> None:
-        for t in self.tasks[1:]:
+        for t in self.tasks:
             t.cancel()
         await self.reader.stop()
         self.tasks = []
