@@ -133,7 +133,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
         self.split = (q_out, kv_out, kv_out)
 
-    def forward(self, x, cos, sin, cache: KVCache, slots, positions, mask):
+    def forward(self, x, cos, sin, cache: KVCache, slots, kv_rows, positions, mask):
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -154,18 +154,19 @@ class Attention(nn.Module):
             out = kernels.decode_attention(q[:, :, 0], k_cache[:, :, :span], v_cache[:, :, :span],
                                            positions[:, 0] + 1, slots)[:, :, None]
         else:
-            keys, values = gather_slots(k_cache, slots, span), gather_slots(v_cache, slots, span)
+            keys, values = k_cache[kv_rows, :, :span], v_cache[kv_rows, :, :span]
             out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
                                                  attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def gather_slots(cache: torch.Tensor, slots: torch.Tensor, span: int) -> torch.Tensor:
-    """cache[slots, :, :span], as a view when the slots are one contiguous run."""
+def slot_rows(slots: torch.Tensor) -> slice | torch.Tensor:
+    """The index of the slots' cache rows: a slice (so the cache is read as a view, not
+    gathered) when the slots are one contiguous run, else the slots themselves."""
     first = int(slots[0])
     if torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)):
-        return cache[first:first + len(slots), :, :span]
-    return cache[slots, :, :span]
+        return slice(first, first + len(slots))
+    return slots
 
 
 class MLP(nn.Module):
@@ -187,8 +188,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, slots, positions, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, positions, mask)
+    def forward(self, x, cos, sin, cache, slots, kv_rows, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, kv_rows, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -214,12 +215,13 @@ class Llama(nn.Module):
         cos, sin = emb.cos()[:, None], emb.sin()[:, None]
         key_pos = torch.arange(span, device=tokens.device)
         mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]
+        kv_rows = slot_rows(slots)
 
         x = self.embed_tokens(tokens)
         dtype = self.norm.weight.dtype
         x, cos, sin = x.to(dtype), cos.to(dtype), sin.to(dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, slots, positions, mask)
+            x = layer(x, cos, sin, cache, slots, kv_rows, positions, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
