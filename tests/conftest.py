@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -19,6 +20,15 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def require_tool(*names: str) -> str:
+    """Path of the first of `names` on PATH. `scripts/setup.sh --test` installs every tool
+    the tests use, so a missing one fails the test instead of skipping it."""
+    for name in names:
+        if path := shutil.which(name):
+            return path
+    pytest.fail(f"{' or '.join(names)} is not installed (scripts/setup.sh --test installs it)")
 
 
 @pytest.fixture(scope="session")

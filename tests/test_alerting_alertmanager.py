@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -21,12 +20,10 @@ from alerting.core import AlertingCore
 from alerting.labels import fingerprint_hex
 from alerting.rules import rules_from_text
 from alerting.testing import WebhookRecorder, drift_signal
+from conftest import require_tool
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-AM = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-AMTOOL = shutil.which("amtool")
-needs_am = pytest.mark.skipif(AM is None, reason="Alertmanager missing (Debian package prometheus-alertmanager)")
 
 RULES = """
 groups:
@@ -69,7 +66,7 @@ receivers:
       - url: {hook.url}
         send_resolved: true
 """)
-    proc = subprocess.Popen([AM, f"--config.file={cfg}", f"--storage.path={tmp_path / 'data'}",
+    proc = subprocess.Popen([require_tool("prometheus-alertmanager", "alertmanager"), f"--config.file={cfg}", f"--storage.path={tmp_path / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
                              "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -92,7 +89,6 @@ receivers:
     await hook.stop()
 
 
-@needs_am
 async def test_real_alertmanager_receives_vigil_alerts(alertmanager):
     am_url, am_hook = alertmanager
     own_hook = await WebhookRecorder().start()
@@ -149,15 +145,15 @@ def _t(s: str) -> float:
     return parse_rfc3339(s)
 
 
-@pytest.mark.skipif(AMTOOL is None, reason="amtool missing (Debian package prometheus-alertmanager)")
 async def test_amtool_manages_vigil_silences():
+    amtool_path = require_tool("amtool")
     core = AlertingCore(rules_from_text(RULES), config_from_text("route: {receiver: x}\nreceivers: [{name: x}]\n"))
     await core.start()
     admin = AdminServer(core, port=0)
     await admin.start()
     try:
         def amtool(*args):
-            out = subprocess.run([AMTOOL, f"--alertmanager.url={admin.url}", *args], capture_output=True,
+            out = subprocess.run([amtool_path, f"--alertmanager.url={admin.url}", *args], capture_output=True,
                                  text=True, timeout=30)
             assert out.returncode == 0, out.stderr
             return out.stdout

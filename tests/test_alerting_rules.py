@@ -4,7 +4,6 @@ checked by promtool and amtool."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -17,6 +16,7 @@ from alerting.durations import format_duration, parse_duration, parse_rfc3339, r
 from alerting.labels import fingerprint, fingerprint_hex, labelset_string, matchers_string, parse_matcher, parse_matchers
 from alerting.rules import RuleLoadError, load_rules, parse_rules, rules_from_text
 from alerting.templates import Template, go_float
+from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES = ROOT / "alerting" / "default_rules.yml"
@@ -385,9 +385,8 @@ def test_shipped_configs(capsys):
     assert check_config_main([str(DEFAULT_CONFIG)]) == 0
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (Debian package prometheus)")
 def test_promtool_checks_prometheus_rules():
-    out = subprocess.run(["promtool", "check", "rules", str(ROOT / "deploy" / "prometheus-rules.yml")],
+    out = subprocess.run([require_tool("promtool"), "check", "rules", str(ROOT / "deploy" / "prometheus-rules.yml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout
@@ -398,9 +397,8 @@ def test_promtool_checks_prometheus_rules():
         assert metric in text
 
 
-@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool missing (Debian package prometheus-alertmanager)")
 def test_amtool_checks_alertmanager_config():
-    out = subprocess.run(["amtool", "check-config", str(ROOT / "deploy" / "alertmanager.yml")],
+    out = subprocess.run([require_tool("amtool"), "check-config", str(ROOT / "deploy" / "alertmanager.yml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from vigil.cli import build_parser
+from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -114,20 +114,13 @@ def test_the_image_runs_vigil():
     assert build_parser().parse_args(yaml.safe_load(cmd)).command == "serve"
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (scripts/setup.sh --test installs it)")
-    return path
-
-
 def test_promtool_accepts_the_prometheus_configuration():
-    result = subprocess.run([tool("promtool"), "check", "config", "prometheus.yml"], cwd=ROOT / "deploy",
+    result = subprocess.run([require_tool("promtool"), "check", "config", "prometheus.yml"], cwd=ROOT / "deploy",
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_amtool_accepts_the_alertmanager_configuration():
-    result = subprocess.run([tool("amtool"), "check-config", "alertmanager.yml"], cwd=ROOT / "deploy",
+    result = subprocess.run([require_tool("amtool"), "check-config", "alertmanager.yml"], cwd=ROOT / "deploy",
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

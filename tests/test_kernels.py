@@ -39,8 +39,8 @@ def run_cases(**env) -> None:
     assert re.fullmatch(r"=* ?\d+ passed(, \d+ warnings?)? in .*", summary), summary  # none failed or skipped
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kernel_cases_under_the_triton_interpreter():
+    assert importlib.util.find_spec("triton"), "triton is not installed (a test extra of pyproject.toml)"
     run_cases(TRITON_INTERPRET="1")
 
 

