@@ -72,7 +72,8 @@ def inference_event(e: dict) -> events_pb2.InferenceEvent:
         completion_chars=e.get("completion_chars", 0), completion_sha256=e.get("completion_sha256", ""),
         completion_tokens=e["completion_tokens"], finish_reason=e["finish_reason"],
         queue_seconds=e["queue_seconds"], first_token_seconds=e["first_token_seconds"],
-        total_seconds=e["total_seconds"])
+        total_seconds=e["total_seconds"], tenant=e.get("tenant", ""), trace_id=e.get("trace_id", ""),
+        flags=e.get("flags", ()), shadow_of=e.get("shadow_of", ""))
     m.time.FromNanoseconds(int(e["time"] * 1e9))
     if e.get("mean_logprob") is not None:
         m.confidence.mean_logprob = e["mean_logprob"]

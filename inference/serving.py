@@ -45,6 +45,10 @@ class Outcome:
     model: str = ""
     version: str = ""
     route: str = ""
+    tenant: str = ""
+    trace_id: str = ""
+    flags: list[str] = field(default_factory=list)
+    shadow_of: str = ""
     status: str = "ok"
     error: str = ""
     prompt_chars: int = 0
@@ -257,6 +261,7 @@ class Serving:
             "event_id": str(uuid.uuid4()), "time": time.time(), "source": self.source,
             "request_id": out.request_id, "method": out.method, "model": out.model,
             "version": out.version, "route": out.route, "status": out.status, "error": out.error,
+            "tenant": out.tenant, "trace_id": out.trace_id, "flags": out.flags, "shadow_of": out.shadow_of,
             "prompt_chars": out.prompt_chars, "prompt_sha256": out.prompt_sha256,
             "prompt_tokens": out.prompt_tokens,
             "completion_tokens": f.completion_tokens if f else 0,

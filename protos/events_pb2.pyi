@@ -98,7 +98,7 @@ class Confidence(_message.Message):
     def __init__(self, mean_logprob: _Optional[float] = ..., mean_entropy: _Optional[float] = ..., min_top1_prob: _Optional[float] = ...) -> None: ...
 
 class InferenceEvent(_message.Message):
-    __slots__ = ("event_id", "time", "source", "request_id", "method", "model", "version", "route", "status", "error", "prompt_chars", "prompt_sha256", "prompt_tokens", "completion_chars", "completion_sha256", "completion_tokens", "finish_reason", "queue_seconds", "first_token_seconds", "total_seconds", "confidence", "label_probabilities", "prompt_text", "completion_text")
+    __slots__ = ("event_id", "time", "source", "request_id", "method", "model", "version", "route", "status", "error", "prompt_chars", "prompt_sha256", "prompt_tokens", "completion_chars", "completion_sha256", "completion_tokens", "finish_reason", "queue_seconds", "first_token_seconds", "total_seconds", "confidence", "label_probabilities", "prompt_text", "completion_text", "tenant", "trace_id", "flags", "shadow_of")
     class LabelProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,10 @@ class InferenceEvent(_message.Message):
     LABEL_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_OF_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     time: _timestamp_pb2.Timestamp
     source: str
@@ -154,7 +158,11 @@ class InferenceEvent(_message.Message):
     label_probabilities: _containers.ScalarMap[str, float]
     prompt_text: str
     completion_text: str
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., request_id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., route: _Optional[_Union[Route, str]] = ..., status: _Optional[_Union[Status, str]] = ..., error: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., prompt_sha256: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_chars: _Optional[int] = ..., completion_sha256: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., label_probabilities: _Optional[_Mapping[str, float]] = ..., prompt_text: _Optional[str] = ..., completion_text: _Optional[str] = ...) -> None: ...
+    tenant: str
+    trace_id: str
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    shadow_of: str
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., request_id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., route: _Optional[_Union[Route, str]] = ..., status: _Optional[_Union[Status, str]] = ..., error: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., prompt_sha256: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_chars: _Optional[int] = ..., completion_sha256: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., label_probabilities: _Optional[_Mapping[str, float]] = ..., prompt_text: _Optional[str] = ..., completion_text: _Optional[str] = ..., tenant: _Optional[str] = ..., trace_id: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., shadow_of: _Optional[str] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
     __slots__ = ("event_id", "time", "source", "feedback_id", "request_id", "model", "version", "label", "score", "comment")

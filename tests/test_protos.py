@@ -440,6 +440,7 @@ def test_llm_field_numbers():
 
     assert numbers(llm_pb2.GenerateRequest) == {
         "model": 1, "version": 2, "prompt": 3, "chat": 4, "sampling": 5, "routing_key": 6, "request_id": 7,
+        "attributes": 8,
     }
     assert numbers(llm_pb2.SamplingParams) == {
         "max_tokens": 1, "temperature": 2, "top_k": 3, "top_p": 4, "seed": 5, "stop": 6, "ignore_eos": 7,
@@ -447,6 +448,7 @@ def test_llm_field_numbers():
     assert numbers(llm_pb2.GenerateStreamResponse) == {
         "request_id": 1, "model": 2, "version": 3, "text": 4, "token_ids": 5, "final": 6,
         "finish_reason": 7, "prompt_tokens": 8, "completion_tokens": 9, "confidence": 10, "timing": 11,
+        "flags": 12,
     }
     assert numbers(llm_pb2.FeedbackRequest) == {
         "request_id": 1, "model": 2, "version": 3, "label": 4, "score": 5, "comment": 6,
