@@ -12,6 +12,7 @@ from typing import Any
 # so nothing had to be rolled back.
 STABLE, PROGRESSING, PAUSED, PROMOTED, ROLLED_BACK, FAILED = (
     "stable", "progressing", "paused", "promoted", "rolled_back", "failed")
+PHASES = (STABLE, PROGRESSING, PAUSED, PROMOTED, ROLLED_BACK, FAILED)
 ACTIVE = (PROGRESSING, PAUSED)
 
 CANARY, BLUEGREEN, SHADOW = "canary", "bluegreen", "shadow"

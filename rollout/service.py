@@ -44,7 +44,7 @@ from . import wire
 from .cli import OPS, LocalApi, _plain
 from .config import RolloutConfig
 from .controller import Controller
-from .records import RolloutError
+from .records import PHASES, RolloutError
 
 log = logging.getLogger("vigil.rollout")
 compat.install()
@@ -75,6 +75,8 @@ class Metrics:
         self.observations = Counter("vigil_rollout_observations_total", "records observed", ["topic"], registry=r)
         self.weight = Gauge("vigil_rollout_weight", "desired traffic share", ["model", "version"], registry=r)
         self.step = Gauge("vigil_rollout_step", "canary step index", ["model"], registry=r)
+        self.phase = Gauge("vigil_rollout_phase", "1 for the model's current phase, 0 for the others",
+                           ["model", "phase"], registry=r)
 
 
 class RolloutService:
@@ -262,6 +264,8 @@ class RolloutService:
                 self.published[name] = m.generation
                 self.metrics.decisions.labels(name, d.phase).inc()
                 self.metrics.step.labels(name).set(d.step)
+                for phase in PHASES:
+                    self.metrics.phase.labels(name, phase).set(1.0 if phase == d.phase else 0.0)
                 for v in m.versions:
                     self.metrics.weight.labels(name, v).set(d.weights.get(v, 0.0))
                 log.info("%s generation %d: %s; weights %s; %s", name, d.generation, d.phase,
