@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 DETECTORS = frozenset({
     # drift detectors (stream_processors/detectors/*.py `name`), and the trend test (trend.py)
     "adwin", "ks", "psi", "page_hinkley", "chi2", "mann_kendall",
+    # a candidate version against the stable one over the same period (compare.py)
+    "ks_vs_stable", "chi2_vs_stable",
     # quality against the version's baseline (z-scores)
     "zscore",
     # windowed measurements (statistic = the measured value)

@@ -33,20 +33,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import one_core  # noqa: E402
 from stream_processors.calibration import Calibration  # noqa: E402
 from stream_processors.detectors import ADWIN, PSI, ChiSquare, KSWindow, PageHinkley, psi  # noqa: E402
 from stream_processors.sketch import QuantileSketch  # noqa: E402
 
 BATCH = 1000
-
-
-def one_core() -> str:
-    try:
-        cpu = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpu})
-        return f"pinned to cpu {cpu}"
-    except (AttributeError, OSError):
-        return "not pinned"
 
 
 def rate(n: int, seconds: float) -> float:

@@ -29,8 +29,15 @@ ALL = (INFERENCE, FEEDBACK, SIGNALS, ALERTS, ROLLOUT, DEADLETTER)
 COMPACTED = frozenset({ROLLOUT, ALERTING_STATE, CHECKPOINTS})  # a consumer wants the latest state per key, not the history
 
 
+def event_key(model: str) -> str:
+    """Key of inference events and feedback: every version of a model in one partition, in
+    order, so that a processor compares a candidate with its stable version over the same
+    period, and feedback lands where the event it answers is."""
+    return model
+
+
 def model_key(model: str, version: str) -> str:
-    """Key of inference events, feedback and signals: all of a model version, in order."""
+    """Key of signals: all of a model version, in order."""
     return f"{model}/{version}"
 
 

@@ -12,10 +12,15 @@ What lives here:
 - ``quality.py``: generation quality per window (distinct-1/2, token entropy, completion
   length) as z-scores against a version's baseline.
 - ``trend.py``: Mann-Kendall trend test with Sen's slope and a severity.
+- ``compare.py``: each candidate version of a model against its stable version, over the
+  same period (KS per feature, chi-square on finish reasons).
+- ``processor.py``: the per-partition state that feeds all of the above from decoded
+  events and feedback, a batch at a time, and says which signals to publish.
+- ``runner.py``: ``vigil process``, the consumer-group runner: decoding, checkpoints,
+  publishing on ``vigil.signals``.
 
-What the code here may touch: numpy and scipy, nothing else. The modules above do no I/O,
-know nothing of Kafka, protobuf, Prometheus or the clock. The consumer runner that will
-feed them events and publish their readings on ``vigil.signals`` (not built yet) is to be
-the only part of this package that talks to the event bus. Nothing here imports another
-service (``inference/``, ``alerting/``, ``rollout/``).
+The modules up to ``processor.py`` use numpy and scipy and do no I/O: they know nothing
+of Kafka, Prometheus or the clock (``processor.py`` reads the protobuf events it is
+given). ``runner.py`` is the only part of this package that talks to the event bus.
+Nothing here imports another service (``inference/``, ``alerting/``, ``rollout/``).
 """

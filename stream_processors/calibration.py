@@ -12,7 +12,7 @@ Each joined feedback is a pair (probabilities, true label). From the window of t
     O(1) per pair;
   - equal-mass bins: the window sorted by confidence (stable) and cut into ``n_bins``
     runs of equal size (the first ``n % n_bins`` one longer, as ``numpy.array_split``);
-    computed when asked, O(n log n);
+    computed when asked (at most once per new pair), O(n log n);
 - reliability-diagram data: per bin, its confidence range, count, mean confidence,
   accuracy and gap.
 
@@ -43,11 +43,12 @@ class Calibration:
         self._head = 0
         self._n = 0
         self.n_seen = 0
-        self._bin_n = np.zeros(self.n_bins, dtype=np.int64)
-        self._bin_conf = np.zeros(self.n_bins)
-        self._bin_correct = np.zeros(self.n_bins, dtype=np.int64)
+        self._bin_n = [0] * self.n_bins            # per equal-width bin: pairs, sum of confidence,
+        self._bin_conf = [0.0] * self.n_bins       # correct ones (plain lists: a pair updates them
+        self._bin_correct = [0] * self.n_bins      # one value at a time)
         self._brier_sum = 0.0
         self._since_refresh = 0
+        self._mass: tuple[int, list[dict]] | None = None   # (n_seen, equal-mass bins) last computed
 
     # -- input --------------------------------------------------------------------------
     @staticmethod
@@ -69,7 +70,33 @@ class Calibration:
 
     def update(self, probs, label) -> None:
         """Add one (probabilities, label) pair."""
-        conf, correct, brier = self._score(probs, label)
+        self._add(*self._score(probs, label))
+
+    def update_many(self, probs, labels) -> None:
+        """Add pairs: ``probs`` of shape (n,) (binary) or (n, k), ``labels`` of shape (n,).
+
+        Exactly as ``update`` on each pair in turn: the scores are computed for the whole
+        batch, the running sums still take one pair at a time (their rounding then does not
+        depend on how the pairs were batched)."""
+        p = np.asarray(probs, dtype=np.float64)
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(y) == 0:
+            return
+        if p.ndim == 1:
+            pred = (p > 0.5).astype(np.int64)
+            conf = np.maximum(p, 1.0 - p)
+            brier = (p - y) * (p - y)
+        else:
+            pred = np.argmax(p, axis=1)
+            rows = np.arange(len(y))
+            conf = p[rows, pred]
+            onehot = np.zeros_like(p)
+            onehot[rows, y] = 1.0
+            brier = np.sum((p - onehot) ** 2, axis=1)
+        for score in zip(conf.tolist(), (pred == y).astype(np.int64).tolist(), brier.tolist()):
+            self._add(*score)
+
+    def _add(self, conf: float, correct: int, brier: float) -> None:
         W, h = self.window_size, self._head
         if self._n == W:                            # evict the oldest pair, in place
             oc, ok, ob = float(self._conf[h]), int(self._correct[h]), float(self._brier[h])
@@ -92,56 +119,11 @@ class Calibration:
         if self._since_refresh >= W:
             self._refresh()
 
-    def update_many(self, probs, labels) -> None:
-        """Add pairs: ``probs`` of shape (n,) (binary) or (n, k), ``labels`` of shape (n,)."""
-        p = np.asarray(probs, dtype=np.float64)
-        y = np.asarray(labels, dtype=np.int64).reshape(-1)
-        if len(y) == 0:
-            return
-        if p.ndim == 1:
-            pred = (p > 0.5).astype(np.int64)
-            conf = np.maximum(p, 1.0 - p)
-            brier = (p - y) * (p - y)
-        else:
-            pred = np.argmax(p, axis=1)
-            rows = np.arange(len(y))
-            conf = p[rows, pred]
-            onehot = np.zeros_like(p)
-            onehot[rows, y] = 1.0
-            brier = np.sum((p - onehot) ** 2, axis=1)
-        for s in range(0, len(y), self.window_size):
-            e = s + self.window_size
-            self._push(conf[s:e], (pred[s:e] == y[s:e]).astype(np.int8), brier[s:e])
-
-    def _push(self, conf: np.ndarray, correct: np.ndarray, brier: np.ndarray) -> None:
-        W, k = self.window_size, len(conf)          # k <= W
-        idx = (self._head + np.arange(k)) % W
-        n_out = max(0, self._n + k - W)
-        if n_out:
-            out = idx[k - n_out:]                   # the slots that still hold the oldest pairs
-            self._account(self._conf[out], self._correct[out], self._brier[out], -1)
-        self._conf[idx], self._correct[idx], self._brier[idx] = conf, correct, brier
-        self._account(conf, correct, brier, +1)
-        self._head = (self._head + k) % W
-        self._n = min(W, self._n + k)
-        self.n_seen += k
-        self._since_refresh += k
-        if self._since_refresh >= W:
-            self._refresh()
-
-    def _account(self, conf, correct, brier, sign: int) -> None:
-        b = self._bin(conf)
-        nb = self.n_bins
-        self._bin_n += sign * np.bincount(b, minlength=nb)
-        self._bin_conf += sign * np.bincount(b, weights=conf, minlength=nb)
-        self._bin_correct += sign * np.bincount(b, weights=correct, minlength=nb).astype(np.int64)
-        self._brier_sum += sign * float(np.sum(brier))
-
     def _refresh(self) -> None:
         """Recompute the running float sums from the window (bounds rounding drift)."""
         conf, correct, brier = self._window()
         b = self._bin(conf)
-        self._bin_conf = np.bincount(b, weights=conf, minlength=self.n_bins)
+        self._bin_conf = np.bincount(b, weights=conf, minlength=self.n_bins).tolist()
         self._brier_sum = math.fsum(brier)
         self._since_refresh = 0
 
@@ -159,7 +141,7 @@ class Calibration:
 
     @property
     def accuracy(self) -> float:
-        return float(self._bin_correct.sum()) / self._n if self._n else math.nan
+        return sum(self._bin_correct) / self._n if self._n else math.nan
 
     @property
     def brier(self) -> float:
@@ -170,7 +152,7 @@ class Calibration:
         if self._n == 0:
             return math.nan
         if strategy == "width":
-            return float(np.sum(np.abs(self._bin_correct - self._bin_conf))) / self._n
+            return float(np.sum(np.abs(np.asarray(self._bin_correct) - np.asarray(self._bin_conf)))) / self._n
         if strategy == "mass":
             return sum(abs(b["n"] * (b["accuracy"] - b["confidence"])) for b in self.reliability("mass")) / self._n
         raise ValueError("strategy must be 'width' or 'mass'")
@@ -194,14 +176,33 @@ class Calibration:
             return out
         if strategy != "mass":
             raise ValueError("strategy must be 'width' or 'mass'")
+        if self._mass is None or self._mass[0] != self.n_seen:
+            self._mass = (self.n_seen, self._equal_mass())
+        return [dict(b) for b in self._mass[1]]
+
+    def _equal_mass(self) -> list[dict]:
         conf, correct, _ = self._window()
-        order = np.argsort(conf, kind="stable")
-        for part in np.array_split(order, min(self.n_bins, len(order))):
-            if len(part) == 0:
-                continue
-            c = conf[part]
-            mc, acc = float(c.mean()), float(correct[part].mean())
-            out.append({"lower": float(c[0]), "upper": float(c[-1]), "n": int(len(part)),
+        n = len(conf)
+        if n == 0:
+            return []
+        k = min(self.n_bins, n)
+        sizes = [n // k + 1] * (n % k) + [n // k] * (k - n % k)      # as numpy.array_split cuts
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        ranked = np.sort(conf)
+        if np.any(ranked[1:] == ranked[:-1]) or np.isnan(ranked[-1]):
+            # ties: which of them are correct depends on their order in the window
+            right = np.concatenate(([0], np.cumsum(correct[np.argsort(conf, kind="stable")])))
+            n_right = right[ends] - right[starts]
+        else:  # distinct values: a bin holds exactly the values between its first and last
+            right = np.sort(conf[correct == 1])
+            n_right = (np.searchsorted(right, ranked[ends - 1], side="right")
+                       - np.searchsorted(right, ranked[starts], side="left"))
+        out = []
+        for lo, hi, m in zip(starts.tolist(), ends.tolist(), n_right.tolist()):
+            c = ranked[lo:hi]
+            mc, acc = float(c.mean()), m / (hi - lo)
+            out.append({"lower": float(c[0]), "upper": float(c[-1]), "n": hi - lo,
                         "confidence": mc, "accuracy": acc, "gap": acc - mc})
         return out
 
@@ -211,18 +212,35 @@ class Calibration:
 
     # -- checkpoints --------------------------------------------------------------------
     def to_state(self) -> dict:
-        conf, correct, brier = self._window()
-        order = np.arange(self._n) if self._n < self.window_size else (self._head + np.arange(self.window_size)) % self.window_size
-        return {"n_bins": self.n_bins, "window_size": self.window_size, "n_seen": self.n_seen,
+        """The window oldest first, where it sits in the ring, and the running sums as they
+        are (recomputing them would round differently: a restart must change nothing)."""
+        W, n = self.window_size, self._n
+        order = (self._head - n + np.arange(n)) % W
+        return {"n_bins": self.n_bins, "window_size": W, "n_seen": self.n_seen, "head": self._head,
                 "confidence": self._conf[order].tolist(), "correct": self._correct[order].tolist(),
-                "brier": self._brier[order].tolist()}
+                "brier": self._brier[order].tolist(),
+                "sums": {"confidence": list(self._bin_conf), "brier": self._brier_sum,
+                         "since_refresh": self._since_refresh}}
 
     @classmethod
     def from_state(cls, st: dict) -> "Calibration":
         c = cls(st["n_bins"], st["window_size"])
-        if st["confidence"]:
-            c._push(np.asarray(st["confidence"], dtype=np.float64), np.asarray(st["correct"], dtype=np.int8),
-                    np.asarray(st["brier"], dtype=np.float64))
-        c._refresh()
+        conf = np.asarray(st["confidence"], dtype=np.float64)
+        correct = np.asarray(st["correct"], dtype=np.int8)
+        brier = np.asarray(st["brier"], dtype=np.float64)
+        n, W = len(conf), c.window_size
+        c._head = int(st.get("head", n % W))
+        slots = (c._head - n + np.arange(n)) % W
+        c._conf[slots], c._correct[slots], c._brier[slots] = conf, correct, brier
+        c._n = n
+        b = c._bin(conf)
+        c._bin_n = np.bincount(b, minlength=c.n_bins).tolist()
+        c._bin_correct = np.bincount(b, weights=correct, minlength=c.n_bins).astype(np.int64).tolist()
+        if "sums" in st:
+            c._bin_conf = [float(x) for x in st["sums"]["confidence"]]
+            c._brier_sum = float(st["sums"]["brier"])
+            c._since_refresh = int(st["sums"]["since_refresh"])
+        else:  # a checkpoint from before the sums were kept
+            c._refresh()
         c.n_seen = int(st["n_seen"])
         return c

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
+from eventbus import security as kafka_security
 from stream_processors.processor import Settings
 
 
@@ -12,7 +14,8 @@ def add_parser(subparsers, option):
     p = subparsers.add_parser(
         "process", help="run a stream processor (consumer group) over the event topics",
         description="Consume vigil.inference.events and vigil.feedback in a consumer group, run drift, "
-                    "calibration, quality and latency detectors per model version, and publish vigil.signals. "
+                    "calibration, quality and latency detectors per model version, compare each candidate "
+                    "version with the stable one, and publish vigil.signals. "
                     "Start more processes with the same group id to spread the partitions.")
     d, s = RunnerDefaults(), Settings()
     g = p.add_argument_group("kafka")
@@ -25,6 +28,7 @@ def add_parser(subparsers, option):
            help="consumer group session timeout: how soon a dead processor's partitions move")
     option(g, "--metrics-port", type=int, default=d.metrics_port,
            help="Prometheus metrics port; 0 picks a free port, -1 turns metrics off")
+    kafka_security.add_options(p, option)  # --kafka-sasl-*, --kafka-ssl-*, --kafka-security-protocol
     g = p.add_argument_group("detectors")
     option(g, "--ks-window", type=int, default=s.ks_window, help="KS reference and sliding window size")
     option(g, "--ks-alpha", type=float, default=s.ks_alpha, help="KS significance level, per update")
@@ -44,6 +48,14 @@ def add_parser(subparsers, option):
            help="seconds (event time) an event waits for its feedback, and feedback for its event")
     option(g, "--quality-window", type=int, default=s.quality_window, help="completions per quality window")
     option(g, "--trend-window", type=int, default=s.trend_window, help="windows in the Mann-Kendall test")
+    g = p.add_argument_group("candidate against stable")
+    option(g, "--compare-window", type=int, default=s.compare_window,
+           help="a candidate version's latest events (and as many stable ones) compared with each other")
+    option(g, "--compare-every", type=int, default=s.compare_every,
+           help="compare a candidate with the stable version each this many of its events")
+    option(g, "--compare-alpha", type=float, default=s.compare_alpha,
+           help="significance level of each test (KS per feature, chi-square on finish reasons)")
+    option(g, "--compare-min", type=int, default=s.compare_min, help="fewest values on each side for a test")
     return p
 
 
@@ -62,13 +74,20 @@ def options(args):
                  calibration_every=args.calibration_every, calibration_bins=args.calibration_bins,
                  calibration_window=args.calibration_window, ece_threshold=args.ece_threshold,
                  feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
-                 trend_window=args.trend_window)
+                 trend_window=args.trend_window, compare_window=args.compare_window,
+                 compare_every=args.compare_every, compare_alpha=args.compare_alpha, compare_min=args.compare_min)
     return RunnerOptions(bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
                          metrics_port=args.metrics_port, checkpoint_interval=args.checkpoint_interval,
-                         max_records=args.max_records, session_timeout_ms=args.session_timeout_ms, settings=s)
+                         max_records=args.max_records, session_timeout_ms=args.session_timeout_ms, settings=s,
+                         security=kafka_security.from_args(args))
 
 
 def run(args) -> int:
     from stream_processors.runner import serve
-    asyncio.run(serve(options(args)))
+    try:
+        o = options(args)
+    except ValueError as e:  # Kafka security settings; the message names the --kafka-* option
+        print(f"vigil process: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(o))
     return 0

@@ -1,20 +1,26 @@
 """The processor's computation: events in, per model version state, signals out.
 
-No Kafka here (the runner in ``runner.py`` feeds it): ``PartitionState.apply`` takes the
-decoded records of one partition number, in order, for both ``vigil.inference.events``
-and ``vigil.feedback`` (an event and its feedback share a key, so they land in the same
-partition number of the two topics), and returns the signals to publish. The whole state
-of a partition number (per model version: detectors, sketches, calibration, quality,
-trends; the pending feedback joins; the next offset of each topic) round-trips through
-``to_state`` / ``from_state`` so a checkpoint carries state and offsets together.
+No Kafka here (the runner in ``runner.py`` feeds it): ``PartitionState.apply_events`` and
+``apply_feedback`` take the decoded records of one fetch of one partition number, in order
+(an event and its feedback share a key, so they land in the same partition number of
+``vigil.inference.events`` and ``vigil.feedback``), and add the signals to publish to a
+list. The whole state of a partition number (per model version: detectors, sketches,
+calibration, quality, trends; per model: the comparison of its versions; the pending
+feedback joins; the next offset of each topic) round-trips through ``to_state`` /
+``from_state`` so a checkpoint carries state and offsets together.
 
-Work is done in batches: the records of one fetch are grouped by model version and every
-detector gets ``update_many`` over the batch's column, which is what makes the
-processor fast; ``update_many`` gives the same results as ``update`` value by value.
-Readings (every detector's current statistic) are published every ``signal_every``
-events of a model version, at the batch boundary that crosses the multiple, and a
-drifted signal whenever a detector detects inside a batch (its statistic is read at the
-end of that batch).
+Work is done in batches: the events of one fetch are read a field at a time for the whole
+fetch (``read_events``), grouped by model version, and every detector gets
+``update_many`` over the batch's column, which is what makes the processor fast;
+``update_many`` gives the same results as ``update`` value by value. Readings (every
+detector's current statistic) are published every ``signal_every`` events of a model
+version, at the batch boundary that crosses the multiple, and a drifted signal whenever a
+detector detects inside a batch (its statistic is read at the end of that batch); the
+comparisons of a candidate version with the stable one (``compare.py``) every
+``compare_every`` candidate events, at a batch boundary too. Joined feedback goes in
+batches cut where a calibration signal is due (every ``calibration_every`` joins), so
+those signals and the concept-drift ones come exactly where one-by-one updates would put
+them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stream_processors.calibration import Calibration
+from stream_processors.compare import VersionComparison
 from stream_processors.detectors import ADWIN, PSI, ChiSquare, KSWindow
 from stream_processors.quality import METRICS as QUALITY_METRICS, QualityMonitor
 from stream_processors.sketch import QuantileSketch
@@ -40,6 +47,9 @@ CONTINUOUS = ("prompt_tokens", "completion_tokens", "mean_logprob", "mean_entrop
               "total_seconds", "first_token_seconds", "top_label_prob")
 COL = {name: i for i, name in enumerate(CONTINUOUS)}
 LATENCY = ("total_seconds", "first_token_seconds")
+# What a candidate version is compared with the stable version on: what it answers and how
+# fast, not what it was asked (prompt_tokens).
+COMPARED = tuple(f for f in CONTINUOUS if f != "prompt_tokens")
 KIND_DRIFT, KIND_CALIBRATION, KIND_QUALITY, KIND_LATENCY = 1, 2, 3, 4
 
 
@@ -62,6 +72,10 @@ class Settings:
     max_pending: int = 200_000        # per partition, each way
     quality_window: int = 100
     trend_window: int = 30
+    compare_window: int = 500         # events of a candidate (and stable partners) compared
+    compare_every: int = 100          # a candidate's events between comparisons with stable
+    compare_alpha: float = 1e-5       # per test
+    compare_min: int = 50             # fewest values a side may have for a test
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
@@ -116,16 +130,17 @@ class ModelState:
         self.last_time = 0.0
 
     # -- events ---------------------------------------------------------------------------
-    def add_events(self, X: np.ndarray, errors: np.ndarray, finish: list, texts: list,
-                   times: list, out: list[Out]) -> None:
-        """X: (n, len(CONTINUOUS)) with NaN where a feature is absent."""
+    def add_events(self, X: np.ndarray, errors: np.ndarray, finish: list, lengths: np.ndarray,
+                   texts: list | None, last_time: float, out: list[Out]) -> None:
+        """X: (len(CONTINUOUS), n) with NaN where a feature is absent; ``lengths`` and
+        ``texts`` (None when no event has one) of the completions the quality monitor judges."""
         n = len(errors)
         before = self.n_events
         self.n_events += n
         self.n_errors += int(errors.sum())
-        self.last_time = max(self.last_time, max(times))
+        self.last_time = max(self.last_time, last_time)
         for f, i in COL.items():
-            col = X[:, i]
+            col = X[i]
             for d in self.detectors[f]:
                 if len(d.update_many(col)):
                     self._drift(d, f, out)
@@ -139,13 +154,12 @@ class ModelState:
         if fin and len(self.finish.update_many(fin)):
             self._drift(self.finish, "finish_reason", out)
         for f in LATENCY:
-            col = X[:, COL[f]]
+            col = X[COL[f]]
             col = col[np.isfinite(col) & (col > 0)]
             if len(col):
                 self.sketches[f].add_many(col)
-        for tokens, length in texts:
-            w = self.quality.update(tokens, length)
-            if w is not None and not w.baseline:
+        for w in self.quality.update_many(lengths, texts):
+            if not w.baseline:
                 for m in QUALITY_METRICS:
                     z = w.z.get(m, NAN)
                     out.append(self._out(KIND_QUALITY, "zscore", m, _f(z), 3.0, None,
@@ -193,16 +207,21 @@ class ModelState:
         self.counts[:] = 0
 
     # -- feedback -------------------------------------------------------------------------
-    def add_joined(self, probs: list[float], label_index: int, out: list[Out]) -> None:
-        self.n_joined += 1
-        before = self.calibration.n_seen
-        self.calibration.update(probs, label_index)
-        correct = int(np.argmax(probs) == label_index) if label_index < len(probs) else 0
-        self.concept.update(1 - correct)
-        if self.concept.drift_detected:
-            out.append(self._reading(self.concept, "prediction_error", True, KIND_QUALITY))
-        if self.calibration.n_seen // self.s.calibration_every > before // self.s.calibration_every:
-            self._calibration(out)
+    def add_joined(self, pairs: list[tuple[list[float], int]], out: list[Out]) -> None:
+        """Joined feedback, in order: (label probabilities, index of the true label)."""
+        every = self.s.calibration_every
+        i = 0
+        while i < len(pairs):
+            j = min(len(pairs), i + every - self.calibration.n_seen % every)   # the next signal is due at j
+            for probs, labels in _same_length_runs(pairs[i:j]):
+                self.calibration.update_many(probs, labels)
+                wrong = (np.argmax(probs, axis=1) != labels).astype(np.float64)
+                self.concept.update_many(wrong, on_drift=lambda _: out.append(
+                    self._reading(self.concept, "prediction_error", True, KIND_QUALITY)))
+            self.n_joined += j - i
+            if self.calibration.n_seen % every == 0:
+                self._calibration(out)
+            i = j
 
     def _calibration(self, out: list[Out]) -> None:
         c, n = self.calibration, self.calibration.n
@@ -255,30 +274,83 @@ class ModelState:
                 "latency": {f: s.quantiles() if s.count else None for f, s in self.sketches.items()}}
 
 
-def features(ev) -> tuple:
-    """(continuous row, error 0/1, finish reason, quality input, event time) of an InferenceEvent."""
-    conf = ev.confidence if ev.HasField("confidence") else None
-    probs = ev.label_probabilities
-    ok = ev.status == STATUS_OK
-    row = (float(ev.prompt_tokens), float(ev.completion_tokens) if ok else NAN,
-           conf.mean_logprob if conf is not None else NAN, conf.mean_entropy if conf is not None else NAN,
-           conf.min_top1_prob if conf is not None else NAN,
-           ev.total_seconds if ok else NAN, ev.first_token_seconds if ok and ev.first_token_seconds > 0 else NAN,
-           max(probs.values()) if probs else NAN)
-    text = None
-    if ok and ev.method != "Classify":
-        text = (ev.completion_text if ev.HasField("completion_text") else None, ev.completion_tokens)
-    return row, 0.0 if ok else 1.0, ev.finish_reason, text, ev.time.seconds + ev.time.nanos * 1e-9
+def _same_length_runs(pairs: list):
+    """Runs of consecutive pairs with as many probabilities: (probabilities (n, k), labels (n,))."""
+    start = 0
+    for i in range(1, len(pairs) + 1):
+        if i == len(pairs) or len(pairs[i][0]) != len(pairs[start][0]):
+            run = pairs[start:i]
+            yield np.array([p for p, _ in run]), np.array([y for _, y in run], dtype=np.int64)
+            start = i
+
+
+@dataclass
+class Batch:
+    """The features of a list of InferenceEvents, a column per feature."""
+    X: np.ndarray          # (len(CONTINUOUS), n); NaN where a feature is absent
+    errors: np.ndarray     # 1.0 where the status is not OK
+    finish: list           # finish reasons ("" where generation never ran)
+    judged: np.ndarray     # whether the quality monitor judges the completion: OK and not Classify
+    lengths: np.ndarray    # completion tokens
+    texts: dict            # position -> completion text, of the judged events that carry it
+    times: np.ndarray      # event time, seconds
+    routes: np.ndarray     # vigil.events.v1.Route
+    groups: dict           # (model, version) -> positions, in order of first appearance
+    labelled: list         # (position, labels sorted, their probabilities) of the events with
+                           # label probabilities
+
+
+def read_events(events: list) -> Batch:
+    """Each protobuf field is read for the whole list at once: a list comprehension per
+    field costs a fraction of building a row per event. Sub-messages are read as they go
+    by, not kept: thousands of live wrappers would wake the garbage collector."""
+    n = len(events)
+    ok = np.array([e.status for e in events]) == STATUS_OK
+    conf = np.array([e.HasField("confidence") for e in events], dtype=bool)
+    confidence = np.fromiter((x for c in (e.confidence for e in events)
+                              for x in (c.mean_logprob, c.mean_entropy, c.min_top1_prob)), np.float64, 3 * n)
+    first = np.array([e.first_token_seconds for e in events], dtype=np.float64)
+    lengths = np.array([e.completion_tokens for e in events], dtype=np.int64)
+    labelled, top = [], []
+    for i, k in enumerate([len(e.label_probabilities) for e in events]):
+        if k:
+            items = list(events[i].label_probabilities.items())
+            top.append(max(p for _, p in items))     # in the map's order, as max(values()) takes them
+            items.sort()
+            labelled.append((i, [label for label, _ in items], [p for _, p in items]))
+    X = np.full((len(CONTINUOUS), n), NAN)
+    X[0] = [e.prompt_tokens for e in events]
+    X[1] = np.where(ok, lengths, NAN)
+    X[2:5] = np.where(conf, confidence.reshape(n, 3).T, NAN)
+    X[5] = np.where(ok, [e.total_seconds for e in events], NAN)
+    X[6] = np.where(ok & (first > 0), first, NAN)
+    X[7, [i for i, _, _ in labelled]] = top
+    judged = ok & np.array([e.method != "Classify" for e in events])
+    texts = {i: events[i].completion_text for i in np.flatnonzero(judged).tolist()
+             if events[i].HasField("completion_text")}
+    times = np.array([t.seconds + t.nanos * 1e-9 for t in (e.time for e in events)], dtype=np.float64)
+    index: dict[tuple, int] = {}
+    codes = np.array([index.setdefault((e.model, e.version), len(index)) for e in events])
+    groups = {key: np.flatnonzero(codes == g) for key, g in index.items()}
+    return Batch(X, (~ok).astype(np.float64), [e.finish_reason for e in events], judged, lengths, texts, times,
+                 np.array([e.route for e in events]), groups, labelled)
 
 
 class PartitionState:
-    """All state of one partition number of vigil.inference.events and vigil.feedback."""
+    """All state of one partition number of vigil.inference.events and vigil.feedback.
+
+    The comparison of a model's candidate versions with its stable version (compare.py)
+    sees the versions whose events are in this partition: all of them when the records are
+    keyed by model, as they must be for it; keyed by model and version, only those whose
+    keys happen to share a partition number (the others are not compared, never wrongly).
+    """
 
     def __init__(self, partition: int, settings: Settings):
         self.partition = partition
         self.s = settings
         self.offsets: dict[str, int] = {}         # topic -> next offset to read
         self.models: dict[str, ModelState] = {}
+        self.comparisons: dict[str, VersionComparison] = {}   # model -> its versions compared
         self.pending_events: dict[str, tuple] = {}    # request_id -> (key, labels, probs, time)
         self.pending_feedback: dict[str, tuple] = {}  # request_id -> (label, time)
         self.watermark = 0.0                          # the latest event time seen
@@ -291,61 +363,88 @@ class PartitionState:
             m = self.models[key] = ModelState(model, version, self.s)
         return m
 
-    def accept(self, topic: str, offset: int) -> bool:
-        """Whether a record is new to this state (and note it as read): the guard against
-        counting a record twice when a fetch overlaps what a checkpoint already holds."""
-        if offset < self.offsets.get(topic, 0):
-            return False
-        self.offsets[topic] = offset + 1
-        return True
+    def fresh(self, topic: str, records: list) -> list:
+        """The records new to this state (noted as read): the guard against counting a
+        record twice when a fetch overlaps what a checkpoint already holds."""
+        start = self.offsets.get(topic, 0)
+        new = [r for r in records if r.offset >= start]
+        if new:
+            self.offsets[topic] = new[-1].offset + 1
+        return new
 
     def apply_events(self, events: list, out: list[Out]) -> None:
-        groups: dict[tuple, list] = {}
-        for ev in events:
-            groups.setdefault((ev.model, ev.version), []).append(ev)
-            if ev.label_probabilities and ev.request_id:
-                t = ev.time.seconds + ev.time.nanos * 1e-9
-                labels = sorted(ev.label_probabilities)
-                entry = (ev.model, ev.version, labels, [ev.label_probabilities[k] for k in labels], t)
-                fb = self.pending_feedback.pop(ev.request_id, None)
-                if fb is not None:
-                    self._join(entry, fb[0], out)
-                elif len(self.pending_events) < self.s.max_pending:
-                    self.pending_events[ev.request_id] = entry
-        for (model, version), evs in groups.items():
-            rows, errors, finish, texts, times = [], [], [], [], []
-            for ev in evs:
-                row, err, fin, text, t = features(ev)
-                rows.append(row)
-                errors.append(err)
-                finish.append(fin)
-                times.append(t)
-                if text is not None:
-                    texts.append(text)
-            self.watermark = max(self.watermark, max(times))
-            self.model(model, version).add_events(np.array(rows, dtype=np.float64), np.array(errors),
-                                                  finish, texts, times, out)
-
-    def apply_feedback(self, fb, out: list[Out]) -> None:
-        t = fb.time.seconds + fb.time.nanos * 1e-9
-        self.watermark = max(self.watermark, t)
-        if fb.WhichOneof("truth") != "label" or not fb.request_id:
-            self.model(fb.model, fb.version).n_feedback += 1
+        if not events:
             return
-        entry = self.pending_events.pop(fb.request_id, None)
-        if entry is not None:
-            self._join(entry, fb.label, out)
-        elif len(self.pending_feedback) < self.s.max_pending:
-            self.pending_feedback[fb.request_id] = (fb.label, t)
+        batch = read_events(events)
+        joins: dict[ModelState, list] = {}
+        for i, labels, probs in batch.labelled:
+            ev = events[i]
+            if not ev.request_id:
+                continue
+            entry = (ev.model, ev.version, labels, probs, float(batch.times[i]))
+            fb = self.pending_feedback.pop(ev.request_id, None)
+            if fb is not None:
+                self._join(entry, fb[0], joins)
+            elif len(self.pending_events) < self.s.max_pending:
+                self.pending_events[ev.request_id] = entry
+        for m, pairs in joins.items():
+            m.add_joined(pairs, out)
+        self.watermark = max(self.watermark, float(batch.times.max()))
+        for (model, version), idx in batch.groups.items():
+            judged = idx[batch.judged[idx]]
+            texts = [batch.texts.get(i) for i in judged.tolist()] if batch.texts else None
+            self.model(model, version).add_events(
+                batch.X[:, idx], batch.errors[idx], [batch.finish[i] for i in idx.tolist()], batch.lengths[judged],
+                texts, float(batch.times[idx].max()), out)
+        if batch.routes.any():
+            self._compare(batch, out)
 
-    def _join(self, entry: tuple, label: str, out: list[Out]) -> None:
+    def _compare(self, batch: Batch, out: list[Out]) -> None:
+        s = self.s
+        values = batch.X[[COL[f] for f in COMPARED]].T
+        by_model: dict[str, dict] = {}
+        for (model, version), idx in batch.groups.items():
+            by_model.setdefault(model, {})[version] = idx
+        for model, rows in by_model.items():
+            if not any(batch.routes[idx].any() for idx in rows.values()):
+                continue
+            cmp = self.comparisons.get(model)
+            if cmp is None:
+                cmp = self.comparisons[model] = VersionComparison(COMPARED, s.compare_window, s.compare_every,
+                                                                  s.compare_min)
+            for version in cmp.add(rows, batch.routes, values, batch.finish, batch.times):
+                for r in cmp.compare(version):
+                    out.append(Out(model, version, KIND_LATENCY if r.feature in LATENCY else KIND_DRIFT, r.detector,
+                                   r.feature, _f(r.statistic), s.compare_alpha, r.p_value, r.p_value < s.compare_alpha,
+                                   r.n_reference, r.n_candidate, r.time, {"reference_version": r.reference}))
+
+    def apply_feedback(self, feedbacks: list, out: list[Out]) -> None:
+        joins: dict[ModelState, list] = {}
+        for fb in feedbacks:
+            ts = fb.time
+            t = ts.seconds + ts.nanos * 1e-9
+            if t > self.watermark:
+                self.watermark = t
+            request_id = fb.request_id
+            if not request_id or fb.WhichOneof("truth") != "label":
+                self.model(fb.model, fb.version).n_feedback += 1
+                continue
+            entry = self.pending_events.pop(request_id, None)
+            if entry is not None:
+                self._join(entry, fb.label, joins)
+            elif len(self.pending_feedback) < self.s.max_pending:
+                self.pending_feedback[request_id] = (fb.label, t)
+        for m, pairs in joins.items():
+            m.add_joined(pairs, out)
+
+    def _join(self, entry: tuple, label: str, joins: dict) -> None:
         model, version, labels, probs, _ = entry
         m = self.model(model, version)
         m.n_feedback += 1
         if label in labels:
-            m.add_joined(probs, labels.index(label), out)
+            joins.setdefault(m, []).append((probs, labels.index(label)))
         else:  # a true label the classifier was not offered: a certain miss
-            m.add_joined(probs + [0.0], len(labels), out)
+            joins.setdefault(m, []).append((probs + [0.0], len(labels)))
 
     def expire(self) -> None:
         """Drop joins older than the TTL (in event time, so a replay drops the same ones)."""
@@ -360,6 +459,7 @@ class PartitionState:
         return {"partition": self.partition, "offsets": self.offsets, "watermark": self.watermark,
                 "expired": self.expired, "settings": asdict(self.s),
                 "models": {k: m.to_state() for k, m in self.models.items()},
+                "comparisons": {k: c.to_state() for k, c in self.comparisons.items()},
                 "pending_events": self.pending_events, "pending_feedback": self.pending_feedback}
 
     @classmethod
@@ -368,6 +468,9 @@ class PartitionState:
         p.offsets = {k: int(v) for k, v in st["offsets"].items()}
         p.watermark, p.expired = st["watermark"], st["expired"]
         p.models = {k: ModelState.from_state(m, settings) for k, m in st["models"].items()}
+        p.comparisons = {k: VersionComparison.from_state(c, COMPARED, settings.compare_window, settings.compare_every,
+                                                         settings.compare_min)
+                         for k, c in st.get("comparisons", {}).items()}   # none in older checkpoints
         p.pending_events = {k: tuple(v) for k, v in st["pending_events"].items()}
         p.pending_feedback = {k: tuple(v) for k, v in st["pending_feedback"].items()}
         return p

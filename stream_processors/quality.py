@@ -24,6 +24,8 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 __all__ = ["QualityMonitor", "QualityWindow", "window_metrics", "METRICS"]
 
 METRICS = ("distinct_1", "distinct_2", "token_entropy", "mean_length")
@@ -112,6 +114,28 @@ class QualityMonitor:
         if self._n < self.window_size:
             return None
         return self._close()
+
+    def update_many(self, lengths, tokens=None) -> list[QualityWindow]:
+        """As ``update(tokens[i], lengths[i])`` on each completion in turn; returns the
+        windows closed. ``tokens`` None: no completion has its text, and the lengths are
+        added a window at a time."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        closed = []
+        if tokens is not None:
+            for toks, length in zip(tokens, lengths.tolist()):
+                w = self.update(toks, length)
+                if w is not None:
+                    closed.append(w)
+            return closed
+        i = 0
+        while i < len(lengths):
+            take = min(len(lengths) - i, self.window_size - self._n)
+            self._len_sum += int(lengths[i:i + take].sum())
+            self._n += take
+            i += take
+            if self._n == self.window_size:
+                closed.append(self._close())
+        return closed
 
     def _close(self) -> QualityWindow:
         values = {"distinct_1": len(self._uni) / self._n_uni if self._n_uni else math.nan,

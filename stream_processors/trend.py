@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from functools import lru_cache
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -52,7 +53,7 @@ def mann_kendall(values, alpha: float = 0.05, scale: float | None = None) -> Tre
     if n < 3:
         return TrendResult(n, 0, 0.0, 0.0, 1.0, 0.0, 0.0, float(np.median(x)) if n else math.nan,
                            "no trend", "none", 0.0)
-    i, j = np.triu_indices(n, k=1)
+    i, j = _pairs(n)
     d = x[j] - x[i]
     s = int(np.sign(d).sum())
     _, t = np.unique(x, return_counts=True)
@@ -67,11 +68,11 @@ def mann_kendall(values, alpha: float = 0.05, scale: float | None = None) -> Tre
         z = 0.0
     p = math.erfc(abs(z) / math.sqrt(2.0))
     tau = s / (n * (n - 1) / 2.0)
-    slope = float(np.median(d / (j - i)))
-    intercept = float(np.median(x)) - slope * (n - 1) / 2.0
+    slope = _median(d / (j - i))
+    intercept = _median(x) - slope * (n - 1) / 2.0
     resid = x - slope * np.arange(n)
     if scale is None:
-        scale = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+        scale = 1.4826 * _median(np.abs(resid - _median(resid)))
         if scale == 0.0:
             scale = float(np.std(resid))
     change = abs(slope) * (n - 1)
@@ -87,6 +88,19 @@ def mann_kendall(values, alpha: float = 0.05, scale: float | None = None) -> Tre
     else:
         severity = "high"
     return TrendResult(n, s, var_s, z, p, tau, slope, intercept, trend, severity, magnitude)
+
+
+@lru_cache(maxsize=64)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) over all i < j < n."""
+    return np.triu_indices(n, k=1)
+
+
+def _median(v: np.ndarray) -> float:
+    """numpy.median's value (the mean of the middle two for an even count), without its overhead."""
+    s = np.sort(v)
+    m = len(s) // 2
+    return float(s[m]) if len(s) % 2 else float((s[m - 1] + s[m]) / 2)
 
 
 class TrendMonitor:

@@ -118,3 +118,27 @@ def test_windowed_sums_stay_exact(data, window, n_bins):
         assert cal.n == len(Y[s])
         assert abs(cal.accuracy - acc) < 1e-9 and abs(cal.brier - brier) < 1e-9
         assert abs(cal.ece(strategy) - ece) < 1e-9
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 600), window=st.integers(1, 150), n_bins=st.integers(1, 12),
+       k=st.sampled_from([None, 2, 3]), digits=st.sampled_from([None, 1, 2]))
+def test_batch_is_exactly_one_by_one(seed, n, window, n_bins, k, digits):
+    """update_many is update pair by pair, to the last bit (ties in confidence included, where
+    the equal-mass bins depend on the window's order)."""
+    P, Y = make(seed, n, k)
+    if digits is not None:
+        P = np.round(P, digits)
+    one, many = Calibration(n_bins, window), Calibration(n_bins, window)
+    for i in range(n):
+        one.update(P[i], Y[i])
+    rng = np.random.default_rng(seed)
+    lo = 0
+    while lo < n:
+        hi = lo + int(rng.integers(1, 200))
+        many.update_many(P[lo:hi], Y[lo:hi])
+        lo = hi
+    for strategy in ("width", "mass"):
+        assert one.reliability(strategy) == many.reliability(strategy)
+        assert one.ece(strategy) == many.ece(strategy)
+    assert (one.accuracy, one.brier, one.n_seen) == (many.accuracy, many.brier, many.n_seen)

@@ -27,18 +27,6 @@ VIGIL = {name: s for name, s in SERVICES.items() if s.get("image") == "vigil:lat
 DASHBOARDS = ROOT / "deploy/grafana/dashboards"
 PROVISIONING = ROOT / "deploy/grafana/provisioning"
 
-# Metrics the dashboard shows that no service exports yet (the drift statistics and ECE
-# panels, the rollout phase timeline). Each entry says where it belongs; remove it when
-# the metric is there (test_every_metric_the_dashboard_queries_is_exported says so).
-PENDING_METRICS = {
-    "vigil_processor_signal_statistic":
-        "stream_processors/runner.py: Gauge of the latest Signal.statistic, labels model, version, kind, "
-        "detector, feature, binning (ECE is detector=\"ece\")",
-    "vigil_processor_signal_threshold":
-        "stream_processors/runner.py: Gauge of the latest Signal.threshold, same labels",
-}
-
-
 def subcommand(name: str):
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     return sub.choices[name]
@@ -495,21 +483,9 @@ def dashboard_metrics() -> dict[str, set[str]]:
 
 
 def test_every_metric_the_dashboard_queries_is_exported():
-    """Every name is in a service's registry, or listed in PENDING_METRICS with where it
-    belongs; a pending one that is exported now must leave the list."""
     used, known = dashboard_metrics(), known_metrics()
     missing = {name: sorted(where) for name, where in used.items() if name not in known}
-    unexplained = {name: where for name, where in missing.items() if name not in PENDING_METRICS}
-    assert not unexplained, f"the dashboard queries metrics no service exports: {unexplained}"
-    stale = set(PENDING_METRICS) - set(missing)
-    assert not stale, f"{sorted(stale)} are exported (or no longer queried): take them out of PENDING_METRICS"
-
-
-@pytest.mark.xfail(bool(PENDING_METRICS), strict=True,
-                   reason="not exported yet: " + "; ".join(f"{k} ({v})" for k, v in PENDING_METRICS.items()))
-def test_the_dashboard_waits_for_no_metric():
-    missing = set(dashboard_metrics()) - known_metrics()
-    assert not missing, sorted(missing)
+    assert not missing, f"the dashboard queries metrics no service exports: {missing}"
 
 
 def test_grafana_provisioning_matches_the_compose_mounts():

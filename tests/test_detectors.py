@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from river import drift as river_drift
 from scipy import stats
 
-from stream_processors.detectors import ADWIN, PSI, ChiSquare, KSWindow, PageHinkley, Reading, ks_2samp_pvalue, psi
+from stream_processors.detectors import (ADWIN, PSI, ChiSquare, KSWindow, PageHinkley, Reading, chi2_homogeneity, ks_2samp,
+                                        ks_2samp_pvalue, psi)
 
 
 def shifted_stream(seed: int, n: int = 12_000) -> np.ndarray:
@@ -109,6 +110,22 @@ def test_adwin_reading_and_checkpoint():
     r = a.reading()
     assert isinstance(r, Reading) and r.detector == "adwin" and r.window_sizes == (a.width,)
     assert r.threshold == 1.0 and r.statistic >= 0.0 and a.n_detections >= 2
+
+
+def test_adwin_on_drift_sees_the_detector_as_update_left_it():
+    xs = shifted_stream(5)
+    one, many = ADWIN(), ADWIN()
+    after_update = {}
+    for i, v in enumerate(xs):
+        one.update(v)
+        if one.drift_detected:
+            after_update[i] = one.reading()
+    seen = {}
+    for lo in range(0, len(xs), 1500):   # batches above and below the scalar threshold
+        for part in (xs[lo:lo + 100], xs[lo + 100:lo + 1500]):
+            start = lo if len(part) == 100 else lo + 100
+            many.update_many(part, on_drift=lambda i, start=start: seen.setdefault(start + i, many.reading()))
+    assert after_update and seen == after_update
 
 
 def _check_adwin_invariants(a: ADWIN, values_in_window: np.ndarray) -> None:
@@ -256,6 +273,41 @@ def test_ks_critical_value_is_the_boundary(n_ref, window, alpha):
     assert ks_2samp_pvalue(n_ref, window, h) < alpha <= ks_2samp_pvalue(n_ref, window, h - 1)
 
 
+def test_ks_verdict_at_every_update_matches_scipy():
+    # up, back, down and back again: the detector must notice each start and end of rejecting
+    # (it evaluates only where the verdict may change)
+    rng = np.random.default_rng(12)
+    xs = np.concatenate([rng.normal(size=600), rng.normal(1.0, 1.0, 300), rng.normal(size=300),
+                         rng.normal(-1.0, 1.0, 300), rng.normal(size=300)])
+    W, alpha = 100, 1e-3
+    reference = xs[:W]
+    expected = [stats.ks_2samp(reference, xs[i + 1 - W:i + 1]).pvalue < alpha if i >= 2 * W - 1 else False
+                for i in range(len(xs))]
+    one = KSWindow(window_size=W, alpha=alpha)
+    got = []
+    for v in xs:
+        one.update(v)
+        got.append(one.rejecting)
+    assert got == expected and sum(np.diff(expected) != 0) >= 4
+    many, got = KSWindow(window_size=W, alpha=alpha), []
+    for lo in range(0, len(xs), 37):
+        many.update_many(xs[lo:lo + 37])
+        got.append(many.rejecting)
+    assert got == expected[36::37] + ([expected[-1]] if len(xs) % 37 else [])
+
+
+@pytest.mark.parametrize("n1,n2", [(40, 40), (30, 70), (500, 500), (200, 130), (1, 5)])
+def test_ks_2samp_matches_scipy(n1, n2):
+    rng = np.random.default_rng(n1 + n2)
+    for ties in (False, True):
+        a, b = rng.normal(size=n1), rng.normal(0.3, 1.0, size=n2)
+        if ties:
+            a, b = np.round(a, 1), np.round(b, 1)
+        d, p = ks_2samp(a, b)
+        ref = stats.ks_2samp(a, b)
+        assert abs(d - ref.statistic) <= 1e-12 and abs(p - ref.pvalue) <= 1e-6
+
+
 def test_ks_checkpoint_continues_identically():
     xs = shifted_stream(11, 6000)
     a = KSWindow(window_size=200, alpha=0.01)
@@ -338,6 +390,30 @@ def test_chi_square_two_categories_uses_yates_and_new_categories():
     b = roundtrip(det)
     more = rng.choice(["a", "b", "c"], size=500).tolist()
     assert batched(det, more) == batched(b, more)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ys=st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=600),
+       cuts=st.lists(st.integers(0, 600), max_size=6), window=st.integers(1, 60))
+def test_chi_square_batch_equals_one_by_one(ys, cuts, window):
+    one, many = ChiSquare(window_size=window, alpha=0.05), ChiSquare(window_size=window, alpha=0.05)
+    hits, bounds = [], sorted({0, len(ys), *[c for c in cuts if c < len(ys)]})
+    for lo, hi in zip(bounds, bounds[1:]):
+        hits += (many.update_many(ys[lo:hi]) + lo).tolist()
+    assert detections(one, ys) == hits
+    assert one.to_state() == many.to_state()
+
+
+def test_chi2_homogeneity_matches_scipy():
+    rng = np.random.default_rng(18)
+    for k in (2, 3, 5):
+        a = {c: int(n) for c, n in zip("abcde"[:k], rng.integers(0, 40, k))}
+        b = {c: int(n) for c, n in zip("abcde"[:k], rng.integers(1, 40, k))}
+        keep = [c for c in a if a[c] + b[c]]
+        ref = stats.chi2_contingency([[a[c] for c in keep], [b[c] for c in keep]])
+        stat, p, dof = chi2_homogeneity(a, b)
+        assert math.isclose(stat, ref.statistic, rel_tol=1e-12) and abs(p - ref.pvalue) < 1e-12 and dof == ref.dof
+    assert chi2_homogeneity({"a": 3}, {"a": 5}) == (0.0, 1.0, 0)
 
 
 # -- common shape ---------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def feedback(e: events_pb2.InferenceEvent, label: str):
 
 
 def record(message, topic: str):
-    key = topics.model_key(message.model, message.version).encode()
+    key = topics.event_key(message.model).encode()
     headers = cloudevents.headers(message.event_id, message.DESCRIPTOR.full_name, "test", time.time(),
                                   codec.PROTOBUF)
     return topic, message.SerializeToString(), key, headers

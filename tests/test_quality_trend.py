@@ -85,3 +85,27 @@ def test_trend_severity(slope, severity):
     assert out.severity == severity or (severity == "low" and out.severity in ("none", "low"))
     back = TrendMonitor.from_state(json.loads(json.dumps(mon.to_state())))
     assert back.update(1.0) == mon.update(1.0)
+
+
+@pytest.mark.parametrize("with_text", [False, True])
+def test_quality_batch_equals_one_by_one(with_text):
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 40, 1000).tolist()
+    texts = [" ".join(rng.choice(["a", "b", "c", "d"], size=k)) if with_text and rng.random() < 0.7 else None
+             for k in lengths]
+    one, many = QualityMonitor(window_size=30, baseline_windows=3), QualityMonitor(window_size=30, baseline_windows=3)
+    expected = [w for t, k in zip(texts, lengths) if (w := one.update(t, k)) is not None]
+    got = []
+    for lo in range(0, 1000, 77):
+        got += many.update_many(lengths[lo:lo + 77], texts[lo:lo + 77] if with_text else None)
+    assert [w.as_dict() for w in got] == [w.as_dict() for w in expected] and len(got) == 33
+    assert json.dumps(many.to_state()) == json.dumps(one.to_state())
+
+
+def test_trend_median_is_numpys():
+    from stream_processors.trend import _median
+
+    rng = np.random.default_rng(4)
+    for n in range(1, 40):
+        v = rng.normal(size=n) * 10.0 ** rng.integers(-9, 9)
+        assert _median(v) == float(np.median(v))

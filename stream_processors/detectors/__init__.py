@@ -11,6 +11,9 @@ checkpoints (plain JSON-able dicts).
 - ``PSI``: population stability index over fixed bins.
 - ``ChiSquare``: chi-square homogeneity test for categories.
 
+``ks_2samp`` and ``chi2_homogeneity`` are the same two tests on two samples given whole
+(one version of a model against another).
+
 The first two are change detectors: they fire once and restart from the next value. The
 last three compare against a fixed reference: they are ``rejecting`` while the window
 differs, and ``drift_detected`` marks the update where that starts.
@@ -18,9 +21,10 @@ differs, and ``drift_detected`` marks the update where that starts.
 
 from .adwin import ADWIN
 from .base import Reading
-from .chi2 import ChiSquare
-from .ks import KSWindow, ks_2samp_pvalue
+from .chi2 import ChiSquare, chi2_homogeneity
+from .ks import KSWindow, ks_2samp, ks_2samp_pvalue
 from .page_hinkley import PageHinkley
 from .psi import PSI, psi
 
-__all__ = ["ADWIN", "ChiSquare", "KSWindow", "PSI", "PageHinkley", "Reading", "ks_2samp_pvalue", "psi"]
+__all__ = ["ADWIN", "ChiSquare", "KSWindow", "PSI", "PageHinkley", "Reading", "chi2_homogeneity", "ks_2samp",
+           "ks_2samp_pvalue", "psi"]

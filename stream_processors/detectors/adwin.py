@@ -32,6 +32,8 @@ from .base import Reading, as_float_array, finite_positions, is_finite
 
 __all__ = ["ADWIN"]
 
+_SCALAR_BELOW = 192   # a batch this short goes faster value by value than set up for numpy
+
 
 class ADWIN:
     """Adaptive windowing drift detector.
@@ -243,21 +245,31 @@ class ADWIN:
         return detected
 
     # -- a batch ------------------------------------------------------------------------
-    def update_many(self, xs) -> np.ndarray:
+    def update_many(self, xs, on_drift=None) -> np.ndarray:
         """Add a batch of values, exactly as ``update`` on each in turn.
 
         Returns the positions in ``xs`` whose update detected a change. Non-finite values
-        are skipped, as ``update`` skips them.
+        are skipped, as ``update`` skips them. ``on_drift``, when given, is called with each
+        such position right after its update, when the detector reads as ``update`` left it.
         """
         a = as_float_array(xs)
         keep = finite_positions(a)
         if keep is not None:
-            hits = self.update_many(a[keep])
+            inner = None if on_drift is None else (lambda i: on_drift(int(keep[i])))
+            hits = self.update_many(a[keep], inner)
             if len(a) and not np.isfinite(a[-1]):
                 self._drift = False
             return keep[hits]
         hits: list[int] = []
         pos, n = 0, len(a)
+        if n < _SCALAR_BELOW:
+            for pos, x in enumerate(a.tolist()):
+                self.update(x)
+                if self._drift:
+                    hits.append(pos)
+                    if on_drift is not None:
+                        on_drift(pos)
+            return np.asarray(hits, dtype=np.int64)
         chunk = min(max(self.clock * 256, self.clock), 1 << 14)
         while pos < n:
             if self._reset_pending:
@@ -268,6 +280,8 @@ class ADWIN:
                 pos = end
             else:
                 hits.append(pos + hit)
+                if on_drift is not None:
+                    on_drift(pos + hit)
                 pos += hit + 1
         return np.asarray(hits, dtype=np.int64)
 

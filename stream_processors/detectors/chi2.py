@@ -17,13 +17,14 @@ alike.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import repeat
 
 import numpy as np
-from scipy.special import chdtrc
+from scipy.special import chdtrc, chdtri
 
 from .base import Reading
 
-__all__ = ["ChiSquare"]
+__all__ = ["ChiSquare", "chi2_homogeneity"]
 
 _CHUNK = 1 << 15
 
@@ -43,6 +44,20 @@ def _cells(r: int, c: int, n_ref: int, n_w: int, yates: bool) -> float:
             o += min(0.5, abs(diff)) * (1.0 if diff > 0 else -1.0 if diff < 0 else 0.0)
         out += (o - exp) ** 2 / exp
     return out
+
+
+def chi2_homogeneity(a: dict, b: dict) -> tuple[float, float, int]:
+    """(statistic, p-value, degrees of freedom) of two samples' category counts (category ->
+    count), as ``scipy.stats.chi2_contingency`` on the 2 x K table of the categories either
+    has (Yates' correction when K = 2); (0.0, 1.0, 0) when fewer than two categories occur."""
+    n_a, n_b = sum(a.values()), sum(b.values())
+    cats = [c for c in dict.fromkeys([*a, *b]) if a.get(c, 0) + b.get(c, 0) > 0]
+    if len(cats) < 2:
+        return 0.0, 1.0, 0
+    stat = 0.0
+    for c in cats:
+        stat += _cells(a.get(c, 0), b.get(c, 0), n_a, n_b, len(cats) == 2)
+    return stat, float(chdtrc(len(cats) - 1, stat)), len(cats) - 1
 
 
 class ChiSquare:
@@ -66,6 +81,8 @@ class ChiSquare:
                  alpha: float = 1e-5, reference=None):
         if window_size < 1:
             raise ValueError("window_size must be >= 1")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError("alpha must be in (0, 1)")
         self.window_size = int(window_size)
         self.reference_size = int(reference_size or window_size)
         self.alpha = float(alpha)
@@ -89,11 +106,12 @@ class ChiSquare:
         self.n_ref = sum(counts.values())
         self._plain: list[list[float]] = []
         self._yates: list[list[float]] = []
+        self._tables = None
         for cat, cnt in counts.items():
             self._add_category(cat, cnt)
         self._collect = []
         self._ready = True
-        self._ring = [0] * self.window_size
+        self._ring = np.zeros(self.window_size, dtype=np.int64)
         self._head = 0
         self._n_w = 0
         self._counts = [0] * len(self._categories)
@@ -109,6 +127,7 @@ class ChiSquare:
         W = self.window_size
         self._plain.append([_cells(ref_count, c, self.n_ref, W, False) for c in range(W + 1)])
         self._yates.append([_cells(ref_count, c, self.n_ref, W, True) for c in range(W + 1)])
+        self._tables = None                 # the two tables as arrays, made when a batch needs them
         if hasattr(self, "_counts"):
             self._counts.append(0)
         return i
@@ -198,8 +217,8 @@ class ChiSquare:
         if len(xs) > _CHUNK:
             parts = [self.update_many(xs[i:i + _CHUNK]) + i for i in range(0, len(xs), _CHUNK)]
             return np.concatenate(parts)
-        keep = [j for j, v in enumerate(xs) if v is not None]
-        if len(keep) < len(xs):
+        if None in xs:
+            keep = [j for j, v in enumerate(xs) if v is not None]
             hits = self.update_many([xs[j] for j in keep])
             if xs and xs[-1] is None:
                 self._drift = False
@@ -215,48 +234,65 @@ class ChiSquare:
                 self.set_reference(self._collect)
         if not self._ready or pos >= n:
             return np.zeros(0, dtype=np.int64)
-        idx = np.empty(n - pos, dtype=np.int64)
-        for j, v in enumerate(xs[pos:]):
-            i = self._index.get(v)
-            idx[j] = self._add_category(v) if i is None else i
+        codes = list(map(self._index.get, xs[pos:], repeat(-1)))
+        idx = np.asarray(codes, dtype=np.int64)
+        if (idx < 0).any():  # categories seen for the first time
+            idx = np.asarray([self._index[v] if v in self._index else self._add_category(v) for v in xs[pos:]])
         W, K, R = self.window_size, len(self._categories), len(idx)
-        order = (self._ring[self._head:] + self._ring[:self._head]) if self._n_w == W else self._ring[:self._n_w]
-        combined = np.concatenate((np.asarray(order, dtype=np.int64), idx))
+        ring, head = self._ring, self._head
+        combined = np.concatenate((ring[head:], ring[:head], idx) if self._n_w == W else (ring[:self._n_w], idx))
         fill = min(W - self._n_w, R)
-        onehot = np.zeros((R, K), dtype=np.int64)
-        onehot[np.arange(R), idx] += 1
-        if R > fill:
-            np.subtract.at(onehot, (np.arange(fill, R), combined[:R - fill]), 1)
-        counts = np.asarray(self._counts, dtype=np.int64) + np.cumsum(onehot, axis=0)
-        n_w = np.minimum(self._n_w + np.arange(1, R + 1), W)
+        steps = np.arange(R)
+        change = np.zeros((K, R), dtype=np.int64)         # category x update: +1 in, -1 out
+        flat = change.reshape(-1)
+        flat[idx * R + steps] += 1
+        flat[combined[:R - fill] * R + steps[fill:]] -= 1
+        counts = np.asarray(self._counts, dtype=np.int64)[:, None] + np.cumsum(change, axis=1)
+        n_w = np.minimum(self._n_w + steps + 1, W)
         hits: list[int] = []
-        full = n_w == W
-        if full.any():
-            first = int(np.argmax(full))
-            c = counts[first:]
-            ref = np.asarray(self._ref, dtype=np.int64)
-            k = ((c + ref) > 0).sum(axis=1)
-            cols = np.arange(K)[None, :]
-            plain = np.asarray(self._plain)[cols, c]
-            yates = np.asarray(self._yates)[cols, c]
-            terms = np.where((k == 2)[:, None], yates, plain)
-            stat = np.cumsum(terms, axis=1)[:, -1]
+        if n_w[-1] == W:
+            first = int(np.argmax(n_w == W))
+            c = counts[:, first:]
+            k = ((c + np.asarray(self._ref, dtype=np.int64)[:, None]) > 0).sum(axis=0)
+            if self._tables is None:
+                self._tables = np.asarray(self._plain), np.asarray(self._yates)
+            plain, yates = self._tables
+            two = k == 2
+            stat = np.where(two, yates[0][c[0]], plain[0][c[0]])
+            for j in range(1, K):                         # in category order, as update adds them
+                stat = stat + np.where(two, yates[j][c[j]], plain[j][c[j]])
             stat = np.where(k > 1, stat, 0.0)
-            p = np.where(k > 1, chdtrc(np.maximum(k - 1, 1), stat), 1.0)
-            rej = p < self.alpha
+            rej = self._rejects(k - 1, stat)
             prev = np.concatenate(([self._rejecting], rej[:-1]))
             rises = np.flatnonzero(rej & ~prev) + first
             hits = (rises + pos).tolist()
             self.n_detections += len(rises)
             self._rejecting = bool(rej[-1])
             self._drift = bool(len(rises) and rises[-1] == R - 1)
-            self._stat, self._p, self._dof = float(stat[-1]), float(p[-1]), int(k[-1] - 1)
-        last = combined[-W:] if len(combined) >= W else combined
+            self._dof = int(k[-1] - 1)
+            self._stat = float(stat[-1])
+            self._p = float(chdtrc(self._dof, self._stat)) if self._dof > 0 else 1.0
+        last = combined[-W:]
         self._n_w = int(n_w[-1])
-        self._ring = last.tolist() + [0] * (W - len(last))
+        self._ring[:len(last)] = last
         self._head = self._n_w % W
-        self._counts = counts[-1].tolist()
+        self._counts = counts[:, -1].tolist()
         return np.asarray(hits, dtype=np.int64)
+
+    def _rejects(self, dof: np.ndarray, stat: np.ndarray) -> np.ndarray:
+        """p < alpha for each (dof, statistic). The p-value (slow to compute) is only
+        computed for statistics near the critical value; elsewhere the comparison with the
+        critical value decides."""
+        rej = np.zeros(len(stat), dtype=bool)
+        for d in np.unique(dof[dof > 0]).tolist():
+            at = np.flatnonzero(dof == d)
+            s = stat[at]
+            crit = float(chdtri(d, self.alpha))
+            r = s > crit * (1 + 1e-6)
+            near = np.flatnonzero(~r & (s >= crit * (1 - 1e-6)))
+            r[near] = chdtrc(d, s[near]) < self.alpha
+            rej[at] = r
+        return rej
 
     def to_state(self) -> dict:
         st = {"params": {"window_size": self.window_size, "reference_size": self.reference_size,
@@ -266,11 +302,11 @@ class ChiSquare:
         if not self._ready:
             st["collecting"] = list(self._collect)
         else:
-            order = (self._ring[self._head:] + self._ring[:self._head]) if self._n_w == self.window_size \
-                else self._ring[:self._n_w]
+            order = np.concatenate((self._ring[self._head:], self._ring[:self._head])) \
+                if self._n_w == self.window_size else self._ring[:self._n_w]
             st["categories"] = list(self._categories)
             st["reference_counts"] = list(self._ref)
-            st["window"] = [self._categories[i] for i in order]
+            st["window"] = [self._categories[i] for i in order.tolist()]
         return st
 
     @classmethod
@@ -283,7 +319,7 @@ class ChiSquare:
                     d._add_category(c)
             idx = [d._index[c] for c in state["window"]]
             d._n_w = len(idx)
-            d._ring = idx + [0] * (d.window_size - len(idx))
+            d._ring[:len(idx)] = idx
             d._head = d._n_w % d.window_size
             d._counts = [0] * len(d._categories)
             for i in idx:

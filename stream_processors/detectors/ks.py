@@ -13,10 +13,12 @@ How it stays cheap. The reference's distinct values u_1 < ... < u_m cut the line
                                              right end (ties handled as scipy does),
 
 and ``n_ref * n_win * D`` is an integer, kept per slot in an int64 array A. A new value in
-slot a and the evicted one in slot b change A by ``n_ref`` on the slots between a and b,
-and no entry of A moves by more than ``n_ref`` per update. So the detector computes max|A|
-exactly only when it could have crossed the critical value (found once, by the exact
-p-value): between those moments it only counts. Results are exact, value by value.
+slot a and the evicted one in slot b change A by ``n_ref`` on the slots between a and b:
+up when b < a, down when a < b. So max(A) moves up by at most ``n_ref`` per update of the
+first kind and down only with the second, and max(-A) the other way round. The detector
+computes max|A| exactly only when enough updates of the right kind have passed for it to
+cross the critical value (found once, by the exact p-value): between those moments it
+only counts. Results are exact, value by value.
 
 p-values follow ``scipy.stats.ks_2samp(method="auto")``: exact when both samples have at
 most 10,000 values (closed form for equal sizes, a lattice-path recursion otherwise),
@@ -27,12 +29,13 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from functools import lru_cache
 
 import numpy as np
 
 from .base import Reading, as_float_array, finite_positions, is_finite
 
-__all__ = ["KSWindow", "ks_2samp_pvalue"]
+__all__ = ["KSWindow", "ks_2samp", "ks_2samp_pvalue"]
 
 MAX_EXACT_N = 10_000
 
@@ -61,6 +64,7 @@ def _prob_outside_band(n1: int, n2: int, h: int) -> float:
     """
     g = math.gcd(n1, n2)
     cx, cy = n2 // g, n1 // g             # |F1 - F2| * lcm = |x * cx - y * cy|
+    xs = np.arange(n1 + 1)
     cur = np.zeros(n1 + 2)                # cur[x + 1] = mass at (x, d - x)
     cur[1] = 1.0
     lo, hi = 0, 0                         # support of cur on the current diagonal
@@ -70,12 +74,16 @@ def _prob_outside_band(n1: int, n2: int, h: int) -> float:
         r = total - d
         a = max(lo, d + 1 - n2)
         b = min(hi + 1, n1, d + 1)
-        x = np.arange(a, b + 1)
-        new = (cur[x] * (n1 - x + 1) + cur[x + 1] * (n2 - d + x)) / r
-        out = np.abs(x * cx - (d + 1 - x) * cy) >= h
-        if out.any():
-            p += float(new[out].sum())
-            new[out] = 0.0
+        x = xs[a:b + 1]
+        new = (cur[a:b + 1] * (n1 - x + 1) + cur[a + 1:b + 2] * (n2 - d + x)) / r
+        # on diagonal d + 1, x * cx - y * cy = x * (cx + cy) - (d + 1) * cy grows with x: the
+        # points at or past -h are the first n_low, those at or past +h start at i_high
+        n_low = max(0, min(b, ((d + 1) * cy - h) // (cx + cy)) - a + 1)
+        i_high = min(len(new), max(0, -(-(h + (d + 1) * cy) // (cx + cy)) - a))
+        if n_low or i_high < len(new):
+            p += float(np.concatenate((new[:n_low], new[i_high:])).sum())
+            new[:n_low] = 0.0
+            new[i_high:] = 0.0
         cur = np.zeros(n1 + 2)
         cur[a + 1:b + 2] = new
         nz = np.flatnonzero(new)
@@ -85,8 +93,11 @@ def _prob_outside_band(n1: int, n2: int, h: int) -> float:
     return p
 
 
+@lru_cache(maxsize=1 << 16)
 def ks_2samp_pvalue(n1: int, n2: int, h: int) -> float:
-    """Two-sided p-value of D = h / lcm(n1, n2), as ``scipy.stats.ks_2samp(method='auto')``."""
+    """Two-sided p-value of D = h / lcm(n1, n2), as ``scipy.stats.ks_2samp(method='auto')``.
+
+    Cached: detectors with the same window sizes ask for the same few values of h."""
     if h <= 0:
         return 1.0
     g = math.gcd(n1, n2)
@@ -103,6 +114,20 @@ def ks_2samp_pvalue(n1: int, n2: int, h: int) -> float:
     m, n = sorted([float(n1), float(n2)], reverse=True)
     en = m * n / (m + n)
     return float(np.clip(kstwo.sf(h / lcm, np.round(en)), 0.0, 1.0))
+
+
+def ks_2samp(a, b) -> tuple[float, float]:
+    """(D, p-value) of two samples, as ``scipy.stats.ks_2samp(a, b)`` (two-sided, method "auto")."""
+    a = np.sort(as_float_array(a))
+    b = np.sort(as_float_array(b))
+    n1, n2 = len(a), len(b)
+    if n1 == 0 or n2 == 0:
+        raise ValueError("both samples must be non-empty")
+    both = np.concatenate((a, b))
+    gap = np.searchsorted(a, both, side="right") * n2 - np.searchsorted(b, both, side="right") * n1
+    g = math.gcd(n1, n2)
+    h = int(np.abs(gap).max()) // g          # D in units of 1 / lcm(n1, n2)
+    return h / (n1 // g * n2), ks_2samp_pvalue(n1, n2, h)
 
 
 class KSWindow:
@@ -136,7 +161,6 @@ class KSWindow:
         self.n_detections = 0
         self._drift = False
         self._rejecting = False
-        self._pcache: dict[int, float] = {}
         self._collect: list[float] = []
         self._u: np.ndarray | None = None
         if reference is not None:
@@ -171,16 +195,15 @@ class KSWindow:
         self._head = 0
         self._n_w = 0
         self._A: np.ndarray | None = None                      # set when the window fills
-        self._slack = 0
-        self._maxA = 0
+        self._need = (0, 0)                                    # up, down updates before a verdict may change
+        self._seen = [0, 0]                                    # up, down updates since the last evaluation
         self._rejecting = False
         self._drift = False
-        self._pcache = {}
 
     def _critical_h(self) -> int:
         """Smallest h (units of 1/lcm) whose p-value is below alpha; lcm + 1 if none."""
         n1, n2, lcm, alpha = self.n_ref, self.window_size, self._lcm, self.alpha
-        p = lambda h: self._pvalue_h(h, n1, n2)  # noqa: E731
+        p = lambda h: ks_2samp_pvalue(n1, n2, h)  # noqa: E731
         if p(lcm) >= alpha:
             return lcm + 1
         # Start from Smirnov's asymptotic critical value, bracket, then bisect.
@@ -207,14 +230,6 @@ class KSWindow:
             else:
                 lo = mid
         return hi
-
-    def _pvalue_h(self, h: int, n1: int, n2: int) -> float:
-        key = (h, n1, n2)
-        p = self._pcache.get(key)
-        if p is None:
-            p = ks_2samp_pvalue(n1, n2, h)
-            self._pcache[key] = p
-        return p
 
     def _slot(self, x: float) -> int:
         u = self._u_list
@@ -290,7 +305,7 @@ class KSWindow:
         h, n_w = self._h_now()
         if n_w == 0:
             return 1.0
-        return self._pvalue_h(h, self.n_ref, n_w)
+        return ks_2samp_pvalue(self.n_ref, n_w, h)
 
     @property
     def critical_value(self) -> float:
@@ -331,11 +346,12 @@ class KSWindow:
         self._head = (head + 1) % W
         if s < old:
             self._A[s:old] -= self.n_ref
+            self._seen[1] += 1
         elif old < s:
             self._A[old:s] += self.n_ref
-        if self._slack > 0:
-            self._slack -= 1
-        else:
+            self._seen[0] += 1
+        up, down = self._seen[0] >= self._need[0], self._seen[1] >= self._need[1]
+        if (up and down) if self._rejecting else (up or down):
             self._evaluate()
 
     def _fill_done(self) -> None:
@@ -345,14 +361,18 @@ class KSWindow:
 
     def _evaluate(self) -> None:
         A, H, n_ref = self._A, self._H, self.n_ref
-        max_a = int(max(A.max(), -A.min()))
-        rej = max_a >= H
+        top, bottom = int(A.max()), int(-A.min())
+        rej = top >= H or bottom >= H
         self._drift = rej and not self._rejecting
         if self._drift:
             self.n_detections += 1
         self._rejecting = rej
-        gap = (max_a - H + 1) if rej else (H - max_a)
-        self._slack = -(-gap // n_ref) - 1        # updates that cannot change the verdict
+        if rej:   # rejecting until each side at or past H has been brought back below it
+            self._need = (-(-(bottom - H + 1) // n_ref) if bottom >= H else 0,
+                          -(-(top - H + 1) // n_ref) if top >= H else 0)
+        else:     # not until either side could reach H
+            self._need = (-(-(H - top) // n_ref), -(-(H - bottom) // n_ref))
+        self._seen = [0, 0]
 
     # -- a batch ------------------------------------------------------------------------
     def update_many(self, xs) -> np.ndarray:
@@ -395,38 +415,52 @@ class KSWindow:
 
     def _steady(self, v: np.ndarray) -> list[int]:
         """Full window: slide ``v`` through, evaluating only where the verdict may change."""
-        W, n_ref, R = self.window_size, self.n_ref, len(v)
-        S = len(self._cref)
+        W, R = self.window_size, len(v)
         ins = self._slots(v)
-        combined = np.concatenate((np.roll(self._ring, -self._head), ins))   # removed[t] = combined[t]
+        head = self._head
+        combined = np.concatenate((self._ring[head:], self._ring[:head], ins))   # removed[t] = combined[t]
+        removed = combined[:R]
+        at = (np.flatnonzero(removed < ins).tolist(),      # the up updates, the down updates
+              np.flatnonzero(ins < removed).tolist())
         A = self._A
         hits: list[int] = []
         applied = 0                        # A reflects the window after update applied - 1
-        t = 0
         self._drift = False
-        while t < R:
-            if self._slack >= R - t:
-                self._slack -= R - t
+        while applied < R:
+            # the first update from here on after which enough of each kind will have passed
+            done = [bisect_left(at[k], applied) for k in (0, 1)]
+            when = []
+            for k in (0, 1):
+                i = done[k] + self._need[k] - self._seen[k] - 1
+                when.append(applied if i < done[k] else at[k][i] if i < len(at[k]) else R)
+            te = max(when) if self._rejecting else min(when)
+            if te >= R:
+                for k in (0, 1):
+                    self._seen[k] += len(at[k]) - done[k]
+                self._apply(A, removed[applied:], ins[applied:])
                 break
-            te = t + self._slack           # the next update that may change the verdict
-            delta = np.bincount(combined[applied:te + 1], minlength=S) - np.bincount(ins[applied:te + 1], minlength=S)
-            A += np.cumsum(delta) * n_ref
+            self._apply(A, removed[applied:te + 1], ins[applied:te + 1])
             applied = te + 1
             self._evaluate()
             if self._drift:
                 hits.append(te)
-            t = te + 1
-        if applied < R:
-            delta = np.bincount(combined[applied:R], minlength=S) - np.bincount(ins[applied:], minlength=S)
-            A += np.cumsum(delta) * n_ref
         if hits and hits[-1] != R - 1:
             self._drift = False
         last = combined[-W:]
         self._ring[:] = last
-        vals = np.concatenate((np.roll(self._ring_vals, -self._head), v))[-W:]
+        vals = np.concatenate((self._ring_vals[head:], self._ring_vals[:head], v))[-W:]
         self._ring_vals[:] = vals
         self._head = 0
         return hits
+
+    def _apply(self, A: np.ndarray, removed: np.ndarray, inserted: np.ndarray) -> None:
+        """A after values leave from the slots ``removed`` and enter at ``inserted``."""
+        S = len(A)
+        delta = np.bincount(removed, minlength=S)
+        delta -= np.bincount(inserted, minlength=S)
+        np.cumsum(delta, out=delta)
+        delta *= self.n_ref
+        A += delta
 
     # -- checkpoints --------------------------------------------------------------------
     def to_state(self) -> dict:

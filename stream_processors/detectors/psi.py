@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from functools import lru_cache
 
 import numpy as np
 
@@ -38,6 +39,17 @@ def psi(reference_counts, current_counts, eps: float = 1e-4) -> float:
     rp = np.maximum(r / r.sum(), eps)
     cp = np.maximum(c / c.sum(), eps)
     return float(np.sum((cp - rp) * np.log(cp / rp)))
+
+
+@lru_cache(maxsize=256)
+def _term_row(rp: float, window_size: int, eps: float) -> tuple[float, ...]:
+    """A bin's PSI term for each window count 0 .. window_size, its reference share being
+    ``rp``. Cached: quantile bins give most bins of most detectors the same share."""
+    out = []
+    for c in range(window_size + 1):
+        cp = max(c / window_size, eps)
+        out.append((cp - rp) * math.log(cp / rp))
+    return tuple(out)
 
 
 class PSI:
@@ -101,14 +113,8 @@ class PSI:
         self.reference_counts = np.asarray(counts, dtype=np.int64)
         self.n_ref = int(self.reference_counts.sum())
         k, W, eps = len(self.reference_counts), self.window_size, self.eps
-        table = np.empty((k, W + 1))
-        for b in range(k):
-            rp = max(self.reference_counts[b] / self.n_ref, eps)
-            for c in range(W + 1):
-                cp = max(c / W, eps)
-                table[b, c] = (cp - rp) * math.log(cp / rp)
-        self._table = table
-        self._rows = table.tolist()
+        self._rows = [_term_row(max(float(r) / self.n_ref, eps), W, eps) for r in self.reference_counts]
+        self._table = np.array(self._rows)
         self._collect = []
         self._ring = np.zeros(W, dtype=np.int64)
         self._head = 0
@@ -218,22 +224,20 @@ class PSI:
         counts0 = np.asarray(self._counts, dtype=np.int64)
         order = np.roll(self._ring[:self._n_w], -self._head) if self._n_w == W else self._ring[:self._n_w]
         combined = np.concatenate((order, bins))
-        removed = np.full(R, -1, dtype=np.int64)
-        if R > fill:
-            removed[fill:] = combined[:R - fill]
-        onehot = np.zeros((R, k), dtype=np.int64)
-        onehot[np.arange(R), bins] += 1
-        m = removed >= 0
-        np.subtract.at(onehot, (np.flatnonzero(m), removed[m]), 1)
-        counts = counts0 + np.cumsum(onehot, axis=0)
-        n_w = np.minimum(self._n_w + np.arange(1, R + 1), W)
-        full = n_w == W
+        steps = np.arange(R)
+        change = np.zeros((k, R), dtype=np.int64)         # bin x update: +1 in, -1 out
+        flat = change.reshape(-1)
+        flat[bins * R + steps] += 1
+        flat[combined[:R - fill] * R + steps[fill:]] -= 1
+        counts = counts0[:, None] + np.cumsum(change, axis=1)
+        n_w = np.minimum(self._n_w + steps + 1, W)
         hits: list[int] = []
-        if full.any():
-            terms = self._table[np.arange(k)[None, :], counts]
-            values = np.cumsum(terms, axis=1)[:, -1]
-            first = int(np.argmax(full))
-            rej = values[first:] >= self.threshold
+        if n_w[-1] == W:
+            first = int(np.argmax(n_w == W))
+            values = self._table[0][counts[0, first:]]
+            for b in range(1, k):                         # in bin order, as update adds them
+                values = values + self._table[b][counts[b, first:]]
+            rej = values >= self.threshold
             prev = np.concatenate(([self._rejecting], rej[:-1]))
             rises = np.flatnonzero(rej & ~prev) + first
             hits = (rises + pos).tolist()
@@ -245,7 +249,7 @@ class PSI:
         self._n_w = int(n_w[-1])
         self._ring[:len(last)] = last
         self._head = self._n_w % W
-        self._counts = counts[-1].tolist()
+        self._counts = counts[:, -1].tolist()
         self._terms = [self._rows[b][c] for b, c in enumerate(self._counts)]
         return np.asarray(hits, dtype=np.int64)
 

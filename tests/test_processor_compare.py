@@ -1,0 +1,189 @@
+"""Candidate versions against the stable version (stream_processors/compare.py), through the
+processor: same distribution, no drift; a shifted candidate, drifted signals naming it and
+the stable version; checkpoints; versions in different partitions; and what the rollout
+controller makes of the signals."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protos import events_pb2
+from stream_processors.compare import Rows, VersionComparison
+from stream_processors.processor import KIND_DRIFT, KIND_LATENCY, PartitionState, Settings
+from stream_processors.runner import signal_message
+
+STABLE, CANARY, SHADOW, PINNED = 1, 2, 3, 4
+COMPARED = ("ks_vs_stable", "chi2_vs_stable")
+
+
+def event(i: int, version: str, route: int, rng: random.Random, shift: float = 0.0):
+    e = events_pb2.InferenceEvent(
+        event_id=f"e{i}", request_id=f"r{i}", model="m", version=version, route=route, method="Generate",
+        status=1, prompt_tokens=rng.randint(10, 50), completion_tokens=rng.randint(5, 30),
+        finish_reason=rng.choice(["stop", "length"]), total_seconds=rng.lognormvariate(-1, 0.3),
+        first_token_seconds=rng.uniform(0.01, 0.1))
+    e.confidence.mean_logprob = rng.gauss(-1.0 + shift, 0.2)
+    e.confidence.mean_entropy = rng.gauss(2.0, 0.3)
+    e.confidence.min_top1_prob = rng.random()
+    e.time.FromNanoseconds(int((1.7e9 + i * 0.01) * 1e9))
+    return e
+
+
+def canary_stream(n: int, share: float = 0.1, shift: float = 0.0, seed: int = 0, candidate_route: int = CANARY):
+    """v1 stable, v2 taking `share` of the requests (a few pinned requests of both on the side)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if rng.random() < 0.02:
+            out.append(event(i, rng.choice(["v1", "v2"]), PINNED, rng, shift=5.0))   # never compared
+        elif rng.random() < share:
+            out.append(event(i, "v2", candidate_route, rng, shift))
+        else:
+            out.append(event(i, "v1", STABLE, rng))
+    return out
+
+
+def run(events, state: PartitionState, batch: int = 700) -> list:
+    out = []
+    for k in range(0, len(events), batch):
+        state.apply_events(events[k:k + batch], out)
+    return out
+
+
+def comparisons(out) -> list:
+    return [o for o in out if o.detector in COMPARED]
+
+
+def test_same_distribution_gives_signals_and_no_drift():
+    out = comparisons(run(canary_stream(20_000), PartitionState(0, Settings())))
+    assert len(out) >= 7 * 10
+    assert {(o.model, o.version, o.labels["reference_version"]) for o in out} == {("m", "v2", "v1")}
+    assert {o.feature for o in out} == {"completion_tokens", "mean_logprob", "mean_entropy", "min_top1_prob",
+                                        "total_seconds", "first_token_seconds", "finish_reason"}
+    assert not [o for o in out if o.drifted]
+    assert all(o.p_value is not None and o.threshold == Settings().compare_alpha for o in out)
+    ks = [o for o in out if o.detector == "ks_vs_stable"]
+    assert all(o.reference_size == o.window_size >= Settings().compare_min for o in ks)
+    assert {o.kind for o in ks if o.feature in ("total_seconds", "first_token_seconds")} == {KIND_LATENCY}
+    assert {o.kind for o in ks if o.feature == "mean_logprob"} == {KIND_DRIFT}
+
+
+@pytest.mark.parametrize("route", [CANARY, SHADOW])
+def test_shifted_candidate_drifts_against_stable(route):
+    out = comparisons(run(canary_stream(20_000, shift=0.5, candidate_route=route), PartitionState(0, Settings())))
+    drifted = {(o.detector, o.feature) for o in out if o.drifted}
+    assert drifted == {("ks_vs_stable", "mean_logprob")}
+    last = [o for o in out if o.feature == "mean_logprob"][-1]
+    assert (last.version, last.labels["reference_version"], last.drifted) == ("v2", "v1", True)
+    assert last.p_value < 1e-10 and last.statistic > 0.5
+
+
+def test_low_traffic_candidate_is_compared_over_the_same_period():
+    # 2 % on the canary: its partners are the stable events served after each of its own,
+    # so they span the same time, not the last few seconds of stable traffic
+    events = canary_stream(60_000, share=0.02)
+    state = PartitionState(0, Settings())
+    assert comparisons(run(events, state))
+    c = state.comparisons["m"].candidates["v2"]
+    assert len(c.partners) == len(c.events) == Settings().compare_window
+    assert abs(c.partners.times[0] - c.events.times[0]) < 1.0
+    assert np.all(np.diff(c.partners.times) > 0)
+
+
+def test_promotion_makes_the_candidate_the_reference():
+    rng = random.Random(3)
+    before = canary_stream(10_000, shift=0.5)
+    # v2 is promoted: its events are now the stable ones, and v3 comes as a canary
+    after = []
+    for i in range(10_000):
+        canary = rng.random() < 0.1
+        after.append(event(10_000 + i, "v3" if canary else "v2", CANARY if canary else STABLE, rng))
+    state = PartitionState(0, Settings())
+    out = comparisons(run(before + after, state))
+    late = [o for o in out if o.version == "v3"]
+    assert late and {o.labels["reference_version"] for o in late} == {"v2"}
+    assert "v2" not in state.comparisons["m"].candidates
+
+
+def test_checkpoint_in_the_middle_changes_nothing():
+    events = canary_stream(12_000, shift=0.3, seed=4)
+    whole = comparisons(run(events, PartitionState(0, Settings())))
+    s = Settings()
+    first = PartitionState(0, s)
+    out = run(events[:5600], first)
+    resumed = PartitionState.decode(first.encode(), s)
+    out += run(events[5600:], resumed)
+    assert comparisons(out) == whole
+
+
+def test_versions_in_different_partitions_are_not_compared():
+    # keyed model/version, v1 and v2 may land in different partition numbers: each state
+    # sees one version only, and nothing is compared (never against the wrong reference)
+    events = canary_stream(20_000, shift=0.5)
+    one, two = PartitionState(0, Settings()), PartitionState(1, Settings())
+    out = run([e for e in events if e.version == "v1"], one) + run([e for e in events if e.version == "v2"], two)
+    assert not comparisons(out)
+
+
+def test_the_controller_counts_a_drifted_comparison_as_the_candidates_drift():
+    from rollout import analysis, wire
+
+    out = comparisons(run(canary_stream(20_000, shift=0.5), PartitionState(0, Settings())))
+    candidate, stable = analysis.Window(0.0), analysis.Window(0.0)
+    for o in out:
+        sig = wire.drift_signal(events_pb2.Signal.FromString(signal_message(o, "test").SerializeToString()))
+        assert (sig.version, sig.kind) == ("v2", "latency" if o.feature.endswith("_seconds") else "drift")
+        if sig.kind == "drift":   # what the controller's observe() keeps
+            candidate.add_drift(sig.detector, sig.feature, sig.drifted, sig.statistic)
+    check = analysis.drift(candidate, stable, analysis.Thresholds())
+    assert check.verdict == analysis.FAIL and "ks_vs_stable/mean_logprob" in check.text
+
+
+# -- the pairing of candidate events with stable ones -------------------------------------------
+
+def partners_by_hand(sequence) -> list[int]:
+    """Each candidate event ('c') earns the next stable event ('s') not earned before."""
+    waiting, taken = 0, []
+    for i, kind in enumerate(sequence):
+        if kind == "c":
+            waiting += 1
+        elif kind == "s" and waiting:
+            waiting -= 1
+            taken.append(i)
+    return taken
+
+
+@settings(max_examples=60, deadline=None)
+@given(sequence=st.lists(st.sampled_from("cssp"), min_size=1, max_size=300),
+       cuts=st.lists(st.integers(0, 300), max_size=5))
+def test_partners_do_not_depend_on_batches(sequence, cuts):
+    # c: a canary event of v2, s: a stable event of v1, p: a pinned one of v1 (no partner)
+    cmp = VersionComparison(("x",), window=1000, every=10 ** 9, min_size=1)
+    bounds = sorted({0, len(sequence), *[c for c in cuts if c < len(sequence)]})
+    values = np.arange(len(sequence), dtype=np.float64)[:, None]
+    for lo, hi in zip(bounds, bounds[1:]):
+        part = sequence[lo:hi]
+        rows = {v: np.array([i for i, k in enumerate(part) if k in kinds], dtype=np.int64)
+                for v, kinds in (("v1", "sp"), ("v2", "c"))}
+        rows = {v: at for v, at in rows.items() if len(at)}
+        routes = np.array([{"s": STABLE, "c": CANARY, "p": PINNED}[k] for k in part])
+        cmp.add(rows, routes, values[lo:hi], ["stop"] * len(part), values[lo:hi, 0])
+    expected = partners_by_hand(sequence)
+    if "c" in sequence and "s" in sequence:
+        assert cmp.candidates["v2"].partners.times.tolist() == expected
+    else:
+        assert not expected
+
+
+def test_rows_keep_the_latest():
+    r = Rows(3, 2)
+    r.extend(np.arange(8.0).reshape(4, 2), list("abcd"), np.arange(4.0))
+    r.extend(np.arange(2.0).reshape(1, 2), ["e"], np.array([9.0]))
+    back = Rows.from_state(r.to_state(), 3, 2)
+    assert back.finish == ["c", "d", "e"] and back.times.tolist() == [2.0, 3.0, 9.0]
+    assert back.values.tolist() == [[4.0, 5.0], [6.0, 7.0], [0.0, 1.0]]
