@@ -220,6 +220,9 @@ def add_parser(subparsers, option) -> argparse.ArgumentParser:
     option(g, "--snapshot-interval", type=float, default=5.0,
            help="seconds between state snapshots (also written soon after every change)")
     option(g, "--topic-partitions", type=int, default=6, help="partitions of topics created at start-up")
+    from eventbus import security as kafka_security
+
+    kafka_security.add_options(p, option)
     sub = p.add_subparsers(dest="alerting_command", required=False, metavar="SUBCOMMAND")
     _check_rules_args(sub.add_parser("check-rules", help="validate rule files", description=CHECK_RULES))
     sub.add_parser("check-config", help="validate the configuration", description=CHECK_CONFIG).add_argument(
@@ -248,15 +251,22 @@ def run(args) -> int:
         return _silences(args)
     import asyncio
 
+    from eventbus import security as kafka_security
+
     from .rules import RuleLoadError
     from .service import ServiceOptions, serve
 
+    try:
+        security = kafka_security.from_args(args)
+    except ValueError as e:  # names the --kafka-* option at fault
+        print(f"vigil alerting: {e}", file=sys.stderr)
+        return 2
     options = ServiceOptions(
         bootstrap_servers=args.bootstrap_servers, rule_files=_files(args.rules), config_file=args.config,
         admin_host=args.admin_host, admin_port=args.admin_port, instance=args.instance,
         peer_position=args.peer_position, peer_timeout=args.peer_timeout,
         webhook_secret_file=args.webhook_secret_file, snapshot_interval=args.snapshot_interval,
-        topic_partitions=args.topic_partitions)
+        topic_partitions=args.topic_partitions, security=security)
     try:
         asyncio.run(serve(options))
     except RuleLoadError as e:

@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from eventbus import cloudevents, codec, compat, topics
+from eventbus.security import KafkaSecurity
 from protos import events_pb2
 
 from .admin import AdminServer
@@ -67,6 +68,7 @@ class ServiceOptions:
     snapshot_interval: float = 5.0
     topic_partitions: int = 6
     source: str = field(default_factory=lambda: f"vigil-alerting@{socket.gethostname()}")
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS (repr hides passwords)
 
     def __post_init__(self):
         if not self.instance:
@@ -134,7 +136,8 @@ class AlertingService:
         config = load_config(o.config_file)
         await self._ensure_topics()
         state_consumer = AIOKafkaConsumer(bootstrap_servers=o.bootstrap_servers, group_id=None,
-                                          enable_auto_commit=False, client_id=f"{o.instance}-state")
+                                          enable_auto_commit=False, client_id=f"{o.instance}-state",
+                                          **o.security.client_kwargs())
         await state_consumer.start()
         snapshot, nflog, silences, positions = await self._read_state(state_consumer)
         self.core = AlertingCore(rules, config, state=snapshot.get("core") if snapshot else None,
@@ -157,13 +160,14 @@ class AlertingService:
         self.core.reload = reload
         self.signal_offsets = {int(p): int(off) for p, off in (snapshot or {}).get("signals", {}).items()}
         self.producer = AIOKafkaProducer(bootstrap_servers=o.bootstrap_servers, acks="all",
-                                         client_id=o.instance, linger_ms=2)
+                                         client_id=o.instance, linger_ms=2, **o.security.client_kwargs())
         await self.producer.start()
         await self.core.start()
         self.admin = AdminServer(self.core, o.admin_host, o.admin_port)
         await self.admin.start()
         signals_consumer = AIOKafkaConsumer(bootstrap_servers=o.bootstrap_servers, group_id=None,
-                                            enable_auto_commit=False, client_id=f"{o.instance}-signals")
+                                            enable_auto_commit=False, client_id=f"{o.instance}-signals",
+                                            **o.security.client_kwargs())
         await signals_consumer.start()
         await self._assign_signals(signals_consumer)
         loop = asyncio.get_running_loop()
@@ -202,7 +206,7 @@ class AlertingService:
 
     async def _ensure_topics(self) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.options.bootstrap_servers,
-                                    client_id=f"{self.options.instance}-admin")
+                                    client_id=f"{self.options.instance}-admin", **self.options.security.client_kwargs())
         await admin.start()
         try:
             await topics.ensure_topics(admin, (topics.SIGNALS, topics.ALERTS, topics.ALERTING_STATE),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -25,59 +24,18 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import common  # noqa: E402
+from bench.common import drive, percentile  # noqa: E402
 from eventbus.broker import EmbeddedBroker, free_port  # noqa: E402
 from inference.demo import DEMO_MODEL_NAME  # noqa: E402
-from protos import llm_pb2, llm_pb2_grpc  # noqa: E402
-
-PROMPTS = ["What is the capital of France?", "Name three colours of the rainbow.",
-           "Write one sentence about the sea.", "How many legs does a spider have?"]
 
 
-def start_server(extra: list[str], threads: int) -> tuple[subprocess.Popen, str, str]:
-    cmd = [str(REPO / ".venv/bin/vigil"), "serve", "--port", "0", "--metrics-port", "0",
-           "--threads", str(threads), "--kv-slots", "8", "--max-seq-len", "512", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        match = re.search(r"gRPC on ([\d.]+:\d+).*metrics on (\S+)", line)
-        if match:
-            return proc, match.group(1), match.group(2)
-    raise RuntimeError(f"vigil serve {' '.join(extra)} exited before it listened")
-
-
-def request(tokens: int, i: int) -> llm_pb2.GenerateRequest:
-    chat = llm_pb2.Chat(messages=[llm_pb2.ChatMessage(role="user", content=PROMPTS[i % len(PROMPTS)])])
-    return llm_pb2.GenerateRequest(model=DEMO_MODEL_NAME, chat=chat, sampling=llm_pb2.SamplingParams(
-        max_tokens=tokens, ignore_eos=True))
-
-
-async def drive(address: str, n: int, concurrency: int, tokens: int) -> list[float]:
-    """n Generate calls, `concurrency` at a time; their latencies in seconds."""
-    latencies: list[float] = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = llm_pb2_grpc.LLMStub(channel)
-        queue = list(range(n))
-
-        async def worker():
-            while queue:
-                i = queue.pop()
-                start = time.perf_counter()
-                await stub.Generate(request(tokens, i), timeout=120)
-                latencies.append(time.perf_counter() - start)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+def start_server(extra: list[str], threads: int):
+    return common.start_server(["--metrics-port", "0", "--threads", str(threads), "--kv-slots", "8",
+                                "--max-seq-len", "512", *extra])
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -121,7 +79,7 @@ async def main() -> None:
         for mode, extra in modes.items():
             servers[mode] = start_server(extra, args.threads)
         for mode, (_, address, _) in servers.items():  # warm up: first calls, first connections
-            await drive(address, 2 * args.concurrency, args.concurrency, args.tokens)
+            await drive(address, DEMO_MODEL_NAME, 2 * args.concurrency, args.concurrency, args.tokens)
         results: dict[str, list[float]] = {mode: [] for mode in modes}
         rng = random.Random(args.seed)
         started = time.monotonic()
@@ -129,7 +87,7 @@ async def main() -> None:
             order = list(modes)
             rng.shuffle(order)
             for mode in order:
-                results[mode] += await drive(servers[mode][1], args.requests, args.concurrency, args.tokens)
+                results[mode] += await drive(servers[mode][1], DEMO_MODEL_NAME, args.requests, args.concurrency, args.tokens)
             print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
         time.sleep(2)  # let the publishers settle before reading their counters
 

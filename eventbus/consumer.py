@@ -15,6 +15,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import Message
 
 from eventbus import cloudevents, codec
+from eventbus.security import NONE as NO_SECURITY
+from eventbus.security import KafkaSecurity
 from protos import events_pb2
 
 
@@ -70,11 +72,12 @@ class TopicMissing(LookupError):
 
 
 async def tail(bootstrap_servers: str, topic: str, *, from_beginning: bool = False,
-               idle_timeout: float | None = None, wait_for_topic: float = 10.0) -> AsyncIterator[Received]:
+               idle_timeout: float | None = None, wait_for_topic: float = 10.0,
+               security: KafkaSecurity = NO_SECURITY) -> AsyncIterator[Received]:
     """Yields the topic's records as they come, from the end (or the beginning); stops
     after idle_timeout seconds without a record, if given."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-                                client_id="vigil-events-tail")
+                                client_id="vigil-events-tail", **security.client_kwargs())
     await consumer.start()
     try:
         deadline = asyncio.get_running_loop().time() + wait_for_topic

@@ -45,6 +45,9 @@ class Record:
     value: bytes
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     timestamp_ms: int = 0
+    # called once with "" when the broker acknowledges the record, else with what became
+    # of it ("outbox", or why it was lost); in memory only, never written to the outbox
+    done: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, order=True)

@@ -38,6 +38,7 @@ from google.protobuf.message import Message
 from eventbus import cloudevents, codec, compat, topics
 from eventbus.metrics import PublisherMetrics
 from eventbus.outbox import Outbox, OutboxFull, Position, Record
+from eventbus.security import KafkaSecurity
 
 log = logging.getLogger(__name__)
 compat.install()
@@ -64,6 +65,7 @@ class PublisherOptions:
     reconnect_backoff_max_ms: int = 2_000
     topic_names: tuple[str, ...] = topics.ALL  # created at connection if missing
     topic_options: topics.TopicOptions = field(default_factory=topics.TopicOptions)
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS (repr hides passwords)
 
 
 class Publisher:
@@ -144,16 +146,21 @@ class Publisher:
 
     # -- the request path ------------------------------------------------------------------
 
-    def publish(self, topic: str, key: str, event: Message | dict) -> None:
+    def publish(self, topic: str, key: str, event: Message | dict,
+                on_done: Callable[[str], None] | None = None) -> None:
         """Queue an event; never blocks. Safe to call from any thread. A message's empty
-        event_id, source and time are filled in when it is sent."""
+        event_id, source and time are filled in when it is sent. `on_done`, if given, is
+        called once on the publisher's loop: with "" when the broker acknowledges the
+        event, "outbox" when it goes to the outbox instead, or the reason it was lost."""
         if threading.get_ident() != self.loop_thread:
-            self.loop.call_soon_threadsafe(self.publish, topic, key, event)
+            self.loop.call_soon_threadsafe(self.publish, topic, key, event, on_done)
             return
         if self.closing or len(self.queue) >= self.options.queue_size:
-            self.lost(topic, "closed" if self.closing else "queue_full", 1)
+            reason = "closed" if self.closing else "queue_full"
+            self.lost(topic, reason, 1)
+            settle(on_done, reason)
             return
-        self.queue.append((topic, key, event, time.time()))
+        self.queue.append((topic, key, event, time.time(), on_done))
         self.wakeup.set()
 
     # -- the pump --------------------------------------------------------------------------
@@ -206,12 +213,16 @@ class Publisher:
     def take(self, n: int) -> list[Record]:
         out = []
         while self.queue and len(out) < n:
-            topic, key, event, published = self.queue.popleft()
+            topic, key, event, published, on_done = self.queue.popleft()
             try:
-                out.append(self.encode(topic, key, event, published))
+                record = self.encode(topic, key, event, published)
             except Exception:
                 log.exception("cannot encode an event for %s; dropped", topic)
                 self.lost(topic, "encode", 1)
+                settle(on_done, "encode")
+                continue
+            record.done = on_done
+            out.append(record)
         return out
 
     def encode(self, topic: str, key: str, event: Message | dict, published: float) -> Record:
@@ -266,9 +277,13 @@ class Publisher:
             if exc is None:
                 self.metrics.published.labels(r.topic).inc()
                 self.metrics.latency.labels(r.topic).observe(max(0.0, now - r.timestamp_ms / 1000))
+                settle(r.done, "")
+                r.done = None
             elif isinstance(exc, REJECTED):
                 log.error("broker refused an event for %s (%d bytes): %s", r.topic, len(r.value), exc)
                 self.lost(r.topic, "rejected", 1)
+                settle(r.done, "rejected")
+                r.done = None
             else:
                 problem = problem or exc
                 unsent.append(r)
@@ -289,6 +304,8 @@ class Publisher:
         else:
             for r in records:
                 self.metrics.spilled.labels(r.topic).inc()
+                settle(r.done, "outbox")
+                r.done = None
         finally:
             self.in_flight -= len(records)
 
@@ -322,7 +339,7 @@ class Publisher:
         try:
             async with asyncio.timeout(timeout or o.publish_timeout_ms / 1000 * 2):
                 admin = AIOKafkaAdminClient(bootstrap_servers=o.bootstrap_servers, client_id=o.client_id,
-                                            request_timeout_ms=o.publish_timeout_ms)
+                                            request_timeout_ms=o.publish_timeout_ms, **o.security.client_kwargs())
                 try:
                     await admin.start()
                     await topics.ensure_topics(admin, o.topic_names, o.topic_options)
@@ -332,7 +349,7 @@ class Publisher:
                     bootstrap_servers=o.bootstrap_servers, client_id=o.client_id, enable_idempotence=True,
                     acks="all", compression_type=o.compression, linger_ms=o.linger_ms,
                     max_batch_size=256 << 10, max_request_size=o.max_request_bytes,
-                    request_timeout_ms=o.publish_timeout_ms, retry_backoff_ms=100)
+                    request_timeout_ms=o.publish_timeout_ms, retry_backoff_ms=100, **o.security.client_kwargs())
                 await producer.start()
         except Exception as exc:  # any failure to connect only delays delivery
             if producer is not None:
@@ -412,6 +429,8 @@ class Publisher:
         self.complain(f"outbox {self.options.outbox_dir}: {exc}")
         for r in records:
             self.lost(r.topic, reason, 1)
+            settle(r.done, reason)
+            r.done = None
 
     def complain(self, message: str, exc_info: bool = False) -> None:
         """Log an error, at most once in 10 s: a full disk must not also fill the log."""
@@ -419,6 +438,15 @@ class Publisher:
         if now - self.last_complaint > 10:
             self.last_complaint = now
             log.error(message, exc_info=exc_info)
+
+
+def settle(on_done: Callable[[str], None] | None, outcome: str) -> None:
+    """Tell a publisher's caller what became of its event; its failure is only logged."""
+    if on_done is not None:
+        try:
+            on_done(outcome)
+        except Exception:
+            log.exception("an event's on_done callback failed")
 
 
 def parse_dict(topic: str, event: dict) -> Message:

@@ -13,6 +13,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from eventbus import compat
 from eventbus.consumer import Received, TopicMissing, decode
+from eventbus.security import NONE as NO_SECURITY
+from eventbus.security import KafkaSecurity
 
 log = logging.getLogger(__name__)
 compat.install()
@@ -24,8 +26,9 @@ class TopicReader:
     until `stop()`."""
 
     def __init__(self, bootstrap_servers: str, topic: str, client_id: str = "vigil-state",
-                 wait_for_topic: float = 30.0):
+                 wait_for_topic: float = 30.0, security: KafkaSecurity = NO_SECURITY):
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
+        self.security = security
         self.client_id, self.wait_for_topic = client_id, wait_for_topic
         self.consumer: AIOKafkaConsumer | None = None
         self.task: asyncio.Task | None = None
@@ -33,7 +36,7 @@ class TopicReader:
     async def start(self) -> list[Received]:
         c = self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None,
                                              enable_auto_commit=False, client_id=self.client_id,
-                                             auto_offset_reset="earliest")
+                                             auto_offset_reset="earliest", **self.security.client_kwargs())
         await c.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_for_topic

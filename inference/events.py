@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Protocol
+from typing import Callable, Protocol
 
 from eventbus import topics
 from protos import events_pb2
@@ -21,7 +21,10 @@ FEEDBACK_TOPIC = topics.FEEDBACK
 
 
 class EventSink(Protocol):
-    def publish(self, topic: str, key: str, event: dict) -> None: ...
+    # on_done is passed only while the request is traced: called once with "" when the
+    # event is delivered, else with what became of it ("outbox", or why it was lost)
+    def publish(self, topic: str, key: str, event: dict,
+                on_done: Callable[[str], None] | None = None) -> None: ...
 
 
 class MemorySink:
@@ -29,9 +32,11 @@ class MemorySink:
         self.records: collections.deque[tuple[str, str, dict]] = collections.deque(maxlen=capacity)
         self.lock = threading.Lock()
 
-    def publish(self, topic: str, key: str, event: dict) -> None:
+    def publish(self, topic: str, key: str, event: dict, on_done: Callable[[str], None] | None = None) -> None:
         with self.lock:
             self.records.append((topic, key, event))
+        if on_done is not None:
+            on_done("")
 
     def events(self, topic: str | None = None) -> list[dict]:
         with self.lock:

@@ -7,6 +7,9 @@ and `sampling_parameters` (a JSON string, as the vLLM backend, with the same key
 `ignore_eos`). Outputs: `text_output`,
 and on request `finish_reason`, `num_input_tokens`, `num_output_tokens`,
 `cumulative_logprob`. Tensors may come typed in `contents` or in `raw_input_contents`.
+Request parameters: `routing_key`, and `attribute.NAME` for each attribute that
+feature-flag rules match on; the response's `flags` parameter lists the flags that were
+on, comma-separated.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ import contextlib
 import json
 import struct
 
-import grpc
 import numpy as np
 
-from inference.engine import Finished, Overloaded, TextChunk
+from inference.engine import Finished, Overloaded
 from inference.llm_service import abort_on_error
 from inference.router import NotFound
 from inference.sampling import SamplingParams
@@ -288,10 +290,14 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             wanted = [o.name for o in request.outputs] or ["text_output"]
             mv = self.serving.route(out, request.model_name, request.model_version,
                                     request.parameters["routing_key"].string_param
-                                    if "routing_key" in request.parameters else "")
+                                    if "routing_key" in request.parameters else "",
+                                    {k.removeprefix("attribute."): v.string_param
+                                     for k, v in request.parameters.items() if k.startswith("attribute.")})
             prompt = text(values["text_input"][0], "text_input")
             ids = self.serving.prompt_ids(out, mv, prompt, None, "text_input")
             params = self.serving.sampling(params)
+            self.serving.shadow(out, prompt, None, "text_input",
+                                lambda copy, smv, sids: self.serving.complete(copy, smv, sids, params))
             prefix = "" if exclude or stream else prompt
             async for update in self.serving.generate(out, mv, ids, params, stream=stream):
                 final = isinstance(update, Finished)
@@ -311,6 +317,8 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                      outputs=outputs, raw_output_contents=raws)
         resp.parameters["triton_final_response"].bool_param = final
         resp.parameters["request_id"].string_param = out.request_id
+        if out.flags:
+            resp.parameters["flags"].string_param = ",".join(out.flags)
         return resp
 
     async def ModelInfer(self, request, context):

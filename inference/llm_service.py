@@ -81,53 +81,62 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         self.versions = versions  # inference.versions.VersionManager
 
     def start(self, request, out):
-        mv = self.serving.route(out, request.model, request.version, request.routing_key)
+        """Route the request and tokenize its input; returns the version, the token ids
+        and the input as it came (for shadow copies, which tokenize it their own way)."""
+        mv = self.serving.route(out, request.model, request.version, request.routing_key, dict(request.attributes))
         field = request.WhichOneof("input")
         if field == "chat":
-            ids = self.serving.prompt_ids(out, mv, None, chat_messages(request.chat), "chat")
+            source = (None, chat_messages(request.chat), "chat")
         else:
-            ids = self.serving.prompt_ids(out, mv, getattr(request, field or "prompt", ""),
-                                          None, field or "prompt")
-        return mv, ids
+            source = (getattr(request, field or "prompt", ""), None, field or "prompt")
+        return mv, self.serving.prompt_ids(out, mv, *source), source
+
+    def generation(self, request, out):
+        mv, ids, source = self.start(request, out)
+        params = self.serving.sampling(sampling_params(request.sampling, self.serving.limits.default_max_tokens))
+        self.serving.shadow(out, *source, lambda copy, smv, sids: self.serving.complete(copy, smv, sids, params))
+        return mv, ids, params
 
     @grpc_errors
     async def Generate(self, request, context):
         with self.serving.track("Generate", request.request_id, context) as out:
-            mv, ids = self.start(request, out)
-            params = self.serving.sampling(sampling_params(request.sampling, self.serving.limits.default_max_tokens))
-            async for update in self.serving.generate(out, mv, ids, params, stream=False):
-                if isinstance(update, Finished):
-                    return llm_pb2.GenerateResponse(
-                        request_id=out.request_id, model=out.model, version=out.version, text=update.text,
-                        prompt_tokens=update.prompt_tokens, completion_tokens=update.completion_tokens,
-                        finish_reason=FINISH_REASONS[update.finish_reason], confidence=confidence(update),
-                        timing=timing(update.timing))
+            mv, ids, params = self.generation(request, out)
+            update = await self.serving.complete(out, mv, ids, params)
+            return llm_pb2.GenerateResponse(
+                request_id=out.request_id, model=out.model, version=out.version, text=update.text,
+                prompt_tokens=update.prompt_tokens, completion_tokens=update.completion_tokens,
+                finish_reason=FINISH_REASONS[update.finish_reason], confidence=confidence(update),
+                timing=timing(update.timing), flags=out.flags)
 
     @grpc_errors
     async def GenerateStream(self, request, context):
         with self.serving.track("GenerateStream", request.request_id, context) as out:
-            mv, ids = self.start(request, out)
-            params = self.serving.sampling(sampling_params(request.sampling, self.serving.limits.default_max_tokens))
+            mv, ids, params = self.generation(request, out)
             head = dict(request_id=out.request_id, model=out.model, version=out.version)
+            flags = out.flags
             async for update in self.serving.generate(out, mv, ids, params):
                 if isinstance(update, TextChunk):
-                    yield llm_pb2.GenerateStreamResponse(**head, text=update.text, token_ids=update.token_ids)
+                    yield llm_pb2.GenerateStreamResponse(**head, text=update.text, token_ids=update.token_ids,
+                                                         flags=flags)
                 else:
                     yield llm_pb2.GenerateStreamResponse(
                         **head, final=True, finish_reason=FINISH_REASONS[update.finish_reason],
                         prompt_tokens=update.prompt_tokens, completion_tokens=update.completion_tokens,
-                        confidence=confidence(update), timing=timing(update.timing))
+                        confidence=confidence(update), timing=timing(update.timing), flags=flags)
+                flags = ()
 
     @grpc_errors
     async def Classify(self, request, context):
         with self.serving.track("Classify", request.request_id, context) as out:
-            mv, ids = self.start(request, out)
-            scored = await self.serving.classify(out, mv, ids, list(request.labels))
+            mv, ids, source = self.start(request, out)
+            labels = list(request.labels)
+            scored = await self.serving.classify(out, mv, ids, labels)
+            self.serving.shadow(out, *source, lambda copy, smv, sids: self.serving.classify(copy, smv, sids, labels))
             return llm_pb2.ClassifyResponse(
                 request_id=out.request_id, model=out.model, version=out.version,
                 scores=[llm_pb2.LabelScore(label=l, probability=p, logprob=lp) for l, p, lp in scored],
                 prediction=max(scored, key=lambda s: s[1])[0], prompt_tokens=out.prompt_tokens,
-                timing=timing(out.timing))
+                timing=timing(out.timing), flags=out.flags)
 
     @grpc_errors
     async def Feedback(self, request, context):

@@ -32,6 +32,8 @@ class ServerMetrics:
                                LABELS, buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vigil_prompt_tokens", "Prompt tokens processed", LABELS, registry=r)
         self.generation_tokens = Counter("vigil_generation_tokens", "Tokens generated", LABELS, registry=r)
+        self.shadow_skipped = Counter("vigil_shadow_skipped", "Shadow copies not run: the shadow version's queue "
+                                      "was full", LABELS, registry=r)
         r.register(EngineCollector(router))
 
     def serve(self, host: str, port: int):

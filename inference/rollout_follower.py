@@ -12,12 +12,14 @@ load them from): they are left out, with a warning, and the remaining weights ar
 (all traffic on the loaded versions); if no loaded version keeps a positive weight the
 record is skipped. The latest record per model is kept, and applied again when the set of
 loaded versions changes (a version loaded later through the admin API gets its share).
-Shadow versions and feature flags in the record are not acted on here yet.
+The record's shadow versions (those loaded here) and its feature flags are applied in the
+same call as the weights.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from aiokafka.errors import KafkaError
@@ -25,6 +27,8 @@ from aiokafka.errors import KafkaError
 from eventbus import topics
 from eventbus.consumer import Received, TopicMissing
 from eventbus.publisher import describe
+from eventbus.flags import Flag, FlagError
+from eventbus.security import NONE as NO_SECURITY, KafkaSecurity
 from eventbus.state import TopicReader
 from inference.router import Router
 
@@ -33,9 +37,10 @@ log = logging.getLogger(__name__)
 
 class RolloutFollower:
     def __init__(self, router: Router, bootstrap_servers: str, topic: str = topics.ROLLOUT,
-                 recheck: float = 0.5):
+                 recheck: float = 0.5, security: KafkaSecurity = NO_SECURITY):
         self.router = router
-        self.reader = TopicReader(bootstrap_servers, topic, client_id="vigil-inference-rollout")
+        self.reader = TopicReader(bootstrap_servers, topic, client_id="vigil-inference-rollout",
+                                  security=security)
         self.recheck = recheck
         self.desired: dict[str, object] = {}      # model -> latest RolloutState
         self.applied: dict[str, tuple] = {}       # model -> (generation, loaded versions) last applied
@@ -110,20 +115,44 @@ class RolloutFollower:
         self.applied[model] = (msg.generation, loaded)
         if not loaded:
             return None  # not served here
-        weights = {}
-        for vw in msg.weights:
-            if vw.version in loaded:
-                weights[vw.version] = vw.weight
-            elif (model, vw.version) not in self.warned:
-                self.warned.add((model, vw.version))
-                log.warning("rollout of %s names version %s, which this server has not loaded; "
-                            "its share goes to the loaded versions", model, vw.version)
+        weights = {vw.version: vw.weight for vw in msg.weights if self.present(model, vw.version, loaded)}
+        shadows = [v for v in msg.shadow_versions if self.present(model, v, loaded)]
         if sum(weights.values()) <= 0:
             log.warning("rollout of %s generation %d gives no traffic to a loaded version (%s); not applied",
                         model, msg.generation, ", ".join(loaded))
             return None
         total = sum(weights.values())
-        new = self.router.set_weights(model, {v: w / total for v, w in weights.items()})
-        log.info("rollout of %s generation %d: weights %s (%s)", model, msg.generation,
-                 ", ".join(f"{v} {w:.0%}" for v, w in sorted(new.items())), msg.reason)
+        new = self.router.set_rollout(model, {v: w / total for v, w in weights.items()}, shadows,
+                                      flags(msg))
+        log.info("rollout of %s generation %d: weights %s%s (%s)", model, msg.generation,
+                 ", ".join(f"{v} {w:.0%}" for v, w in sorted(new.items())),
+                 f"; shadow {', '.join(shadows)}" if shadows else "", msg.reason)
         return new
+
+    def present(self, model: str, version: str, loaded: tuple) -> bool:
+        if version in loaded:
+            return True
+        if (model, version) not in self.warned:
+            self.warned.add((model, version))
+            log.warning("rollout of %s names version %s, which this server has not loaded; "
+                        "it is left out here", model, version)
+        return False
+
+
+def flags(msg) -> dict[str, Flag]:
+    """The record's feature flags; a flag that does not parse is left out, with a warning."""
+    if not msg.flags_json:
+        return {}
+    try:
+        raw = json.loads(msg.flags_json)
+    except ValueError as exc:
+        log.warning("rollout of %s generation %d: flags_json is not JSON (%s); no flags applied",
+                    msg.model, msg.generation, exc)
+        return {}
+    parsed = {}
+    for name, d in raw.items() if isinstance(raw, dict) else ():
+        try:
+            parsed[name] = Flag.from_dict(d)
+        except (FlagError, TypeError, AttributeError) as exc:
+            log.warning("rollout of %s generation %d: flag %s left out: %s", msg.model, msg.generation, name, exc)
+    return parsed

@@ -4,17 +4,23 @@ Each model has one or more loaded versions and a traffic weight per version. A r
 that names a version gets it; otherwise a routing key (a session or user id) is hashed
 onto the cumulative weights, so the same key lands on the same version while the
 weights stay the same, and a request without a key is placed at random.
+
+A model may also have shadow versions, which get a copy of each routed request (the
+serving layer runs it and throws the answer away), and feature flags, evaluated per
+request on its routing key and attributes (eventbus/flags.py). `set_rollout` replaces a
+model's weights, shadows and flags in one call on the event loop, so a request sees
+either the old set or the new one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from dataclasses import dataclass, field
 
 from inference.engine import Engine
 from inference.tokenizer import Tokenizer
+from eventbus.flags import Flag, bucket, evaluate
 
 
 class NotFound(LookupError):
@@ -34,16 +40,12 @@ class ModelVersion:
     loaded_at: float = field(default_factory=time.time)
 
 
-def routing_point(model: str, key: str) -> float:
-    """A stable point in [0, 1) for a routing key."""
-    digest = hashlib.blake2b(f"{model}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
 class Router:
     def __init__(self):
         self.versions: dict[str, dict[str, ModelVersion]] = {}
         self.weights: dict[str, dict[str, float]] = {}
+        self.shadows: dict[str, tuple[str, ...]] = {}
+        self.flags: dict[str, dict[str, Flag]] = {}
 
     def add(self, mv: ModelVersion) -> None:
         versions = self.versions.setdefault(mv.model, {})
@@ -58,8 +60,11 @@ class Router:
         del self.versions[model][version]
         weights = self.weights[model]
         del weights[version]
+        self.shadows[model] = tuple(v for v in self.shadows.get(model, ()) if v != version)
         if not self.versions[model]:
             del self.versions[model], self.weights[model]
+            self.shadows.pop(model, None)
+            self.flags.pop(model, None)
         elif not any(weights.values()):
             weights[next(iter(weights))] = 1.0
         return mv
@@ -78,7 +83,7 @@ class Router:
             raise NotFound(f"model: {model!r} is not loaded")
         weights = self.weights[model]
         total = sum(weights.values())
-        point = (routing_point(model, routing_key) if routing_key else random.random()) * total
+        point = (bucket(model, routing_key) if routing_key else random.random()) * total
         for name in sorted(weights):
             point -= weights[name]
             if point < 0 and weights[name] > 0:
@@ -97,6 +102,22 @@ class Router:
             raise ValueError("weights: at least one version needs a positive weight")
         self.weights[model] = {v: float(weights.get(v, 0.0)) for v in self.versions[model]}
         return dict(self.weights[model])
+
+    def set_rollout(self, model: str, weights: dict[str, float], shadows: list[str],
+                    flags: dict[str, Flag]) -> dict[str, float]:
+        """Weights, shadow versions and flags of a model, replaced together."""
+        for version in shadows:
+            self.get(model, version)
+        new = self.set_weights(model, weights)
+        self.shadows[model] = tuple(shadows)
+        self.flags[model] = dict(flags)
+        return new
+
+    def flags_on(self, model: str, routing_key: str, attributes: dict[str, str]) -> list[str]:
+        flags = self.flags.get(model)
+        if not flags:
+            return []
+        return [name for name, flag in sorted(flags.items()) if evaluate(flag, routing_key, attributes, model)]
 
     def all(self) -> list[ModelVersion]:
         return [mv for versions in self.versions.values() for mv in versions.values()]

@@ -17,9 +17,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from eventbus import codec
 from eventbus.metrics import PublisherMetrics
 from eventbus.publisher import Publisher, PublisherOptions
+from eventbus.security import KafkaSecurity
 from eventbus.topics import TopicOptions
+from inference.auth import AuthOptions
 from inference.compute import ComputeThread
 from inference.demo import DEMO_MODEL_NAME, cache_dir
+from inference.edge import EdgeInterceptor
 from inference.events import EventSink, MemorySink, to_message
 from inference.kserve import KServeService
 from inference.llm_service import LLMService
@@ -27,6 +30,8 @@ from inference.metrics import ServerMetrics
 from inference.rollout_follower import RolloutFollower
 from inference.router import Router
 from inference.serving import Limits, Serving
+from inference.tls import TlsOptions, server_credentials
+from inference.tracing import Tracing, TracingOptions
 from inference.versions import EngineOptions, VersionManager
 from protos import grpc_service_pb2_grpc, llm_pb2_grpc
 from protos.reflection import SERVICE_NAMES, reflection_pool
@@ -48,6 +53,7 @@ class EventOptions:
     topic_partitions: int = 6
     topic_replication_factor: int = 1
     topic_retention_ms: int = 7 * 24 * 3600 * 1000
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS of every Kafka client
 
 
 @dataclass
@@ -64,11 +70,20 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     threads: int = 0  # torch intra-op threads; 0: torch's default
     events: EventOptions = field(default_factory=EventOptions)
+    tracing: TracingOptions = field(default_factory=TracingOptions)  # OpenTelemetry spans; off without an endpoint
+    log_include_text: bool = False  # prompt and completion text in the per-request log line
+    auth: AuthOptions = field(default_factory=AuthOptions)  # API keys and their limits; off without a key file
+    tls: TlsOptions = field(default_factory=TlsOptions)     # TLS and mutual TLS on the gRPC port; off without files
 
 
 class InferenceServer:
-    def __init__(self, options: ServerOptions, sink: EventSink | None = None):
+    def __init__(self, options: ServerOptions, sink: EventSink | None = None, tracer_provider=None):
+        """tracer_provider: an OpenTelemetry TracerProvider to record spans with (tests,
+        benchmarks); otherwise one exporting by OTLP is made at start when
+        options.tracing names an endpoint."""
         self.options = options
+        options.tracing.check()
+        self.tracing = Tracing(tracer_provider)
         self.router = Router()
         self.metrics = ServerMetrics(self.router)
         self.publisher: Publisher | None = None
@@ -78,12 +93,14 @@ class InferenceServer:
             sink = self.publisher
         self.sink = sink if sink is not None else MemorySink()
         self.serving = Serving(self.router, self.sink, self.metrics, options.limits,
-                               include_text=options.events.include_text)
+                               include_text=options.events.include_text, tracing=self.tracing,
+                               log_text=options.log_include_text)
         itl = self.metrics.itl
         self.versions = VersionManager(self.router, options.engine,
                                        on_token=lambda m, v: itl.labels(m, v).observe)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
+        self.edge: EdgeInterceptor | None = None  # API keys and limits, with a key file
         self.metrics_http = None
         self.follower: RolloutFollower | None = None  # follows vigil.rollout when events go to Kafka
         self.port = 0
@@ -93,9 +110,13 @@ class InferenceServer:
         o = self.options
         if o.threads:
             ComputeThread.shared().set_threads(o.threads)
+        # key file and TLS files are checked before the model loads: a bad one stops start-up at once
+        credentials = server_credentials(o.tls) if o.tls.enabled else None
+        self.edge = EdgeInterceptor(o.auth, self.metrics.registry) if o.auth.keys_file else None
         if o.model:
             await self.versions.load(model_name(o), o.version, o.model, o.quantize, o.group_size)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)],
+                                 interceptors=[self.edge] if self.edge else None)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeService(self.serving, self.versions), server)
         llm_pb2_grpc.add_LLMServicer_to_server(LLMService(self.serving, self.versions), server)
@@ -103,17 +124,21 @@ class InferenceServer:
         names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(
             names, server, pool=reflection_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR))
-        self.port = server.add_insecure_port(f"{o.host}:{o.port}")
+        address = f"{o.host}:{o.port}"
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         if not self.port:
             raise OSError(f"port: cannot listen on {o.host}:{o.port}")
         self.serving.source = f"vigil-inference/{socket.gethostname()}:{self.port}"
+        if not self.tracing.enabled and o.tracing.otlp_endpoint:
+            self.tracing = self.serving.tracing = Tracing.from_options(
+                o.tracing, instance=f"{socket.gethostname()}:{self.port}")
         if self.publisher is not None:
             if not self.publisher.options.outbox_dir:
                 self.publisher.options = dataclasses.replace(
                     self.publisher.options, outbox_dir=str(cache_dir() / "outbox" / f"{o.host}-{self.port}"))
             await self.publisher.start()
         if o.events.bootstrap_servers:  # the latest rollout state is applied before serving
-            self.follower = RolloutFollower(self.router, o.events.bootstrap_servers)
+            self.follower = RolloutFollower(self.router, o.events.bootstrap_servers, security=o.events.security)
             await self.follower.start()
         await server.start()
         self.grpc = server
@@ -134,13 +159,14 @@ class InferenceServer:
         await asyncio.to_thread(self.versions.stop)
         if self.publisher is not None:
             await self.publisher.stop()
+        await asyncio.to_thread(self.tracing.shutdown)  # export the last spans
 
 
 def publisher_options(o: ServerOptions) -> PublisherOptions:
     e = o.events
     return PublisherOptions(
         bootstrap_servers=e.bootstrap_servers, outbox_dir=e.outbox_dir, content_type=codec.FORMATS[e.format],
-        source="vigil-inference", client_id="vigil-inference", queue_size=e.queue_size,
+        source="vigil-inference", client_id="vigil-inference", queue_size=e.queue_size, security=e.security,
         publish_timeout_ms=e.publish_timeout_ms, compression=None if e.compression == "none" else e.compression,
         outbox_fsync_ms=e.outbox_fsync_ms, outbox_max_bytes=e.outbox_max_bytes,
         topic_options=TopicOptions(partitions=e.topic_partitions, replication_factor=e.topic_replication_factor,

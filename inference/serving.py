@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import math
@@ -18,10 +19,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from inference.engine import Finished, Job, Overloaded, Scored, TextChunk, Timing
+from eventbus import topics
+from inference import ratelimit
+from inference.engine import Finished, Job, Overloaded, Scored, Timing
 from inference.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink
+from inference.requestlog import log_request
 from inference.router import NotFound, Router
 from inference.sampling import SamplingParams
+from inference.tracing import Tracing
 
 
 class InvalidArgument(ValueError):
@@ -59,22 +64,29 @@ class Outcome:
     prompt_tokens: int = 0
     timing: Timing = field(default_factory=Timing)
     started: float = field(default_factory=time.monotonic)
+    submitted: float = 0.0  # monotonic time the engine took the job (its arrival); 0: never
+    span: object = None     # inference.tracing.RequestSpan while traced
 
 
 class Serving:
     def __init__(self, router: Router, sink: EventSink, metrics, limits: Limits = Limits(),
-                 source: str = "vigil-inference", include_text: bool = False):
+                 source: str = "vigil-inference", include_text: bool = False,
+                 tracing: Tracing | None = None, log_text: bool = False):
         """include_text: events carry the prompt and completion themselves, not only
-        their SHA-256 and length."""
+        their SHA-256 and length. tracing: spans per request (inference.tracing; off
+        when None). log_text: the per-request log line carries prompt and completion."""
         self.router = router
         self.sink = sink
         self.metrics = metrics
         self.include_text = include_text
+        self.tracing = tracing if tracing is not None else Tracing()
+        self.log_text = log_text
         if limits.default_max_tokens > limits.max_tokens:  # the default must itself be allowed
             limits = dataclasses.replace(limits, default_max_tokens=limits.max_tokens)
         self.limits = limits
         self.source = source
         self.served_by: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+        self.shadow_tasks: set[asyncio.Task] = set()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -82,7 +94,12 @@ class Serving:
     def track(self, method: str, request_id: str = "", context=None):
         """Yields the request's Outcome; on exit, records its event and metrics.
         `context` (a grpc.aio context) tells a passed deadline from a cancellation."""
+        ratelimit.check_refusal()  # a stream message over its key's limit: refused before it counts
+        caller = ratelimit.current_caller()  # the API key behind the call, where keys are checked
         out = Outcome(method, request_id or str(uuid.uuid4()))
+        if caller is not None:
+            out.tenant = caller.tenant
+        self.tracing.begin(out, context)  # the request's span; out.trace_id
         try:
             yield out
         except InvalidArgument as exc:
@@ -108,6 +125,8 @@ class Serving:
             raise
         finally:
             self.record(out)
+            if caller is not None:
+                caller.pay(ratelimit.tokens_used(out))  # the key's tokens-per-minute bucket
 
     DEADLINE_SLACK = 0.1  # seconds
 
@@ -118,17 +137,55 @@ class Serving:
         remaining = context.time_remaining() if context is not None else None
         return "deadline_exceeded" if remaining is not None and remaining <= self.DEADLINE_SLACK else "cancelled"
 
-    def route(self, out: Outcome, model: str, version: str, routing_key: str):
+    def route(self, out: Outcome, model: str, version: str, routing_key: str,
+              attributes: dict[str, str] | None = None):
         if not model:
             raise InvalidArgument("model: is empty")
         mv = self.router.pick(model, version, routing_key)
         out.model, out.version = mv.model, mv.version
+        attributes = dict(attributes or {})
+        if out.tenant:
+            attributes["tenant"] = out.tenant
+        out.flags = self.router.flags_on(mv.model, routing_key, attributes)
         weights = self.router.weights.get(mv.model, {})
         if version:
             out.route = "pinned"
         else:
             out.route = "stable" if weights.get(mv.version, 0) >= max(weights.values()) else "canary"
         return mv
+
+    def shadow(self, out: Outcome, prompt: str | None, messages: list[dict] | None, field_name: str,
+               run) -> None:
+        """Start a copy of a routed request on each shadow version of its model; the copy's
+        answer is thrown away and its event has route "shadow". `run(out, mv, ids)` does
+        the work. A shadow version whose queue is full is skipped, so copies never take a
+        place a real request could have had."""
+        if out.route == "pinned":
+            return
+        for version in self.router.shadows.get(out.model, ()):
+            mv = self.router.versions.get(out.model, {}).get(version)
+            if mv is None or version == out.version:
+                continue
+            if mv.engine.stats.waiting >= mv.engine.max_waiting:
+                self.metrics.shadow_skipped.labels(mv.model, mv.version).inc()
+                continue
+            # a context of its own: the copy is not the caller's request, so it is not
+            # charged to the caller's key nor part of the caller's trace
+            task = asyncio.create_task(self.run_shadow(out, mv, prompt, messages, field_name, run),
+                                       context=contextvars.Context())
+            self.shadow_tasks.add(task)
+            task.add_done_callback(self.shadow_tasks.discard)
+
+    async def run_shadow(self, primary: Outcome, mv, prompt, messages, field_name, run) -> None:
+        with contextlib.suppress(Exception), self.track(primary.method) as out:  # recorded, not raised
+            out.model, out.version, out.route, out.shadow_of = mv.model, mv.version, "shadow", primary.request_id
+            out.tenant, out.flags = primary.tenant, primary.flags
+            await run(out, mv, self.prompt_ids(out, mv, prompt, messages, field_name))
+
+    async def complete(self, out: Outcome, mv, ids: list[int], params: SamplingParams) -> Finished:
+        async with contextlib.aclosing(self.generate(out, mv, ids, params, stream=False)) as updates:
+            async for update in updates:
+                return update
 
     def prompt_ids(self, out: Outcome, mv, prompt: str | None, messages: list[dict] | None,
                    field_name: str) -> list[int]:
@@ -173,6 +230,7 @@ class Serving:
         updates: asyncio.Queue = asyncio.Queue()
         job = Job(ids, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u), params=params, stream=stream)
         mv.engine.submit(job)
+        out.submitted = job.arrival
         try:
             while True:
                 update = await updates.get()
@@ -206,6 +264,7 @@ class Serving:
         done: asyncio.Future = loop.create_future()
         job = Job(ids, lambda u: loop.call_soon_threadsafe(done.set_result, u), label_ids=label_ids)
         mv.engine.submit(job)
+        out.submitted = job.arrival
         try:
             result = await done
         except asyncio.CancelledError:
@@ -242,7 +301,7 @@ class Serving:
         if not version and served is not None and served[0] == model:
             version = served[1]
         feedback_id = str(uuid.uuid4())
-        self.sink.publish(FEEDBACK_TOPIC, event_key(model, version), {
+        self.sink.publish(FEEDBACK_TOPIC, topics.event_key(model), {
             "feedback_id": feedback_id, "request_id": request_id, "model": model, "version": version,
             "label": label, "score": score, "comment": comment, "time": time.time(), "source": self.source,
         })
@@ -279,7 +338,14 @@ class Serving:
         if self.include_text:
             event["prompt_text"] = out.prompt_text if out.prompt_chars else None
             event["completion_text"] = f.text if f else None
-        self.sink.publish(INFERENCE_TOPIC, event_key(out.model, out.version), event)
+        on_done = self.tracing.publishing(out, INFERENCE_TOPIC)  # the publish span, ended on delivery
+        if on_done is None:
+            self.sink.publish(INFERENCE_TOPIC, topics.event_key(out.model), event)
+        else:
+            self.sink.publish(INFERENCE_TOPIC, topics.event_key(out.model), event, on_done=on_done)
+        self.tracing.end(out)
+        log_request(event, self.tracing.span_id(out) if out.span is not None else "",
+                    out.prompt_text if self.log_text else None, (f.text if f else "") if self.log_text else None)
         m, labels = self.metrics, (out.model or "unknown", out.version or "unknown")
         m.requests.labels(*labels, out.method, out.status).inc()
         m.e2e.labels(*labels).observe(total)
@@ -291,6 +357,3 @@ class Serving:
             if f.completion_tokens:
                 m.ttft.labels(*labels).observe(f.timing.first_token_s)
 
-
-def event_key(model: str, version: str) -> str:
-    return f"{model}/{version}"

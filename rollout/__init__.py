@@ -4,13 +4,13 @@ What this folder does: per model, a stable version, a candidate, a strategy (can
 blue/green with analysis on shadow traffic, shadow only) and a history of promotions and
 rollbacks (controller.py); the analysis of a step, candidate against stable over the same
 interval: error rate, latency and confidence distributions, drift signals, calibration
-(analysis.py); validated configuration (config.py); feature flags and the pure function
-the inference router calls to evaluate them (flags.py); conversions from and to the
-protobuf messages of protos/events.proto (wire.py); the `vigil rollout` commands
-(cli.py). records.py holds the observation and decision records and the clocks.
+(analysis.py); validated configuration (config.py); the model's feature flags (defined
+and evaluated in eventbus/flags.py, shared with the inference router); conversions from
+and to the protobuf messages of protos/events.proto (wire.py); the `vigil rollout`
+commands (cli.py). records.py holds the observation and decision records and the clocks.
 
 What it may touch: nothing of the other services. The controller core imports only
-protos/ (in wire.py, lazily) and scipy, and does no I/O. service.py (the `vigil rollout`
+protos/ (in wire.py, lazily), eventbus/flags.py and scipy, and does no I/O. service.py (the `vigil rollout`
 service, with eventbus/ and aiohttp) feeds `Controller.observe` from vigil.inference.events, vigil.feedback, vigil.signals and
 vigil.alerts, calls `Controller.tick` on a timer, publishes each returned Decision on
 vigil.rollout, and on start-up resumes with `Controller.from_records` from the latest
@@ -20,6 +20,6 @@ record per model (each Decision carries the model's whole state in `state`).
 from .analysis import Analysis, Check, Window, analyse
 from .config import DEFAULT_STEPS, RolloutConfig, Thresholds
 from .controller import Controller, ModelState
-from .flags import Flag, Rule, bucket, evaluate, evaluate_all
+from eventbus.flags import Flag, FlagError, Rule, bucket, evaluate, evaluate_all
 from .records import (BLUEGREEN, CANARY, FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOW, STABLE,
                       AlertObs, Decision, DriftSignal, Feedback, ManualClock, Outcome, RolloutError, SystemClock)

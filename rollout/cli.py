@@ -7,6 +7,8 @@
     vigil rollout pause|resume|promote|abort|undo MODEL
     vigil rollout history MODEL [--json]
     vigil rollout register MODEL VERSION... [--stable V]
+    vigil rollout set-flag MODEL NAME --percentage P [--rule ATTRIBUTE:OP[:VALUE]]... [--disabled]
+    vigil rollout remove-flag MODEL NAME
 
 They speak to the controller through one call, `api.call(op, **arguments) -> dict | list`,
 which raises RolloutError for a bad request. `LocalApi` runs a Controller in this process;
@@ -124,6 +126,26 @@ def parse_steps(text: str) -> list[float]:
     return out
 
 
+NUMERIC_OPS = ("gt", "gte", "lt", "lte")
+
+
+def parse_rule(text: str) -> dict:
+    """ATTRIBUTE:OP[:VALUE]; `in` and `not_in` take a comma-separated list, the comparisons
+    a number, `exists` nothing."""
+    attribute, _, rest = text.partition(":")
+    op, _, value = rest.partition(":")
+    if not attribute or not op:
+        raise RolloutError("rule", f"{text!r} is not ATTRIBUTE:OP[:VALUE]")
+    if op in ("in", "not_in"):
+        return {"attribute": attribute, "op": op, "value": value.split(",")}
+    if op in NUMERIC_OPS:
+        try:
+            return {"attribute": attribute, "op": op, "value": float(value)}
+        except ValueError:
+            raise RolloutError("rule", f"{text!r}: {op} needs a number") from None
+    return {"attribute": attribute, "op": op, "value": value or None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vigil rollout", description="Move traffic between model versions.")
     p.add_argument("--state", default=os.environ.get("VIGIL_ROLLOUT_STATE", DEFAULT_STATE),
@@ -159,6 +181,17 @@ def add_commands(sub) -> None:
     r.add_argument("model")
     r.add_argument("versions", nargs="+", metavar="VERSION")
     r.add_argument("--stable", default="")
+    f = sub.add_parser("set-flag", help="add or change a feature flag, evaluated by the servers per request")
+    f.add_argument("model")
+    f.add_argument("name")
+    f.add_argument("--percentage", type=float, required=True, help="share of routing keys in the flag's arm")
+    f.add_argument("--rule", action="append", default=[], metavar="ATTRIBUTE:OP[:VALUE]",
+                   help="a condition on a request attribute (op: eq, ne, in, not_in, prefix, matches, exists, "
+                        "gt, gte, lt, lte); every rule must match")
+    f.add_argument("--disabled", action="store_true", help="keep the flag but put nobody in its arm")
+    rf = sub.add_parser("remove-flag", help="remove a feature flag")
+    rf.add_argument("model")
+    rf.add_argument("name")
 
 
 def _pct(w: float) -> str:
@@ -171,6 +204,10 @@ def show_status(d: dict) -> str:
                                           if d["candidate"] else ""),
              "  weights " + ", ".join(f"{v} {_pct(w)}" for v, w in d["weights"].items())
              + (f"; shadow {', '.join(d['shadow'])}" if d["shadow"] else "")]
+    for name, f in sorted(d.get("flags", {}).items()):
+        rules = " and ".join(f"{r['attribute']} {r['op']} {r['value']}" for r in f["rules"])
+        lines.append(f"  flag {name} {f['percentage']:g}%" + (f" where {rules}" if rules else "")
+                     + ("" if f["enabled"] else " (disabled)"))
     if d.get("window"):
         lines.append("  this step " + ", ".join(f"{v} {w['requests']} requests {w['errors']} errors"
                                                 for v, w in d["window"].items()))
@@ -212,6 +249,12 @@ def execute(a, api, command: str | None = None) -> int:
         elif command == "history":
             rows = api.call("history", model=a.model)
             print(json.dumps(rows, indent=2) if a.json else show_history(rows))
+        elif command == "set-flag":
+            flag = {"name": a.name, "percentage": a.percentage, "enabled": not a.disabled,
+                    "rules": [parse_rule(r) for r in a.rule]}
+            print(show_status(api.call("set_flag", model=a.model, flag=flag)))
+        elif command == "remove-flag":
+            print(show_status(api.call("remove_flag", model=a.model, name=a.name)))
         elif command == "register":
             d = api.call("register", model=a.model, versions=a.versions, stable=a.stable)
             print(show_status(api.call("status", model=a.model)) if d is None else show_status(d))
@@ -253,6 +296,9 @@ def add_parser(subparsers, option) -> argparse.ArgumentParser:
            help="candidate requests an analysis needs, for rollouts started without --min-requests")
     option(g, "--default-interval", type=float, default=d.interval,
            help="seconds between analyses, for rollouts started without --interval")
+    from eventbus import security as kafka_security
+
+    kafka_security.add_options(p, option)
     option(p.add_argument_group("commands"), "--url", env="VIGIL_ROLLOUT_URL", default=DEFAULT_URL,
            help="admin API of the running controller")
     sub = p.add_subparsers(dest="rollout_command", required=False, metavar="COMMAND")
@@ -267,6 +313,8 @@ def run(args) -> int:
         return execute(args, HttpApi(args.url), args.rollout_command)
     import asyncio
     import signal
+
+    from eventbus import security as kafka_security
 
     from .config import RolloutConfig
     from .service import ServiceOptions, run as run_service
@@ -283,12 +331,12 @@ def run(args) -> int:
         options = ServiceOptions(bootstrap_servers=args.bootstrap_servers, host=args.host,
                                  admin_port=args.admin_port, group_id=args.group_id, tick=args.tick,
                                  session_timeout_ms=args.session_timeout_ms, outbox_dir=args.outbox_dir,
-                                 defaults=defaults)
+                                 defaults=defaults, security=kafka_security.from_args(args))
         asyncio.run(run_service(options, until_signalled))
     except RolloutError as e:
         print(f"vigil rollout: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: Kafka security settings, naming the option
         print(f"vigil rollout: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,9 +21,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from eventbus.flags import Flag, FlagError
+
 from . import analysis as an
 from .config import RolloutConfig, plan
-from .flags import Flag
 from .records import (ACTIVE, BLUEGREEN, FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOW,
                       STABLE, AlertObs, Decision, DriftSignal, Feedback, Observation, Outcome,
                       RolloutError, SystemClock)
@@ -166,7 +167,10 @@ class Controller:
 
     def set_flag(self, model: str, flag: Flag | dict) -> Decision:
         m = self._model(model)
-        f = flag if isinstance(flag, Flag) else Flag.from_dict(flag)
+        try:
+            f = flag if isinstance(flag, Flag) else Flag.from_dict(flag)
+        except FlagError as e:
+            raise RolloutError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
         m.flags[f.name] = f
         return self._decide(m, f"flag {f.name} set to {f.percentage:g}%"
                             f"{'' if f.enabled else ' (disabled)'} with {len(f.rules)} rules")

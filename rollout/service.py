@@ -23,8 +23,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import os
 import socket
@@ -38,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from eventbus import compat, topics
 from eventbus.consumer import decode
 from eventbus.publisher import Publisher, PublisherOptions
+from eventbus.security import KafkaSecurity
 from eventbus.state import TopicReader, stop_consumer
 
 from . import wire
@@ -64,6 +63,7 @@ class ServiceOptions:
     outbox_dir: str = ""            # empty: <cache>/outbox/rollout-<instance>
     instance: str = ""              # empty: <host>-<pid>
     defaults: RolloutConfig = field(default_factory=RolloutConfig)
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS (repr hides passwords)
 
 
 class Metrics:
@@ -110,11 +110,12 @@ class RolloutService:
             o.outbox_dir = str(cache_dir() / "outbox" / f"rollout-{self.instance}")
         self.publisher = Publisher(PublisherOptions(
             bootstrap_servers=o.bootstrap_servers, outbox_dir=o.outbox_dir, source=f"vigil-rollout/{self.instance}",
-            client_id="vigil-rollout", publish_timeout_ms=3000))
+            client_id="vigil-rollout", publish_timeout_ms=3000, security=o.security))
         await self.publisher.start()
         await self._ensure_lease_topic()
         self.observer = AIOKafkaConsumer(bootstrap_servers=o.bootstrap_servers, group_id=None,
-                                         enable_auto_commit=False, client_id=f"vigil-rollout-{self.instance}")
+                                         enable_auto_commit=False, client_id=f"vigil-rollout-{self.instance}",
+                                         **o.security.client_kwargs())
         await self.observer.start()
         tps = []
         for t in OBSERVED:
@@ -131,7 +132,7 @@ class RolloutService:
             bootstrap_servers=o.bootstrap_servers, group_id=o.group_id, enable_auto_commit=False,
             client_id=f"vigil-rollout-lease-{self.instance}", session_timeout_ms=o.session_timeout_ms,
             heartbeat_interval_ms=max(100, o.session_timeout_ms // 10), rebalance_timeout_ms=3000,
-            max_poll_interval_ms=max(10000, o.session_timeout_ms * 2))
+            max_poll_interval_ms=max(10000, o.session_timeout_ms * 2), **o.security.client_kwargs())
         self.lease.subscribe([LEASE_TOPIC], listener=_Lease(self))
         await self.lease.start()
         self.tasks = [asyncio.create_task(self._poll_lease(), name="rollout-lease"),
@@ -156,7 +157,8 @@ class RolloutService:
             await self.publisher.stop()
 
     async def _ensure_lease_topic(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.options.bootstrap_servers, client_id="vigil-rollout")
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.options.bootstrap_servers, client_id="vigil-rollout",
+                                    **self.options.security.client_kwargs())
         await admin.start()
         try:
             if LEASE_TOPIC not in await admin.list_topics():
@@ -174,7 +176,8 @@ class RolloutService:
         async with self.lock:
             if self.leader:
                 return
-            reader = TopicReader(self.options.bootstrap_servers, topics.ROLLOUT, client_id="vigil-rollout-resume")
+            reader = TopicReader(self.options.bootstrap_servers, topics.ROLLOUT, client_id="vigil-rollout-resume",
+                                 security=self.options.security)
             try:
                 records = [wire.decision_dict(r.message) for r in await reader.start() if r.message is not None]
             finally:

@@ -128,7 +128,7 @@ def test_n_requests_give_n_events_in_order_and_feedback_follows_them(proto_serve
     events = [inference_event(r) for r in records]
     assert sorted(e.request_id for e in events) == sorted(sent)  # each exactly once
 
-    key = f"{TINY}/1".encode()
+    key = topics.event_key(TINY).encode()
     in_partition = [e.request_id for r, e in zip(records, events) if r.key() == key and e.request_id in ordered]
     assert in_partition == ordered
     by_id = {e.request_id: (r, e) for r, e in zip(records, events)}
@@ -288,7 +288,7 @@ def test_vigil_events_tail_prints_decoded_events(proto_server, kafka_broker):
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     mine = [r for r in lines if r["event"]["request_id"].startswith(tag)]
     assert [r["event"]["request_id"] for r in mine] == [f"{tag}-{i}" for i in range(3)]
-    assert mine[0]["key"] == f"{TINY}/1" and mine[0]["ce"]["type"] == "vigil.events.v1.InferenceEvent"
+    assert mine[0]["key"] == TINY and mine[0]["ce"]["type"] == "vigil.events.v1.InferenceEvent"
     assert mine[0]["event"]["status"] == "STATUS_OK" and mine[0]["topic"] == topics.INFERENCE
 
     plain = subprocess.run([*base, "--max-events", "1"], capture_output=True, text=True, timeout=120)

@@ -1,12 +1,10 @@
-import os
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from inference.quantize import (
-    Int4Linear, Int8Linear, dequantize_int4, int4_matmul, pack_int4, q4_blocks_to_groups,
+    Int4Linear, Int8Linear, int4_matmul, pack_int4, q4_blocks_to_groups,
     quantize_model, unpack_int4,
 )
 

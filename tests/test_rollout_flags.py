@@ -74,12 +74,6 @@ def test_flags_go_through_the_controller_and_survive_a_restart():
     assert r.remove_flag("demo", "f").flags == {}
 
 
-def test_bucket_is_the_routers_routing_point():
-    from inference.router import routing_point
-    for k in ("a", "user-17", "ü"):
-        assert bucket("demo", k) == routing_point("demo", k)
-
-
 @settings(max_examples=60, deadline=None)
 @given(names=st.lists(st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=6),
                       min_size=3, max_size=3, unique=True),

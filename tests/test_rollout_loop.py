@@ -28,7 +28,9 @@ from rollout.records import RolloutError
 from rollout.service import RolloutService, ServiceOptions
 from tests.test_events import read_topic
 
-FAST = dict(interval=1.0, min_requests=12, thresholds={"min_samples": 10})
+# inconclusive_limit: a busy machine serves fewer requests a second; that must not pause
+# a test about promotion or rollback
+FAST = dict(interval=1.0, min_requests=12, inconclusive_limit=60, thresholds={"min_samples": 10})
 
 
 class ServiceThread:
@@ -124,7 +126,7 @@ class Injector:
             version=version, route=events_pb2.Route.Value(f"ROUTE_{route.upper()}"),
             status=events_pb2.Status.Value("STATUS_INTERNAL" if error else "STATUS_OK"), total_seconds=latency)
         ev.time.GetCurrentTime()
-        self.producer.produce(topics.INFERENCE, value=ev.SerializeToString(), key=topics.model_key(model, version))
+        self.producer.produce(topics.INFERENCE, value=ev.SerializeToString(), key=topics.event_key(model))
         self.producer.poll(0)
 
     def flush(self):
@@ -139,17 +141,26 @@ def two_version_server(start_server, tiny_llama, tmp_path, bootstrap, model):
     return s
 
 
+@pytest.fixture
+def loop(start_server, tiny_llama, tmp_path, kafka_broker, services):
+    """loop(prefix) -> (model, server with versions 1 and 2, controller holding the lease)."""
+    def start(prefix: str):
+        model = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        server = two_version_server(start_server, tiny_llama, tmp_path, kafka_broker.bootstrap_servers, model)
+        ctl = services(f"g-{model}", "ctl")
+        wait(lambda: ctl.service.leader, 20, "the lease")
+        return model, server, ctl
+    return start
+
+
 def weights(server, model):
     return dict(server.server.router.weights.get(model, {}))
 
 
 def test_good_candidate_is_promoted_through_every_step_and_the_server_follows(
-        start_server, tiny_llama, tmp_path, kafka_broker, services, capsys):
-    model = f"good-{uuid.uuid4().hex[:6]}"
-    server = two_version_server(start_server, tiny_llama, tmp_path, kafka_broker.bootstrap_servers, model)
+        loop, start_server, tiny_llama, tmp_path, kafka_broker, capsys):
+    model, server, ctl = loop("good")
     assert weights(server, model) == {"1": 1.0, "2": 0.0}
-    ctl = services(f"g-{model}", "ctl")
-    wait(lambda: ctl.service.leader, 20, "the lease")
     traffic = Traffic(server.address, model)
     try:
         wait(lambda: status(ctl.api, model), 20, "the controller to see the model's first events")
@@ -186,12 +197,8 @@ def test_good_candidate_is_promoted_through_every_step_and_the_server_follows(
     assert weights(late, model) == {"2": 1.0}
 
 
-def test_bad_candidate_is_rolled_back_and_the_reason_names_the_check(
-        start_server, tiny_llama, tmp_path, kafka_broker, services):
-    model = f"bad-{uuid.uuid4().hex[:6]}"
-    server = two_version_server(start_server, tiny_llama, tmp_path, kafka_broker.bootstrap_servers, model)
-    ctl = services(f"g-{model}", "ctl")
-    wait(lambda: ctl.service.leader, 20, "the lease")
+def test_bad_candidate_is_rolled_back_and_the_reason_names_the_check(loop, kafka_broker):
+    model, server, ctl = loop("bad")
     traffic = Traffic(server.address, model)
     inject = Injector(kafka_broker.bootstrap_servers)
     try:
@@ -215,16 +222,12 @@ def test_bad_candidate_is_rolled_back_and_the_reason_names_the_check(
     assert [h["action"] for h in hist] == ["rolled_back"] and "error_rate" in hist[0]["reason"]
 
 
-def test_one_request_per_second_is_inconclusive_never_a_rollback(
-        start_server, tiny_llama, tmp_path, kafka_broker, services):
-    model = f"slow-{uuid.uuid4().hex[:6]}"
-    server = two_version_server(start_server, tiny_llama, tmp_path, kafka_broker.bootstrap_servers, model)
-    ctl = services(f"g-{model}", "ctl")
-    wait(lambda: ctl.service.leader, 20, "the lease")
+def test_one_request_per_second_is_inconclusive_never_a_rollback(loop, kafka_broker):
+    model, server, ctl = loop("slow")
     traffic = Traffic(server.address, model, rate=1.0)
     try:
         wait(lambda: status(ctl.api, model), 20, "the model's first events")
-        ctl.api.call("start", model=model, candidate="2", steps=[20, 50, 100], inconclusive_limit=3, **FAST)
+        ctl.api.call("start", model=model, candidate="2", steps=[20, 50, 100], **{**FAST, "inconclusive_limit": 3})
 
         def paused():
             s = status(ctl.api, model)
@@ -283,3 +286,52 @@ def test_two_controllers_one_decides_and_the_other_resumes_mid_rollout(kafka_bro
     first_b = sources.index(standby.service.instance)
     assert set(sources[:first_b]) == {leader.service.instance} and set(sources[first_b:]) == {standby.service.instance}
     assert states[-1].phase == events_pb2.RolloutPhase.Value("ROLLOUT_PHASE_PROMOTED")
+
+
+def test_bluegreen_is_analysed_on_shadow_copies_then_switches_at_once(loop, kafka_broker):
+    model, server, ctl = loop("bg")
+    traffic = Traffic(server.address, model)
+    try:
+        wait(lambda: status(ctl.api, model), 20, "the model's first events")
+        ctl.api.call("start", model=model, candidate="2", strategy="bluegreen", **FAST)
+        wait(lambda: server.server.router.shadows.get(model) == ("2",), 10, "the server to shadow version 2")
+        assert weights(server, model) == {"1": 1.0, "2": 0.0}  # all answers still come from 1
+
+        def switched():
+            s = status(ctl.api, model)
+            assert s["phase"] not in ("rolled_back", "failed", "paused"), s["reason"]
+            return weights(server, model) == {"1": 0.0, "2": 1.0}
+        wait(switched, 60, "the switch to 2", every=0.1)
+        assert server.server.router.shadows.get(model) == ()
+    finally:
+        traffic.stop()
+    def shadow_copy(record):
+        ev = events_pb2.InferenceEvent.FromString(record.value())
+        return ev.model == model and ev.route == events_pb2.ROUTE_SHADOW
+    copies = [events_pb2.InferenceEvent.FromString(r.value())
+              for r in read_topic(kafka_broker.bootstrap_servers, topics.INFERENCE, shadow_copy, 12)]
+    assert len(copies) >= 12 and all(e.version == "2" and e.shadow_of for e in copies)
+    assert "1" in server.server.router.versions[model]  # the old version stays loaded for a switch back
+
+
+def test_a_flag_set_through_the_controller_reaches_the_server_and_its_answers(loop, kafka_broker, capsys):
+    model, server, ctl = loop("flag")
+    from vigil.cli import main as vigil
+    url = ctl.api.url
+    assert vigil(["rollout", "register", model, "1", "--stable", "1", "--url", url]) == 0
+    assert vigil(["rollout", "set-flag", model, "eu-beta", "--percentage", "100", "--rule", "region:in:eu,uk",
+                  "--url", url]) == 0
+    assert "flag eu-beta 100% where region in ['eu', 'uk']" in capsys.readouterr().out
+    wait(lambda: "eu-beta" in server.server.router.flags.get(model, {}), 10, "the flag on the server")
+    with grpc.insecure_channel(server.address) as ch:
+        stub = llm_pb2_grpc.LLMStub(ch)
+
+        def ask(region):
+            return stub.Generate(llm_pb2.GenerateRequest(model=model, prompt="hi", routing_key="u1",
+                                                         attributes={"region": region},
+                                                         sampling=llm_pb2.SamplingParams(max_tokens=1)), timeout=30)
+        assert list(ask("uk").flags) == ["eu-beta"] and list(ask("us").flags) == []
+    assert vigil(["rollout", "set-flag", model, "bad", "--percentage", "-5", "--url", url]) == 2
+    assert "flags.bad.percentage" in capsys.readouterr().err
+    assert vigil(["rollout", "remove-flag", model, "eu-beta", "--url", url]) == 0
+    wait(lambda: not server.server.router.flags.get(model), 10, "the flag gone from the server")

@@ -11,23 +11,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import socket
 import sys
 
 from alerting import cli as alerting_cli
+from eventbus import security as kafka_security
 from eventbus import topics
 from eventbus.broker import BrokerError, EmbeddedBroker
+from inference.auth import AuthOptions
 from inference.demo import demo_model_path
 from inference.loading import INT4_GROUP_SIZES, QUANTIZE_MODES
 from inference.server import EventOptions, InferenceServer, ServerOptions
 from inference.serving import Limits
+from inference.tls import TlsOptions
+from inference.tracing import TracingOptions
 from inference.versions import EngineOptions
 from rollout import cli as rollout_cli
 from stream_processors import cli as processor_cli
-from vigil import demo, stack
+from vigil import demo, keys, logs, stack
 
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -104,6 +107,8 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
                    help="longest prompt accepted, in characters")
     option(g, "--threads", type=int, default=d.threads, help="torch CPU threads; 0 keeps torch's default")
     add_event_options(p)
+    add_security_options(p)
+    add_observability_options(p)
 
 
 def add_event_options(p: argparse.ArgumentParser) -> None:
@@ -134,6 +139,47 @@ def add_event_options(p: argparse.ArgumentParser) -> None:
            help="replication factor of topics created at start-up")
     option(g, "--topic-retention-ms", type=int, default=e.topic_retention_ms,
            help="retention of topics created at start-up (vigil.rollout is compacted instead); -1 forever")
+    kafka_security.add_options(p, option)
+
+
+def add_observability_options(p: argparse.ArgumentParser) -> None:
+    t = TracingOptions()
+    g = p.add_argument_group("traces and request logs", "a span per request (queue, prefill, decode, publish) "
+                             "and one log line per request; the log format and levels are global options "
+                             "(vigil --log-format json ...)")
+    option(g, "--otlp-endpoint", default=t.otlp_endpoint,
+           help="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (https:// for TLS); "
+                "empty: no spans are recorded (a caller's traceparent still gives the events their trace id)")
+    option(g, "--otel-service-name", default=t.service_name, help="service.name of the spans")
+    option(g, "--trace-sample-ratio", type=float, default=t.sample_ratio,
+           help="share of new traces recorded; a caller's traceparent decides for its own trace")
+    option(g, "--log-include-text", action="store_true",
+           help="put prompt and completion text in the per-request log line (otherwise never)")
+
+
+def add_security_options(p: argparse.ArgumentParser) -> None:
+    a, t = AuthOptions(), TlsOptions()
+    g = p.add_argument_group("security", "API keys with per-key limits, and TLS on the gRPC port; "
+                                         "both off by default (README: Security)")
+    option(g, "--auth-keys", default=a.keys_file,
+           help="key file (YAML or JSON) of hashed API keys, each with a tenant, an admin right and limits; "
+                "calls then need 'authorization: Bearer <key>' (health and reflection stay open); "
+                "empty: no key is checked")
+    option(g, "--auth-reload-s", type=float, default=a.reload_s,
+           help="seconds between checks of the key file for changes (a bad file keeps the keys in force); 0: never")
+    option(g, "--tls-cert", default=t.cert_file, help="PEM certificate chain of the server; turns TLS on")
+    option(g, "--tls-key", default=t.key_file, help="PEM private key of --tls-cert (not encrypted)")
+    option(g, "--tls-client-ca", default=t.client_ca_file,
+           help="PEM CA certificates that sign client certificates: turns on mutual TLS, every client "
+                "must then present a certificate signed by one of them")
+
+
+def auth_options(args) -> AuthOptions:
+    return AuthOptions(keys_file=args.auth_keys, reload_s=args.auth_reload_s)
+
+
+def tls_options(args) -> TlsOptions:
+    return TlsOptions(cert_file=args.tls_cert, key_file=args.tls_key, client_ca_file=args.tls_client_ca)
 
 
 def event_options(args) -> EventOptions:
@@ -155,7 +201,10 @@ def server_options(args) -> ServerOptions:
         limits=Limits(max_tokens=args.max_tokens_limit, default_max_tokens=min(args.default_max_tokens,
                                                                                 args.max_tokens_limit),
                       max_prompt_chars=args.max_prompt_chars),
-        events=event_options(args))
+        events=event_options(args), auth=auth_options(args), tls=tls_options(args),
+        tracing=TracingOptions(otlp_endpoint=args.otlp_endpoint, service_name=args.otel_service_name,
+                               sample_ratio=args.trace_sample_ratio),
+        log_include_text=args.log_include_text)
 
 
 async def run_server(options: ServerOptions, banner: str, started=None) -> None:
@@ -172,6 +221,12 @@ async def run_server(options: ServerOptions, banner: str, started=None) -> None:
         print(f"  events to Kafka at {p.bootstrap_servers} ({o.events.format}), outbox {p.outbox_dir}", flush=True)
     else:
         print("  events: kept in process (no --bootstrap-servers)", flush=True)
+    if server.edge is not None:
+        print(f"  API keys: {len(server.edge.store.keys)} from {o.auth.keys_file} (health and reflection open)",
+              flush=True)
+    if o.tls.enabled:
+        print("  TLS on" + (", mutual: client certificates from --tls-client-ca required"
+                            if o.tls.client_ca_file else ""), flush=True)
     if started is not None:
         started()
     await until_signalled()
@@ -199,6 +254,8 @@ async def run_up(options: ServerOptions, args) -> None:
         await asyncio.to_thread(broker.start)
         options.events.bootstrap_servers = broker.bootstrap_servers
         print(f"vigil up: embedded Kafka broker (Tansu, in memory) on {broker.bootstrap_servers}", flush=True)
+    # the children (vigil process, alerting, rollout) talk to the same brokers the same way
+    os.environ.update(options.events.security.env())
     children = stack.services(options.events.bootstrap_servers, args.processor_metrics_port,
                               args.alerting_port, args.rollout_port, set(args.without))
     try:
@@ -236,7 +293,7 @@ async def run_tail(args) -> None:
 
     count = 0
     async for r in tail(args.bootstrap_servers, args.topic, from_beginning=args.from_beginning,
-                        idle_timeout=args.idle_timeout or None):
+                        idle_timeout=args.idle_timeout or None, security=kafka_security.from_args(args)):
         if args.json:
             print(json.dumps(r.to_dict(), separators=(",", ":")), flush=True)
         elif r.message is None:
@@ -288,22 +345,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not the newest")
     t.add_argument("--max-events", type=int, default=0, help="stop after this many; 0: never")
     t.add_argument("--idle-timeout", type=float, default=0, help="stop after this many seconds without a record; 0: never")
+    kafka_security.add_options(t, option)
     alerting_cli.add_parser(sub, option)  # vigil alerting [check-rules|check-config|silences]
     processor_cli.add_parser(sub, option)  # vigil process
     rollout_cli.add_parser(sub, option)  # vigil rollout [start|status|pause|...]
     demo.add_parser(sub, option)  # vigil demo
+    keys.add_parser(sub, option)  # vigil keys add|check
     sub.add_parser("fetch-demo", help="download the demo model into the cache folder",
                    description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into $VIGIL_CACHE_DIR or ~/.cache/vigil.")
-    parser.add_argument("--log-level", default="INFO", help="logging level")
+    g = parser.add_argument_group("logs", "before the command (vigil --log-format json up); "
+                                  "`vigil up` hands them to the services it starts")
+    option(g, "--log-level", default="INFO", help="level of every logger: DEBUG, INFO, WARNING, ERROR")
+    option(g, "--log-format", default="text", choices=logs.FORMATS,
+           help="text lines, or one JSON object per line (time, level, logger, message, service, fields)")
+    option(g, "--log-levels", default="",
+           help="levels per component, NAME=LEVEL,... e.g. inference=DEBUG,eventbus=WARNING "
+                "(inference.requests=WARNING drops the per-request lines; aiokafka is CRITICAL unless named)")
     return parser
+
+
+SERVICE_NAMES = {"serve": "inference", "up": "inference"}  # the `service` field of JSON logs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = args.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":  # the publisher reports the broker going and coming back itself
-        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        logs.configure(args.log_format, args.log_level, args.log_levels,
+                       service=SERVICE_NAMES.get(args.command, args.command))
+    except ValueError as exc:
+        print(f"vigil: {exc}", file=sys.stderr)
+        return 2
+    if args.command in ("up", "demo"):  # the services they start as child processes log the same way
+        os.environ.update({"VIGIL_LOG_LEVEL": args.log_level, "VIGIL_LOG_FORMAT": args.log_format,
+                           "VIGIL_LOG_LEVELS": args.log_levels})
 
     if args.command == "alerting":
         return alerting_cli.run(args)
@@ -311,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         return processor_cli.run(args)
     if args.command == "rollout":
         return rollout_cli.run(args)
+    if args.command == "keys":
+        return keys.run(args)
     if args.command == "demo":
         return demo.run(args)
     if args.command == "fetch-demo":

@@ -20,7 +20,6 @@ Exit status: 0 once the rollout is rolled back or promoted (the summary says whi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -72,6 +71,8 @@ class Speed:
     signal_every: int = 20  # processor readings every this many events of a version
     alert_for: str = "5s"   # `for:` of the demo's alert rules
     psi_threshold: float = 1.0  # PSI over 10 bins of a few dozen events is noisy at the default 0.25
+    compare_every: int = 10     # candidate events between comparisons with stable
+    compare_alpha: float = 1e-3  # per test; the default 1e-5 wants more events than a demo has
     latency_ratio: float = 1.5  # per output token; both versions step in turn on the same cores
 
 
@@ -91,6 +92,9 @@ def add_parser(sub, option) -> None:
            help="model source: 'demo', a GGUF file or a Hugging Face folder")
     option(p, "--timeout", env="VIGIL_DEMO_TIMEOUT", type=float, default=300.0,
            help="seconds to wait for a rollback or a promotion")
+    option(p, "--linger", env="VIGIL_DEMO_LINGER", type=float, default=10.0,
+           help="seconds to keep traffic and the log going after the rollback or promotion, for the "
+                "signals and alerts that follow it")
     option(p, "--fast", env="VIGIL_DEMO_FAST", action="store_true",
            help="smaller samples, fewer steps and tokens (what the tests run)")
     option(p, "--summary-json", env="VIGIL_DEMO_SUMMARY_JSON", default="",
@@ -151,7 +155,8 @@ class Demo:
         self.decisions: list[dict] = []
         self.drifted: list[dict] = []
         self.alerts: list[dict] = []
-        self.done = asyncio.Event()
+        self.decided = asyncio.Event()  # the rollout ended: rolled back, promoted or failed
+        self.done = asyncio.Event()     # traffic and the log stop
         self.model = ""
         self.stable = ""
 
@@ -220,7 +225,7 @@ class Demo:
                                     + ", ".join(f"{v} {w:.0%}" for v, w in weights.items())
                                     + (f"\n{'':19}{m.reason}" if m.reason else ""))
                 if phase in END_PHASES and m.candidate_version in ("", self.candidate) and self.started:
-                    self.done.set()
+                    self.decided.set()
 
     # ---- the run --------------------------------------------------------------------
 
@@ -245,6 +250,8 @@ class Demo:
             "process": ["--ks-window", w, "--psi-window", w, "--chi2-window", w,
                         "--psi-threshold", str(sp.psi_threshold), "--signal-every",
                         str(sp.signal_every), "--quality-window", str(sp.signal_every),
+                        "--compare-window", w, "--compare-every", str(sp.compare_every),
+                        "--compare-min", str(sp.compare_every), "--compare-alpha", str(sp.compare_alpha),
                         "--checkpoint-interval", "2", "--session-timeout-ms", "6000"],
             "alerting": ["--rules", str(demo_rules(work, sp.alert_for)), "--snapshot-interval", "2"],
             "rollout": ["--tick", "0.5", "--default-min-requests", str(sp.min_requests),
@@ -292,13 +299,17 @@ class Demo:
             log("rollout", f"started a canary of {cand_version} (steps {sp.steps} percent, at least "
                            f"{sp.min_requests} candidate requests and {sp.interval:g}s per step): {r.get('reason', '')}")
             try:
-                await asyncio.wait_for(self.done.wait(), max(1.0, deadline - time.monotonic()))
+                await asyncio.wait_for(self.decided.wait(), max(1.0, deadline - time.monotonic()))
+                seconds = time.monotonic() - log.t0
+                if a.linger > 0:
+                    log("stack", f"following the loop for {a.linger:g}s more")
+                    await asyncio.sleep(a.linger)
             except asyncio.TimeoutError:
-                pass
+                seconds = time.monotonic() - log.t0
             self.done.set()
             history = await http("POST", f"{url}/api/history", {"model": self.model})
             status = await http("POST", f"{url}/api/status", {"model": self.model})
-            return self.summary(history, status, time.monotonic() - log.t0)
+            return self.summary(history, status, seconds)
         finally:
             self.done.set()
             for t in tasks:

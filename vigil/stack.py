@@ -62,7 +62,10 @@ async def pump(service: Service) -> None:
     assert service.proc is not None and service.proc.stdout is not None
     async for raw in service.proc.stdout:
         line = raw.decode("utf-8", "replace").rstrip()
-        print(f"{service.name:>9} | {line}", flush=True)
+        if line.startswith("{") and line.endswith("}"):  # a JSON log line (--log-format json) stays one
+            print(line, flush=True)
+        else:
+            print(f"{service.name:>9} | {line}", flush=True)
     code = await service.proc.wait()
     if code not in (0, -signal.SIGTERM):
         print(f"{service.name:>9} | exited with code {code}", flush=True)

@@ -1,11 +1,13 @@
-"""Feature flags: a name, a percentage, and rules on request attributes. The inference
-router calls `evaluate` per request; it is pure and does no I/O.
+"""Feature flags: a name, a percentage, and rules on request attributes. The rollout
+controller sets them (they travel in vigil.rollout's `flags_json`) and the inference
+router calls `evaluate` per request; both import them from here, since services share
+contracts, not code of one another. Pure, no I/O.
 
 A request is in a flag's "on" arm when the flag is enabled, every rule matches its
 attributes, and the routing key's bucket is below the percentage. The bucket is a
-blake2b hash of the flag's namespace and the key onto [0, 1), the same construction as
-inference/router.py's `routing_point(model, key)`, but with the flag's name in the
-namespace so that flag arms are independent of the canary arm and of each other. Because
+blake2b hash of the flag's namespace and the key onto [0, 1), the function the inference
+router also places routing keys with (as `bucket(model, key)`); a flag's namespace has
+the flag's name in it, so flag arms are independent of the canary arm and of each other. Because
 "on" is `bucket < percentage`, raising the percentage only adds users: whoever was on
 stays on. A request without a routing key is on only at 100 percent.
 """
@@ -17,7 +19,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .records import RolloutError
+
+class FlagError(ValueError):
+    """A bad flag; `field` names what was wrong."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 OPS = ("eq", "ne", "in", "not_in", "prefix", "matches", "exists", "gt", "gte", "lt", "lte")
 
@@ -37,12 +45,12 @@ class Rule:
     def compile(self, where: str) -> Callable[[Mapping[str, Any]], bool]:
         a, v = self.attribute, self.value
         if not isinstance(a, str) or not a:
-            raise RolloutError(f"{where}.attribute", "must be a non-empty string")
+            raise FlagError(f"{where}.attribute", "must be a non-empty string")
         if self.op not in OPS:
-            raise RolloutError(f"{where}.op", f"{self.op!r} is not one of {', '.join(OPS)}")
+            raise FlagError(f"{where}.op", f"{self.op!r} is not one of {', '.join(OPS)}")
         if self.op in ("in", "not_in"):
             if not isinstance(v, (list, tuple, set, frozenset)):
-                raise RolloutError(f"{where}.value", f"{self.op} needs a list")
+                raise FlagError(f"{where}.value", f"{self.op} needs a list")
             vs = frozenset(str(x) for x in v)
             return (lambda at: a in at and str(at[a]) in vs) if self.op == "in" else \
                 (lambda at: str(at.get(a)) not in vs)
@@ -50,7 +58,7 @@ class Rule:
             try:
                 rx = re.compile(str(v))
             except re.error as e:
-                raise RolloutError(f"{where}.value", f"bad regular expression: {e}") from None
+                raise FlagError(f"{where}.value", f"bad regular expression: {e}") from None
             return lambda at: a in at and rx.fullmatch(str(at[a])) is not None
         if self.op == "exists":
             return lambda at: a in at
@@ -60,7 +68,7 @@ class Rule:
             return (lambda at: a in at and str(at[a]) == str(v)) if self.op == "eq" else \
                 (lambda at: str(at.get(a)) != str(v))
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise RolloutError(f"{where}.value", f"{self.op} needs a number")
+            raise FlagError(f"{where}.value", f"{self.op} needs a number")
         cmp = {"gt": float.__gt__, "gte": float.__ge__, "lt": float.__lt__, "lte": float.__le__}[self.op]
 
         def numeric(at):
@@ -80,10 +88,10 @@ class Flag:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
-            raise RolloutError("flag.name", f"{self.name!r} is not a name of letters, digits, _ . -")
+            raise FlagError("flag.name", f"{self.name!r} is not a name of letters, digits, _ . -")
         p = self.percentage
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 100:
-            raise RolloutError(f"flags.{self.name}.percentage", f"{p!r} is not between 0 and 100")
+            raise FlagError(f"flags.{self.name}.percentage", f"{p!r} is not between 0 and 100")
         self.rules = [r if isinstance(r, Rule) else Rule(**r) for r in self.rules]
         self._match = [r.compile(f"flags.{self.name}.rules[{i}]") for i, r in enumerate(self.rules)]
         self._cut = float(p) / 100.0
@@ -96,7 +104,7 @@ class Flag:
     def from_dict(cls, d: dict) -> "Flag":
         unknown = set(d) - {"name", "percentage", "rules", "enabled"}
         if unknown:
-            raise RolloutError(f"flags.{sorted(unknown)[0]}", "is not a flag setting")
+            raise FlagError(f"flags.{sorted(unknown)[0]}", "is not a flag setting")
         return cls(d.get("name"), d.get("percentage"), list(d.get("rules") or []), bool(d.get("enabled", True)))
 
 
