@@ -105,7 +105,10 @@ class Flag:
         unknown = set(d) - {"name", "percentage", "rules", "enabled"}
         if unknown:
             raise FlagError(f"flags.{sorted(unknown)[0]}", "is not a flag setting")
-        return cls(d.get("name"), d.get("percentage"), list(d.get("rules") or []), bool(d.get("enabled", True)))
+        enabled = d.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise FlagError(f"flags.{d.get('name')}.enabled", f"{enabled!r} is not true or false")
+        return cls(d.get("name"), d.get("percentage"), list(d.get("rules") or []), enabled)
 
 
 def evaluate(flag: Flag, key: str, attributes: Mapping[str, Any] | None = None, namespace: str = "") -> bool:

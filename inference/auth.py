@@ -40,9 +40,9 @@ import yaml
 log = logging.getLogger(__name__)
 
 SECRET_PREFIX = "vgk_"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,4096}$")  # visible ASCII, no spaces
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # all with fullmatch: `$` would let "\n" through
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
+TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")  # visible ASCII, no spaces
 FIELDS = {"name", "tenant", "sha256", "admin", "requests_per_second", "burst", "tokens_per_minute",
           "max_streams", "expires", "comment"}
 
@@ -152,9 +152,14 @@ def _compose(text: str, file: str):
 
 def _scalar(loader, node):
     try:
-        return loader.construct_object(node, deep=True)
-    except yaml.YAMLError as e:
+        value = loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:  # e.g. `expires: 2027-13-01`
         raise KeyFileError(f"line {node.start_mark.line + 1}: {e}") from None
+    try:
+        hash(value)
+    except TypeError:  # a complex key (`? [a, b]`), which no field name is
+        raise KeyFileError(f"line {node.start_mark.line + 1}: {value!r} is not a field name") from None
+    return value
 
 
 def _number(where: str, field: str, value, integer: bool = False) -> float | int:
@@ -162,6 +167,8 @@ def _number(where: str, field: str, value, integer: bool = False) -> float | int
         raise KeyFileError(f"{where}: {field}: {value!r} is not a number")
     if integer and not (isinstance(value, int) or float(value).is_integer()):
         raise KeyFileError(f"{where}: {field}: {value!r} is not a whole number")
+    if isinstance(value, int) and abs(value) > 2**53:
+        raise KeyFileError(f"{where}: {field}: {value!r} is too large")
     if value != value or value in (float("inf"), float("-inf")):
         raise KeyFileError(f"{where}: {field}: {value!r} is not finite")
     if value <= 0:
@@ -240,12 +247,12 @@ def _parse_entry(loader, node, where: str, line: int) -> ApiKey:
         if f not in d or d[f] in (None, ""):
             raise KeyFileError(f"{where}: {f}: missing")
     name, tenant, digest = d["name"], d["tenant"], d["sha256"]
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise KeyFileError(f"{where}: name: {name!r} must be 1 to 64 letters, digits, '.', '_' or '-'")
     where = f"{where} ({name!r})"
     if not isinstance(tenant, str) or len(tenant) > 128 or not tenant.isprintable():
         raise KeyFileError(f"{where}: tenant: must be a string of at most 128 printable characters")
-    if not isinstance(digest, str) or not HEX64_RE.match(digest.lower()):
+    if not isinstance(digest, str) or not HEX64_RE.fullmatch(digest.lower()):
         raise KeyFileError(f"{where}: sha256: must be 64 hex digits (the SHA-256 of the secret, "
                            "never the secret itself)")
     admin = d.get("admin", False)
@@ -306,7 +313,7 @@ def bearer_token(metadata) -> str:
     token = token.strip()
     if not token:
         raise AuthError("unauthenticated", "malformed", "authorization: the bearer token is empty")
-    if not TOKEN_RE.match(token):
+    if not TOKEN_RE.fullmatch(token):
         raise AuthError("unauthenticated", "malformed",
                         "authorization: malformed bearer token (1 to 4096 visible ASCII characters, no spaces)")
     return token
@@ -348,7 +355,7 @@ class KeyStore:
         self.stamp = stamp
         try:
             keys = load_keys(self.path)
-        except KeyFileError as e:
+        except Exception as e:  # KeyFileError, or anything else a bad file brings: the keys in force stay
             log.error("key file not reloaded, the %d keys in force stay: %s", len(self.keys), e)
             if self.on_reload:
                 self.on_reload(None, "error")

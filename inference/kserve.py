@@ -150,7 +150,7 @@ def sampling_from_inputs(values: dict[str, list], default_max_tokens: int) -> tu
             seed=None if params.get("seed") is None else int(params["seed"]),
             stop=tuple(str(s) for s in params.get("stop", ())),
             ignore_eos=bool(params.get("ignore_eos", False)))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgument(f"inputs[sampling_parameters]: {exc}") from None
     stream = bool(values.get("stream", [False])[0])
     exclude = bool(values.get("exclude_input_in_output", [False])[0])
@@ -291,7 +291,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             mv = self.serving.route(out, request.model_name, request.model_version,
                                     request.parameters["routing_key"].string_param
                                     if "routing_key" in request.parameters else "",
-                                    {k.removeprefix("attribute."): v.string_param
+                                    {k.removeprefix("attribute."): parameter_text(v)
                                      for k, v in request.parameters.items() if k.startswith("attribute.")})
             prompt = text(values["text_input"][0], "text_input")
             ids = self.serving.prompt_ids(out, mv, prompt, None, "text_input")
@@ -339,7 +339,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 async for response in self.run(request, context, "ModelStreamInfer"):
                     await responses.put(pb.ModelStreamInferResponse(infer_response=response))
-            except (InvalidArgument, NotFound, Overloaded, RuntimeError) as exc:
+            except Exception as exc:  # answered in-band, whatever it is: the stream goes on
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
                 failed.parameters["triton_final_response"].bool_param = True
                 await responses.put(pb.ModelStreamInferResponse(error_message=f"{code_name(exc)}: {exc}",
@@ -362,6 +362,13 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+
+def parameter_text(p: pb.InferParameter) -> str:
+    """A request parameter's value as text, whichever of its types was sent."""
+    field = p.WhichOneof("parameter_choice")
+    value = getattr(p, field) if field else ""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def code_name(exc: Exception) -> str:

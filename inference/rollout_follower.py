@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 from aiokafka.errors import KafkaError
 
@@ -117,13 +118,17 @@ class RolloutFollower:
             return None  # not served here
         weights = {vw.version: vw.weight for vw in msg.weights if self.present(model, vw.version, loaded)}
         shadows = [v for v in msg.shadow_versions if self.present(model, v, loaded)]
+        if not all(math.isfinite(w) and w >= 0 for w in weights.values()):
+            log.warning("rollout of %s generation %d has a weight that is negative or not finite (%s); not applied",
+                        model, msg.generation, weights)
+            return None
         if sum(weights.values()) <= 0:
             log.warning("rollout of %s generation %d gives no traffic to a loaded version (%s); not applied",
                         model, msg.generation, ", ".join(loaded))
             return None
         total = sum(weights.values())
         new = self.router.set_rollout(model, {v: w / total for v, w in weights.items()}, shadows,
-                                      flags(msg))
+                                      flags(msg), stable=msg.stable_version)
         log.info("rollout of %s generation %d: weights %s%s (%s)", model, msg.generation,
                  ", ".join(f"{v} {w:.0%}" for v, w in sorted(new.items())),
                  f"; shadow {', '.join(shadows)}" if shadows else "", msg.reason)
@@ -145,7 +150,7 @@ def flags(msg) -> dict[str, Flag]:
         return {}
     try:
         raw = json.loads(msg.flags_json)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         log.warning("rollout of %s generation %d: flags_json is not JSON (%s); no flags applied",
                     msg.model, msg.generation, exc)
         return {}

@@ -45,6 +45,7 @@ class Router:
         self.versions: dict[str, dict[str, ModelVersion]] = {}
         self.weights: dict[str, dict[str, float]] = {}
         self.shadows: dict[str, tuple[str, ...]] = {}
+        self.stable: dict[str, str] = {}  # model -> the rollout's stable version, where a record named one
         self.flags: dict[str, dict[str, Flag]] = {}
 
     def add(self, mv: ModelVersion) -> None:
@@ -65,6 +66,7 @@ class Router:
             del self.versions[model], self.weights[model]
             self.shadows.pop(model, None)
             self.flags.pop(model, None)
+            self.stable.pop(model, None)
         elif not any(weights.values()):
             weights[next(iter(weights))] = 1.0
         return mv
@@ -104,14 +106,26 @@ class Router:
         return dict(self.weights[model])
 
     def set_rollout(self, model: str, weights: dict[str, float], shadows: list[str],
-                    flags: dict[str, Flag]) -> dict[str, float]:
-        """Weights, shadow versions and flags of a model, replaced together."""
+                    flags: dict[str, Flag], stable: str = "") -> dict[str, float]:
+        """Weights, shadow versions, flags and the stable version of a model, replaced together."""
         for version in shadows:
             self.get(model, version)
         new = self.set_weights(model, weights)
         self.shadows[model] = tuple(shadows)
         self.flags[model] = dict(flags)
+        self.stable[model] = stable
         return new
+
+    def stable_version(self, model: str) -> str:
+        """The version whose requests are route "stable": the rollout's stable version where
+        it is loaded here, else the one with the largest weight (the first by name on a tie).
+        Never decided by weights alone during a rollout: at a 50 or 75 percent step the
+        candidate has as much traffic as stable, or more, and is still the candidate."""
+        stable = self.stable.get(model, "")
+        if stable in self.versions.get(model, {}):
+            return stable
+        weights = self.weights[model]
+        return min(weights, key=lambda v: (-weights[v], v))
 
     def flags_on(self, model: str, routing_key: str, attributes: dict[str, str]) -> list[str]:
         flags = self.flags.get(model)

@@ -147,11 +147,10 @@ class Serving:
         if out.tenant:
             attributes["tenant"] = out.tenant
         out.flags = self.router.flags_on(mv.model, routing_key, attributes)
-        weights = self.router.weights.get(mv.model, {})
         if version:
             out.route = "pinned"
         else:
-            out.route = "stable" if weights.get(mv.version, 0) >= max(weights.values()) else "canary"
+            out.route = "stable" if mv.version == self.router.stable_version(mv.model) else "canary"
         return mv
 
     def shadow(self, out: Outcome, prompt: str | None, messages: list[dict] | None, field_name: str,
@@ -239,6 +238,8 @@ class Serving:
                     out.timing = update.timing
                     if update.finish_reason == "error":
                         raise RuntimeError(update.error)
+                    if update.finish_reason == "cancelled":  # the engine stopped it: its version was unloaded
+                        out.status = "cancelled"
                     yield update
                     return
                 yield update
@@ -311,7 +312,7 @@ class Serving:
 
     def record(self, out: Outcome) -> None:
         f = out.finished
-        if out.model and out.version:
+        if out.model and out.version and not out.shadow_of:  # feedback is for answers a caller got
             self.served_by[out.request_id] = (out.model, out.version)
             while len(self.served_by) > 100_000:
                 self.served_by.popitem(last=False)

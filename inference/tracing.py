@@ -119,7 +119,9 @@ class Tracing:
             attributes["service.instance.id"] = instance
         provider = TracerProvider(resource=Resource.create(attributes),
                                   sampler=ParentBased(TraceIdRatioBased(o.sample_ratio)))
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=o.otlp_endpoint)))
+        # a bare HOST:PORT is plaintext, as the README says; the exporter alone would take it for TLS
+        endpoint = o.otlp_endpoint if "://" in o.otlp_endpoint else f"http://{o.otlp_endpoint}"
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         log.info("traces to %s by OTLP/gRPC (service %s, sampling %g of new traces)",
                  o.otlp_endpoint, o.service_name, o.sample_ratio)
         return cls(provider, owned=True)

@@ -143,7 +143,7 @@ def parse_rule(text: str) -> dict:
             return {"attribute": attribute, "op": op, "value": float(value)}
         except ValueError:
             raise RolloutError("rule", f"{text!r}: {op} needs a number") from None
-    return {"attribute": attribute, "op": op, "value": value or None}
+    return {"attribute": attribute, "op": op, "value": None if op == "exists" else value}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -229,7 +229,10 @@ class RolloutService:
                     continue
                 for records in batches.values():
                     for rec in records:
-                        self._observe_one(decode(rec))
+                        try:
+                            self._observe_one(decode(rec))
+                        except Exception:  # one record the controller cannot take must not stop it observing
+                            log.exception("%s %d@%d not observed", rec.topic, rec.partition, rec.offset)
                 self._publish_changes()
 
     def _observe_one(self, r) -> None:

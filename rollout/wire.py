@@ -28,6 +28,12 @@ def _pb():
     return events_pb2
 
 
+def _name(enum, value: int, prefix: str) -> str:
+    """An enum value's name, lower case without its prefix; "unspecified" for a value this
+    build does not know (a newer writer's), rather than an error."""
+    return enum.Name(value).removeprefix(prefix).lower() if value in enum.values() else "unspecified"
+
+
 def _t(ts) -> float:
     return ts.seconds + ts.nanos / 1e9
 
@@ -37,8 +43,8 @@ def outcome(ev) -> Outcome | None:
     pb = _pb()
     if not ev.model or not ev.version:
         return None
-    route = pb.Route.Name(ev.route).removeprefix("ROUTE_").lower()
-    error = pb.Status.Name(ev.status) in ERROR_STATUSES or ev.finish_reason == "error"
+    route = _name(pb.Route, ev.route, "ROUTE_")
+    error = ev.status in [pb.Status.Value(n) for n in ERROR_STATUSES] or ev.finish_reason == "error"
     conf = ev.confidence.mean_logprob if ev.HasField("confidence") else None
     return Outcome(ev.model, ev.version, _t(ev.time), error, serving_latency(ev), conf,
                    "" if route == "unspecified" else route)
@@ -54,13 +60,13 @@ def serving_latency(ev) -> float:
 
 
 def drift_signal(sig) -> DriftSignal:
-    kind = _pb().SignalKind.Name(sig.kind).removeprefix("SIGNAL_KIND_").lower()
+    kind = _name(_pb().SignalKind, sig.kind, "SIGNAL_KIND_")
     return DriftSignal(sig.model, sig.version, _t(sig.time), sig.detector, sig.feature, sig.drifted,
                        sig.statistic, "" if kind == "unspecified" else kind)
 
 
 def alert(a) -> AlertObs:
-    state = _pb().AlertState.Name(a.state).removeprefix("ALERT_STATE_").lower()
+    state = _name(_pb().AlertState, a.state, "ALERT_STATE_")
     return AlertObs(a.fingerprint, a.rule, state, dict(a.labels), _t(a.time))
 
 
@@ -127,7 +133,7 @@ def decision_dict(msg) -> dict:
             "candidate": msg.candidate_version, "weights": {w.version: w.weight for w in msg.weights},
             "shadow": list(msg.shadow_versions), "strategy": msg.strategy, "step": msg.step,
             "reason": msg.reason, "state": state,
-            "phase": _pb().RolloutPhase.Name(msg.phase).removeprefix("ROLLOUT_PHASE_").lower(),
+            "phase": _name(_pb().RolloutPhase, msg.phase, "ROLLOUT_PHASE_"),
             "figures": json.loads(msg.figures_json) if "figures_json" in have and msg.figures_json else {},
             "attention": bool(getattr(msg, "attention", False)),
             "flags": json.loads(msg.flags_json) if "flags_json" in have and msg.flags_json else {},

@@ -94,6 +94,12 @@ def test_key_file_forms():
     ("users:\n  - name: a\n", "keys.yml:1: the top level is a list of keys or a mapping with only a `keys` list"),
     ("- name: a\n  tenant: [x\n", "keys.yml:3: not valid YAML"),
     ("keys: 5\n", "keys.yml:1: keys: expected a list of entries"),
+    (entry("a", "t", USER_SECRET, expires="2027-13-01"), "keys.yml: line 4: month must be in 1..12"),
+    ("- ? [x, y]\n  : 1\n", "keys.yml: line 1: ['x', 'y'] is not a field name"),
+    (entry("a", "t", USER_SECRET, requests_per_second=10 ** 400), "requests_per_second: 1000"),
+    (entry("a\\n", "t", USER_SECRET).replace("name: a\\n", 'name: "a\\n"'), "name: 'a\\n' must be 1 to 64"),
+    (entry("a", "t", USER_SECRET).replace(hash_secret(USER_SECRET), f'"{hash_secret(USER_SECRET)}\\n"'),
+     "sha256: must be 64 hex digits"),
 ])
 def test_bad_key_files_name_the_line_and_field(text, expected):
     assert key_error(text).startswith(expected) or expected in key_error(text), key_error(text)

@@ -151,6 +151,8 @@ KSERVE_CASES = [
      ("sampling_parameters", "temprature")),
     ("sampling_parameters wrong type", infer_request(HELLO, json_params(b'{"max_tokens": "many"}')), INVALID,
      ("sampling_parameters",)),
+    ("sampling_parameters beyond any integer", infer_request(HELLO, json_params(b'{"max_tokens": 1e400}')),
+     INVALID, ("sampling_parameters",)),
     ("sampling_parameters temperature out of range",
      infer_request(HELLO, json_params(b'{"temperature": -1}')), INVALID, ("temperature",)),
     ("sampling_parameters malformed UTF-8", infer_request(HELLO, json_params(b'{"stop": "\xff"}')), INVALID,

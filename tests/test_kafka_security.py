@@ -225,6 +225,20 @@ def test_vigil_refuses_to_start_naming_the_option(capsys, restore_logging):
     assert "--kafka-sasl-password-file (or $VIGIL_KAFKA_SASL_PASSWORD): required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["serve", "up"])
+def test_the_server_and_vigil_up_take_the_settings(command, password_file):
+    """The event publisher and the rollout follower of `vigil serve` (and what `vigil up`
+    hands its children) use the same settings as every other client."""
+    from vigil.cli import build_parser, server_options
+
+    args = build_parser().parse_args([command, "--kafka-sasl-mechanism", "PLAIN", "--kafka-sasl-username", "u",
+                                      "--kafka-sasl-password-file", password_file])
+    s = server_options(args).events.security
+    assert s == parse(["--kafka-sasl-mechanism", "PLAIN", "--kafka-sasl-username", "u",
+                       "--kafka-sasl-password-file", password_file])
+    assert s.client_kwargs()["sasl_plain_username"] == "u"
+
+
 # -- the secret never shows --------------------------------------------------------------------
 
 

@@ -316,3 +316,13 @@ def test_feedback_calibration_rolls_back_in_a_rollout():
     s.outcome = with_feedback
     s.run(3600, until=ended)
     assert s.decisions[-1].phase == ROLLED_BACK and "failed on calibration" in s.decisions[-1].reason
+
+
+def test_enum_values_a_newer_writer_may_send_are_read_as_unspecified():
+    from protos import events_pb2 as pb
+    from rollout import wire
+
+    assert wire.outcome(pb.InferenceEvent(model="m", version="1", route=7, status=99)).route == ""
+    assert wire.drift_signal(pb.Signal(model="m", version="1", kind=42)).kind == ""
+    assert wire.alert(pb.Alert(fingerprint="f", state=9)).state == "unspecified"
+    assert wire.decision_dict(pb.RolloutState(model="m", phase=77))["phase"] == "unspecified"

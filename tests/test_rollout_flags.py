@@ -55,6 +55,7 @@ def test_rules_disabled_flags_and_missing_keys():
     ({"name": "f", "percentage": 5, "rules": [{"attribute": "a", "op": "gt", "value": "x"}]}, "flags.f.rules[0].value"),
     ({"name": "f", "percentage": 5, "rules": [{"attribute": "a", "op": "matches", "value": "("}]},
      "flags.f.rules[0].value"),
+    ({"name": "f", "percentage": 5, "enabled": "false"}, "flags.f.enabled"),
 ])
 def test_bad_flags_name_the_field(flag, field):
     c = Controller(ManualClock())

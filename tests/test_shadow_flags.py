@@ -113,3 +113,49 @@ def test_flags_follow_rules_and_percentage_and_reach_answer_and_event(server):
         assert "eu-beta" in resp.parameters["flags"].string_param.split(",")
     finally:
         set_rollout(server, [], {})
+
+
+def test_route_stable_is_the_rollouts_stable_version_even_when_the_candidate_has_more_traffic(server):
+    async def apply(weights, stable):
+        server.server.router.set_rollout(MODEL, weights, [], {}, stable=stable)
+    try:
+        for weights in ({"1": 0.5, "2": 0.5}, {"1": 0.25, "2": 0.75}):
+            server.call(apply(weights, "1"))
+            for i in range(12):
+                generate(server, prompt="a", routing_key=f"user-{i}", request_id=f"route-{weights['2']}-{i}")
+            routes = {(e["version"], e["route"]) for e in server.sink.events("vigil.inference.events")
+                      if e["request_id"].startswith(f"route-{weights['2']}-")}
+            assert routes == {("1", "stable"), ("2", "canary")}, routes
+    finally:
+        server.call(apply({"1": 1.0}, ""))
+
+
+def test_a_record_with_weights_no_router_takes_is_not_applied(server):
+    import math
+
+    from inference.rollout_follower import RolloutFollower
+    from protos import events_pb2
+
+    follower = RolloutFollower(server.server.router, "127.0.0.1:1")
+    for bad in ({"1": 2.0, "2": -1.0}, {"1": math.nan, "2": 1.0}, {"1": math.inf, "2": 1.0}):
+        msg = events_pb2.RolloutState(model=MODEL, stable_version="1", generation=1, flags_json="[[[[")
+        for v, w in bad.items():
+            msg.weights.add(version=v, weight=w)
+        follower.take(msg)  # logged and skipped, never raised
+    assert server.server.router.weights[MODEL] == {"1": 1.0, "2": 0.0}
+
+
+def test_kserve_attributes_of_any_parameter_type_reach_the_rules(server):
+    adults = Flag("adults", 100, [{"attribute": "age", "op": "gte", "value": 18},
+                                  {"attribute": "beta", "op": "eq", "value": "true"}])
+    set_rollout(server, [], {"adults": adults})
+    try:
+        req = kpb.ModelInferRequest(model_name=MODEL, inputs=[kpb.ModelInferRequest.InferInputTensor(
+            name="text_input", datatype="BYTES", shape=[1], contents=kpb.InferTensorContents(bytes_contents=[b"a"]))])
+        req.parameters["attribute.age"].int64_param = 30
+        req.parameters["attribute.beta"].bool_param = True
+        with grpc.insecure_channel(server.address) as ch:
+            resp = kgrpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=60)
+        assert resp.parameters["flags"].string_param == "adults"
+    finally:
+        set_rollout(server, [], {})

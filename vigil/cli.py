@@ -189,7 +189,8 @@ def event_options(args) -> EventOptions:
         outbox_fsync_ms=args.outbox_fsync_ms, outbox_max_bytes=args.outbox_max_bytes,
         queue_size=args.event_queue_size, publish_timeout_ms=args.publish_timeout_ms,
         compression=args.event_compression, topic_partitions=args.topic_partitions,
-        topic_replication_factor=args.topic_replication_factor, topic_retention_ms=args.topic_retention_ms)
+        topic_replication_factor=args.topic_replication_factor, topic_retention_ms=args.topic_retention_ms,
+        security=kafka_security.from_args(args))
 
 
 def server_options(args) -> ServerOptions:
