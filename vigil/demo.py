@@ -64,7 +64,7 @@ class Speed:
     max_tokens: int = 12
     concurrency: int = 4
     steps: str = "25,50,100"
-    min_requests: int = 15
+    min_requests: int = 30  # enough for the processors' comparison to be sure of a drift by then
     interval: float = 8.0
     min_samples: int = 15
     window: int = 80        # processor detector windows (KS, PSI, chi-square)
