@@ -200,7 +200,8 @@ class ModelState:
                 continue
             t = self.trends[f].update(float(means[i]))
             if t is not None:
-                out.append(self._out(KIND_DRIFT, "mann_kendall", f, t.z, self.trends[f].alpha, t.p_value,
+                kind = KIND_LATENCY if f in LATENCY else KIND_DRIFT  # a latency trend is a latency signal
+                out.append(self._out(kind, "mann_kendall", f, t.z, self.trends[f].alpha, t.p_value,
                                      t.severity != "none", 0, t.n,
                                      {"severity": t.severity, "trend": t.trend, "slope": repr(t.slope)}))
         self.sums[:] = 0

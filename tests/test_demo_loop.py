@@ -23,7 +23,9 @@ def test_a_candidate_that_stops_answering_is_rolled_back_with_the_reason(tmp_pat
     assert s["outcome"] == "rolled_back", s["reason"]
     assert s["status"]["stable"] == s["stable"]
     [h] = [h for h in s["history"] if h["action"] == "rolled_back"]
-    assert "confidence fail" in h["reason"] and "Mann-Whitney" in h["reason"]
+    # the step's analysis (confidence) or the alert on the candidate's drift, whichever came first
+    assert ("confidence fail" in h["reason"] and "Mann-Whitney" in h["reason"]) \
+        or ("alert CandidateDriftsFromStable" in h["reason"] and 'version="2-pirate"' in h["reason"]), h["reason"]
     # the processors saw the candidate drift from stable on the same traffic (which features
     # reach p < 1e-3 within some 30 candidate requests varies from run to run; the longer
     # system prompt always shows in the latencies)
