@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.common import drive, percentile  # noqa: E402
+from bench.common import drive, interleaved, percentile  # noqa: E402
 from eventbus.broker import EmbeddedBroker, free_port  # noqa: E402
 from inference.demo import DEMO_MODEL_NAME  # noqa: E402
 
@@ -80,15 +79,8 @@ async def main() -> None:
             servers[mode] = start_server(extra, args.threads)
         for mode, (_, address, _) in servers.items():  # warm up: first calls, first connections
             await drive(address, DEMO_MODEL_NAME, 2 * args.concurrency, args.concurrency, args.tokens)
-        results: dict[str, list[float]] = {mode: [] for mode in modes}
-        rng = random.Random(args.seed)
-        started = time.monotonic()
-        for r in range(args.rounds):
-            order = list(modes)
-            rng.shuffle(order)
-            for mode in order:
-                results[mode] += await drive(servers[mode][1], DEMO_MODEL_NAME, args.requests, args.concurrency, args.tokens)
-            print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+        results = await interleaved({mode: s[1] for mode, s in servers.items()}, DEMO_MODEL_NAME, args.rounds,
+                                    args.requests, args.concurrency, args.tokens, args.seed)
         time.sleep(2)  # let the publishers settle before reading their counters
 
         print(f"\nrequest latency, demo model, Generate of {args.tokens} tokens, {args.concurrency} concurrent, "

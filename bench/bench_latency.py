@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
 import subprocess
 import sys
@@ -44,9 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.common import drive, percentile  # noqa: E402
+from bench.common import drive, interleaved, percentile  # noqa: E402
 from eventbus.broker import EmbeddedBroker  # noqa: E402
-from inference.demo import DEMO_MODEL_NAME  # noqa: E402
+from inference.server import ServerOptions, model_name  # noqa: E402
 
 PUBLISH = "publish vigil.inference.events"
 
@@ -124,8 +123,7 @@ async def main() -> None:
     ap.add_argument("--quantize", default="int4")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    model = args.model_name or (DEMO_MODEL_NAME if args.model == "demo"
-                                else Path(args.model).name.removesuffix(".gguf").lower())
+    model = model_name(ServerOptions(model=args.model, model_name=args.model_name))  # as `vigil serve` names it
 
     collector = Collector()
     broker = EmbeddedBroker().start()
@@ -135,7 +133,7 @@ async def main() -> None:
         "tracing on": ["--bootstrap-servers", broker.bootstrap_servers, "--outbox-dir", f"{outboxes.name}/on",
                        "--otlp-endpoint", f"http://127.0.0.1:{collector.port}"],
     }
-    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
     try:
         for mode, extra in modes.items():
             servers[mode] = start_server(extra, args)
@@ -144,19 +142,12 @@ async def main() -> None:
         time.sleep(6)  # the batch span processor exports every 5 s: the warm-up's spans arrive now
         with collector.lock:
             warmup = {s.trace_id for s in collector.spans}
-        results: dict[str, list[float]] = {mode: [] for mode in modes}
-        rng = random.Random(args.seed)
-        started = time.monotonic()
-        for r in range(args.rounds):
-            order = list(modes)
-            rng.shuffle(order)
-            for mode in order:
-                results[mode] += await drive(servers[mode][1], model, args.requests, args.concurrency, args.tokens)
-            print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+        results = await interleaved({mode: s[1] for mode, s in servers.items()}, model, args.rounds,
+                                    args.requests, args.concurrency, args.tokens, args.seed)
     finally:
-        for proc, _ in servers.values():
+        for proc, _, _ in servers.values():
             proc.terminate()  # `vigil serve` flushes its spans as it stops
-        for proc, _ in servers.values():
+        for proc, _, _ in servers.values():
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:

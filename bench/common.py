@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,3 +72,19 @@ async def drive(address: str, model: str, n: int, concurrency: int, tokens: int)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies
+
+
+async def interleaved(addresses: dict[str, str], model: str, rounds: int, requests: int, concurrency: int,
+                      tokens: int, seed: int) -> dict[str, list[float]]:
+    """`rounds` rounds of `requests` calls to each server, in a shuffled order each round,
+    so that a machine's drift over the run falls on every server alike; latencies by name."""
+    results: dict[str, list[float]] = {name: [] for name in addresses}
+    rng = random.Random(seed)
+    started = time.monotonic()
+    for r in range(rounds):
+        order = list(addresses)
+        rng.shuffle(order)
+        for name in order:
+            results[name] += await drive(addresses[name], model, requests, concurrency, tokens)
+        print(f"round {r + 1}/{rounds} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    return results

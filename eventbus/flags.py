@@ -27,7 +27,8 @@ class FlagError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
 
-OPS = ("eq", "ne", "in", "not_in", "prefix", "matches", "exists", "gt", "gte", "lt", "lte")
+NUMERIC_OPS = ("gt", "gte", "lt", "lte")
+OPS = ("eq", "ne", "in", "not_in", "prefix", "matches", "exists", *NUMERIC_OPS)
 
 
 def bucket(namespace: str, key: str) -> float:

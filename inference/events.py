@@ -21,8 +21,8 @@ FEEDBACK_TOPIC = topics.FEEDBACK
 
 
 class EventSink(Protocol):
-    # on_done is passed only while the request is traced: called once with "" when the
-    # event is delivered, else with what became of it ("outbox", or why it was lost)
+    # on_done (None unless the request is traced): called once with "" when the event is
+    # delivered, else with what became of it ("outbox", or why it was lost)
     def publish(self, topic: str, key: str, event: dict,
                 on_done: Callable[[str], None] | None = None) -> None: ...
 

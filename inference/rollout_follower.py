@@ -3,17 +3,18 @@
 At start the follower reads the compacted topic to its end and applies the latest
 RolloutState of each model it serves, before the server takes requests; then it applies
 each new record as it comes. If the broker does not answer, the server serves with its
-local weights and the follower keeps trying in the background. Weights are applied with Router.set_weights, one dict
-replaced at once on the server's event loop, so a request is routed either by the old
-weights or by the new ones, never by a mix.
+local weights and the follower keeps trying in the background. A record is applied with
+Router.set_rollout, in one call on the server's event loop, so a request is routed either
+by the old state or by the new one, never by a mix.
 
 A record may name versions this server has not loaded (the record carries no source to
 load them from): they are left out, with a warning, and the remaining weights are used
 (all traffic on the loaded versions); if no loaded version keeps a positive weight the
 record is skipped. The latest record per model is kept, and applied again when the set of
 loaded versions changes (a version loaded later through the admin API gets its share).
-The record's shadow versions (those loaded here) and its feature flags are applied in the
-same call as the weights.
+The record's stable version, its shadow versions (those loaded here) and its feature
+flags are applied in the same call as the weights; a record the router refuses (a
+negative or infinite weight) is logged and skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 
 from aiokafka.errors import KafkaError
 
@@ -118,17 +118,17 @@ class RolloutFollower:
             return None  # not served here
         weights = {vw.version: vw.weight for vw in msg.weights if self.present(model, vw.version, loaded)}
         shadows = [v for v in msg.shadow_versions if self.present(model, v, loaded)]
-        if not all(math.isfinite(w) and w >= 0 for w in weights.values()):
-            log.warning("rollout of %s generation %d has a weight that is negative or not finite (%s); not applied",
-                        model, msg.generation, weights)
-            return None
-        if sum(weights.values()) <= 0:
+        total = sum(weights.values())
+        if not total > 0:  # also NaN
             log.warning("rollout of %s generation %d gives no traffic to a loaded version (%s); not applied",
                         model, msg.generation, ", ".join(loaded))
             return None
-        total = sum(weights.values())
-        new = self.router.set_rollout(model, {v: w / total for v, w in weights.items()}, shadows,
-                                      flags(msg), stable=msg.stable_version)
+        try:
+            new = self.router.set_rollout(model, {v: w / total for v, w in weights.items()}, shadows,
+                                          flags(msg), stable=msg.stable_version)
+        except ValueError as exc:  # a negative or infinite weight, which Router.set_weights names
+            log.warning("rollout of %s generation %d not applied: %s", model, msg.generation, exc)
+            return None
         log.info("rollout of %s generation %d: weights %s%s (%s)", model, msg.generation,
                  ", ".join(f"{v} {w:.0%}" for v, w in sorted(new.items())),
                  f"; shadow {', '.join(shadows)}" if shadows else "", msg.reason)

@@ -8,8 +8,8 @@ weights stay the same, and a request without a key is placed at random.
 A model may also have shadow versions, which get a copy of each routed request (the
 serving layer runs it and throws the answer away), and feature flags, evaluated per
 request on its routing key and attributes (eventbus/flags.py). `set_rollout` replaces a
-model's weights, shadows and flags in one call on the event loop, so a request sees
-either the old set or the new one.
+model's weights, shadows, flags and stable version in one call on the event loop, so a
+request sees either the old set or the new one.
 """
 
 from __future__ import annotations

@@ -340,10 +340,7 @@ class Serving:
             event["prompt_text"] = out.prompt_text if out.prompt_chars else None
             event["completion_text"] = f.text if f else None
         on_done = self.tracing.publishing(out, INFERENCE_TOPIC)  # the publish span, ended on delivery
-        if on_done is None:
-            self.sink.publish(INFERENCE_TOPIC, topics.event_key(out.model), event)
-        else:
-            self.sink.publish(INFERENCE_TOPIC, topics.event_key(out.model), event, on_done=on_done)
+        self.sink.publish(INFERENCE_TOPIC, topics.event_key(out.model), event, on_done=on_done)
         self.tracing.end(out)
         log_request(event, self.tracing.span_id(out) if out.span is not None else "",
                     out.prompt_text if self.log_text else None, (f.text if f else "") if self.log_text else None)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from eventbus.flags import NUMERIC_OPS
+
 from .controller import Controller
 from .records import STRATEGIES, Decision, RolloutError
 
@@ -124,9 +126,6 @@ def parse_steps(text: str) -> list[float]:
         except ValueError:
             raise RolloutError("steps", f"{part.strip()!r} is not a number") from None
     return out
-
-
-NUMERIC_OPS = ("gt", "gte", "lt", "lte")
 
 
 def parse_rule(text: str) -> dict:

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from .records import FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, STABLE, BLUEGREEN, AlertObs, \
     Decision, DriftSignal, Feedback, Outcome
 
-ERROR_STATUSES = ("STATUS_INTERNAL", "STATUS_DEADLINE_EXCEEDED")  # the version's fault, not the client's
+ERROR_STATUSES = ("internal", "deadline_exceeded")  # the version's fault, not the client's
 EXTRA_FIELDS = ("controller_state", "figures_json", "attention", "flags_json")  # proposed additions
 
 
@@ -44,7 +44,7 @@ def outcome(ev) -> Outcome | None:
     if not ev.model or not ev.version:
         return None
     route = _name(pb.Route, ev.route, "ROUTE_")
-    error = ev.status in [pb.Status.Value(n) for n in ERROR_STATUSES] or ev.finish_reason == "error"
+    error = _name(pb.Status, ev.status, "STATUS_") in ERROR_STATUSES or ev.finish_reason == "error"
     conf = ev.confidence.mean_logprob if ev.HasField("confidence") else None
     return Outcome(ev.model, ev.version, _t(ev.time), error, serving_latency(ev), conf,
                    "" if route == "unspecified" else route)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -133,3 +134,21 @@ def kafka_broker():
 def demo_server(start_server, demo_gguf) -> ServerThread:
     """The demo model, served as in `vigil up` (int4 weights taken over from Q4_1)."""
     return start_server(model="demo")
+
+
+@pytest.fixture
+def restore_logging():
+    """The root logger's handlers and level, and the components' levels, as they were
+    before a test that runs `vigil` (which sets logging up) changed them."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    named = {n: logging.getLogger(n).level for n in ("inference", "eventbus", "aiokafka", "inference.requests",
+                                                      "stream_processors", "alerting")}
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    for n, lvl in named.items():
+        logging.getLogger(n).setLevel(lvl)

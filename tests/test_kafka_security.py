@@ -204,19 +204,6 @@ def test_unreadable_or_wrong_files(tmp_path, password_file):
                password_file], {"VIGIL_KAFKA_SASL_PASSWORD": PASSWORD})
 
 
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level, quiet = list(root.handlers), root.level, logging.getLogger("aiokafka").level
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
-    logging.getLogger("aiokafka").setLevel(quiet)
-
-
 def test_vigil_refuses_to_start_naming_the_option(capsys, restore_logging):
     from vigil.cli import main
 

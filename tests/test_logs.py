@@ -24,22 +24,6 @@ from vigil.cli import main
 PROMPT = "The secret prompt about a quick brown fox"
 
 
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    named = {n: logging.getLogger(n).level for n in ("inference", "eventbus", "aiokafka", "inference.requests",
-                                                      "stream_processors", "alerting")}
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
-    for n, lvl in named.items():
-        logging.getLogger(n).setLevel(lvl)
-
-
 def record(name="inference.requests", msg="hello %s", args=("world",), level=logging.INFO, **extra):
     r = logging.LogRecord(name, level, __file__, 1, msg, args, None)
     for k, v in extra.items():
