@@ -1,8 +1,9 @@
 """The rule engine: signals in, alert state changes out. Pure and synchronous; time comes
 from the clock (or the `now` a caller passes), so every timer is exact under test.
 
-Per alert instance (a rule and the label set a signal gives it: alertname, detector,
-feature, model, version and the rule's labels):
+Per alert instance (a rule and the series of the signals it matches: model, version,
+detector, feature and the series labels of eventbus/signals.py; what else a signal
+carries changes per reading and never splits an instance):
 
     inactive --cond--> pending --cond held `for`--> firing --cond false `keep_firing_for`--> resolved
     pending --cond false--> inactive          firing --cond true again--> firing (same alert)
@@ -22,6 +23,8 @@ import math
 from collections import deque
 from typing import Callable, Iterable
 from urllib.parse import quote
+
+from eventbus.signals import series_labels
 
 from .labels import fingerprint
 from .rules import Rule, RuleSet
@@ -156,8 +159,9 @@ class RuleEngine:
             if not ok:
                 continue
             self.signals_matched += 1
-            if sig.labels:
-                key = (rule.index, sig.detector, sig.feature, sig.model, sig.version, tuple(sorted(sig.labels.items())))
+            labels = series_labels(sig.labels) if sig.labels else None
+            if labels:
+                key = (rule.index, sig.detector, sig.feature, sig.model, sig.version, tuple(sorted(labels.items())))
             else:
                 key = (rule.index, sig.detector, sig.feature, sig.model, sig.version)
             inst = self.instances.get(key)
@@ -211,7 +215,7 @@ class RuleEngine:
             inst = Instance(rule, key, sig_labels, labels, fp)
             self.instances[key] = inst
             return inst
-        sig_labels = {k: v for k, v in (sig.labels or {}).items() if v}
+        sig_labels = series_labels(sig.labels) if sig.labels else {}
         sig_labels.update((k, v) for k, v in (("detector", sig.detector), ("feature", sig.feature),
                                               ("model", sig.model), ("version", sig.version)) if v)
         labels = dict(sig_labels)

@@ -42,7 +42,7 @@ from typing import Callable
 from .durations import parse_duration
 from .labels import LABEL_NAME, Matcher
 from .templates import Template, TemplateError
-from .vocabulary import AGGREGATES, DEFAULT, Vocabulary
+from .vocabulary import AGGREGATES, DEFAULT, Vocabulary, did_you_mean
 from .yamlpos import Map, Seq, YamlError, load
 
 SIGNAL_LABELS = ("detector", "feature", "model", "version")
@@ -162,12 +162,25 @@ class _Checker:
         if key in ("detector", "feature"):
             known = self.vocab.names(key)
             if op == "=" and not self.vocab.knows(key, value):
-                close = [n for n in known if n.startswith(value[:3])] if value else []
-                self.err(line, fld, f"unknown {key} {value!r}" + (f" (did you mean {', '.join(close)}?)" if close
-                                                                   else f" (known: {', '.join(known)})"))
-            elif op == "=~" and not any(mt.matches_value(n) for n in known):
-                self.err(line, fld, f"regular expression {value!r} matches no known {key}")
+                self.err(line, fld, f"no processor publishes the {key} {value!r}" + did_you_mean(value, known))
+                return None
+            if op == "=~" and not any(mt.matches_value(n) for n in known):
+                self.err(line, fld, f"regular expression {value!r} matches no published {key}")
+                return None
         return mt
+
+    def series(self, m: Map, matchers: dict[str, Matcher], path: str) -> None:
+        """A detector and a feature that are each published must also be published together."""
+        d, f = matchers.get("detector"), matchers.get("feature")
+        if d is None or f is None or any(d.matches_value(a) and f.matches_value(b) for a, b in self.vocab.series):
+            return
+        if any(d.matches_value(a) for a in self.vocab.own_detectors) or \
+                any(f.matches_value(b) for b in self.vocab.own_features):
+            return
+        published = sorted({b for a, b in self.vocab.series if d.matches_value(a)})
+        self.err(m.line_of("feature") if "feature" in m else m.line, f"{path}.feature",
+                 f"no processor publishes feature {f.value!r} for detector {d.value!r} "
+                 f"(it publishes: {', '.join(published)})")
 
     def test(self, m: Map, key: str, path: str):
         raw = m[key]
@@ -325,6 +338,7 @@ def _parse_rule(ck: _Checker, r, rpath: str, line: int, gname: str, file: str) -
                     mt = ck.matcher(s, k, spath)
                     if mt is not None:
                         matchers[k] = mt
+            ck.series(s, matchers, spath)
             drifted = None
             if "drifted" in s:
                 if not isinstance(s["drifted"], bool):
@@ -354,8 +368,8 @@ def _parse_rule(ck: _Checker, r, rpath: str, line: int, gname: str, file: str) -
             if "name" in m:
                 spec = ck.vocab.metrics.get(m["name"])
                 if spec is None:
-                    ck.err(m.line_of("name"), f"{mpath}.name",
-                           f"unknown metric {m['name']!r} (known: {', '.join(sorted(ck.vocab.metrics))})")
+                    ck.err(m.line_of("name"), f"{mpath}.name", f"no processor publishes the metric {m['name']!r}"
+                           + did_you_mean(str(m["name"]), sorted(ck.vocab.metrics)))
                 else:
                     for k in ("detector", "feature"):
                         if k in spec:
@@ -371,6 +385,7 @@ def _parse_rule(ck: _Checker, r, rpath: str, line: int, gname: str, file: str) -
                     mt = ck.matcher(m, k, mpath)
                     if mt is not None:
                         matchers[k] = mt
+            ck.series(m, matchers, mpath)
             window = ck.duration(m, "window", mpath, 0.0)
             if "aggregate" in m:
                 if m["aggregate"] not in AGGREGATES:

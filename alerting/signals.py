@@ -17,9 +17,10 @@ class Signal:
     PSI or ADWIN has a threshold; KS or chi-square have a p-value); the other is None.
     `reference_size` and `window_size` are the sizes of the two windows compared (0 where
     a detector has no reference window). Times are unix seconds. `kind` is the proto's
-    SignalKind in lower case (drift, calibration, quality, latency). `labels` are further
-    dimensions (route, method, ...): they become labels of the alert, so a canary's drift
-    and the stable version's are separate alerts.
+    SignalKind in lower case (drift, calibration, quality, latency). `labels` are the
+    series labels of eventbus/signals.py (route, reference_version): they become labels
+    of the alert, so a canary's drift and the stable version's are separate alerts; any
+    other label a signal carries is ignored.
     """
 
     detector: str

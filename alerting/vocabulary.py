@@ -1,62 +1,26 @@
-"""The detector and feature names a rule may match, and the windowed metrics a rule may
-name. `check-rules` rejects a name that is not here (a typo in a rule would otherwise
-match nothing, silently).
-
-These are the names the stream processors publish on vigil.signals (issue 6) and that
-protos/events.proto's Signal comments list: keep the three in step. Where two names are
-current for one thing, both are kept: a feature by its short name and by the
-InferenceEvent field it is read from (latency and total_seconds, ttft and
-first_token_seconds), ECE as `ece`/`ece_equal_mass` and as calibration.summary()'s
-`ece_width`/`ece_mass`, completion length as `completion_length` and quality.py's
-`mean_length`. A deployment with detectors of its own extends the vocabulary with
-`check-rules --detector NAME --feature NAME` or `Vocabulary.extended(...)`.
+"""What a rule may name: the series the stream processors publish (the signal contract,
+``eventbus/signals.py``) and the windowed metrics over them. `check-rules` rejects a
+detector, a feature or a pair of them that nothing publishes, since such a rule would
+match nothing, silently. A deployment with detectors of its own extends the vocabulary
+with `check-rules --detector NAME --feature NAME` or `Vocabulary.extended(...)`.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
-DETECTORS = frozenset({
-    # drift detectors (stream_processors/detectors/*.py `name`), and the trend test (trend.py)
-    "adwin", "ks", "psi", "page_hinkley", "chi2", "mann_kendall",
-    # a candidate version against the stable one over the same period (compare.py)
-    "ks_vs_stable", "chi2_vs_stable",
-    # quality against the version's baseline (z-scores)
-    "zscore",
-    # windowed measurements (statistic = the measured value)
-    "ece", "ece_equal_mass", "brier", "accuracy", "error_rate", "quantile",
-    # calibration.py summary() names
-    "ece_width", "ece_mass",
-    # latency quantiles as stream_processors/processor.py names them (feature total_seconds
-    # or first_token_seconds, statistic the quantile in seconds)
-    "p50", "p95", "p99",
-})
+from eventbus.signals import PUBLISHED, Detector, Feature
 
-FEATURES = frozenset({
-    "prompt_tokens", "completion_tokens", "mean_logprob", "mean_entropy", "min_top1_prob",
-    "latency", "ttft", "error", "finish_reason",
-    # the inference event's own field names for the same measurements
-    "total_seconds", "first_token_seconds", "queue_seconds",
-    # quality.py METRICS (mean_length is its name for completion_length)
-    "distinct_1", "distinct_2", "token_entropy", "completion_length", "mean_length",
-    "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95", "ttft_p99",
-    "confidence", "label", "top_label_prob",
-})
-
-# Feature names with a free suffix (Classify's probability of a label).
-FEATURE_PREFIXES = ("label:",)
-
-# Windowed metrics by name: the signals they are computed from and the default aggregate.
+# Windowed metrics by name: the series they aggregate and the default aggregate.
 METRICS = {
-    "error_rate": {"detector": "error_rate", "feature": "error", "aggregate": "last"},
-    "ece": {"detector": "ece", "aggregate": "last"},
-    "brier": {"detector": "brier", "aggregate": "last"},
-    "accuracy": {"detector": "accuracy", "aggregate": "last"},
-    # latency quantiles as stream_processors/processor.py publishes them
-    "latency_p50": {"detector": "p50", "feature": "total_seconds", "aggregate": "max"},
-    "latency_p95": {"detector": "p95", "feature": "total_seconds", "aggregate": "max"},
-    "latency_p99": {"detector": "p99", "feature": "total_seconds", "aggregate": "max"},
-    "ttft_p99": {"detector": "p99", "feature": "first_token_seconds", "aggregate": "max"},
+    "error_rate": {"detector": Detector.ERROR_RATE, "feature": Feature.ERROR, "aggregate": "last"},
+    "ece": {"detector": Detector.ECE, "feature": Feature.LABEL, "aggregate": "last"},
+    "brier": {"detector": Detector.BRIER, "feature": Feature.LABEL, "aggregate": "last"},
+    "accuracy": {"detector": Detector.ACCURACY, "feature": Feature.LABEL, "aggregate": "last"},
+    **{f"{name}_{q}": {"detector": Detector(q), "feature": feature, "aggregate": "max"}
+       for name, feature in (("latency", Feature.TOTAL_SECONDS), ("ttft", Feature.FIRST_TOKEN_SECONDS))
+       for q in ("p50", "p95", "p99")},
 }
 
 AGGREGATES = ("last", "mean", "max", "min", "sum", "count")
@@ -64,24 +28,36 @@ AGGREGATES = ("last", "mean", "max", "min", "sum", "count")
 
 @dataclass(frozen=True)
 class Vocabulary:
-    detectors: frozenset = DETECTORS
-    features: frozenset = FEATURES
-    feature_prefixes: tuple = FEATURE_PREFIXES
+    series: frozenset = frozenset(PUBLISHED)        # (detector, feature) pairs
+    own_detectors: frozenset = frozenset()          # a deployment's own: any feature
+    own_features: frozenset = frozenset()           # a deployment's own: any detector
     metrics: dict = field(default_factory=lambda: dict(METRICS))
 
     def extended(self, detectors=(), features=()) -> "Vocabulary":
-        return Vocabulary(self.detectors | frozenset(detectors), self.features | frozenset(features),
-                          self.feature_prefixes, self.metrics)
+        return Vocabulary(self.series, self.own_detectors | frozenset(detectors),
+                          self.own_features | frozenset(features), self.metrics)
+
+    def names(self, kind: str) -> list[str]:
+        """Every detector (kind "detector") or feature ("feature") name known."""
+        i = 0 if kind == "detector" else 1
+        own = self.own_detectors if i == 0 else self.own_features
+        return sorted({pair[i] for pair in self.series} | own)
 
     def knows(self, kind: str, name: str) -> bool:
-        if kind == "detector":
-            return name in self.detectors
-        if kind == "feature":
-            return name in self.features or name.startswith(self.feature_prefixes)
-        return True
+        return name in self.names(kind)
 
-    def names(self, kind: str):
-        return sorted(self.detectors if kind == "detector" else self.features)
+    def pair(self, detector: str, feature: str) -> bool:
+        return ((detector, feature) in self.series or detector in self.own_detectors
+                or feature in self.own_features)
+
+    def features_of(self, detector: str) -> list[str]:
+        return sorted(f for d, f in self.series if d == detector)
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """A hint for an unknown name: the close known names, or all of them."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(known)})"
 
 
 DEFAULT = Vocabulary()

@@ -10,6 +10,7 @@ without a broker.
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 from typing import Callable, Protocol
 
@@ -60,6 +61,27 @@ ROUTE = {
 }
 
 
+class TokenHasher:
+    """Keyed 32-bit hashes of token ids (BLAKE2b), for InferenceEvent.completion_token_hashes:
+    equal ids give equal hashes, which is all distinct-n needs. With an empty key anyone
+    holding the tokenizer can read them back; every server of a deployment needs the same key."""
+
+    def __init__(self, key: bytes = b""):
+        self.key = key
+        self.memo: dict[int, int] = {}
+
+    def __call__(self, token_ids) -> list[int]:
+        memo = self.memo
+        out = []
+        for t in token_ids:
+            h = memo.get(t)
+            if h is None:
+                h = memo[t] = int.from_bytes(
+                    hashlib.blake2b(t.to_bytes(4, "little"), digest_size=4, key=self.key).digest(), "little")
+            out.append(h)
+        return out
+
+
 def to_message(topic: str, event: dict):
     if topic == INFERENCE_TOPIC:
         return inference_event(event)
@@ -78,7 +100,8 @@ def inference_event(e: dict) -> events_pb2.InferenceEvent:
         completion_tokens=e["completion_tokens"], finish_reason=e["finish_reason"],
         queue_seconds=e["queue_seconds"], first_token_seconds=e["first_token_seconds"],
         total_seconds=e["total_seconds"], tenant=e.get("tenant", ""), trace_id=e.get("trace_id", ""),
-        flags=e.get("flags", ()), shadow_of=e.get("shadow_of", ""))
+        flags=e.get("flags", ()), shadow_of=e.get("shadow_of", ""),
+        completion_token_hashes=e.get("completion_token_hashes", ()))
     m.time.FromNanoseconds(int(e["time"] * 1e9))
     if e.get("mean_logprob") is not None:
         m.confidence.mean_logprob = e["mean_logprob"]

@@ -44,6 +44,7 @@ class EventOptions:
     bootstrap_servers: str = ""  # empty: events stay in process (MemorySink)
     format: str = "protobuf"     # or "json"
     include_text: bool = False   # prompt and completion text in events, not only hash and length
+    token_key: bytes = b""       # key of the completion token hashes in events (events.TokenHasher)
     outbox_dir: str = ""         # empty: <cache>/outbox/<host>-<port>
     outbox_fsync_ms: int = 1000
     outbox_max_bytes: int = 1 << 30
@@ -93,7 +94,8 @@ class InferenceServer:
             sink = self.publisher
         self.sink = sink if sink is not None else MemorySink()
         self.serving = Serving(self.router, self.sink, self.metrics, options.limits,
-                               include_text=options.events.include_text, tracing=self.tracing,
+                               include_text=options.events.include_text, token_key=options.events.token_key,
+                               tracing=self.tracing,
                                log_text=options.log_include_text)
         itl = self.metrics.itl
         self.versions = VersionManager(self.router, options.engine,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from eventbus import topics
 from inference import ratelimit
 from inference.engine import Finished, Job, Overloaded, Scored, Timing
-from inference.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink
+from inference.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink, TokenHasher
 from inference.requestlog import log_request
 from inference.router import NotFound, Router
 from inference.sampling import SamplingParams
@@ -71,14 +71,16 @@ class Outcome:
 class Serving:
     def __init__(self, router: Router, sink: EventSink, metrics, limits: Limits = Limits(),
                  source: str = "vigil-inference", include_text: bool = False,
-                 tracing: Tracing | None = None, log_text: bool = False):
+                 tracing: Tracing | None = None, log_text: bool = False, token_key: bytes = b""):
         """include_text: events carry the prompt and completion themselves, not only
         their SHA-256 and length. tracing: spans per request (inference.tracing; off
-        when None). log_text: the per-request log line carries prompt and completion."""
+        when None). log_text: the per-request log line carries prompt and completion.
+        token_key: the key of the completion token hashes in events (events.TokenHasher)."""
         self.router = router
         self.sink = sink
         self.metrics = metrics
         self.include_text = include_text
+        self.token_hashes = TokenHasher(token_key)
         self.tracing = tracing if tracing is not None else Tracing()
         self.log_text = log_text
         if limits.default_max_tokens > limits.max_tokens:  # the default must itself be allowed
@@ -335,6 +337,7 @@ class Serving:
             "label_probabilities": out.scores,
             "completion_chars": len(f.text) if f else 0,
             "completion_sha256": hashlib.sha256(f.text.encode()).hexdigest() if f and f.text else "",
+            "completion_token_hashes": self.token_hashes(f.token_ids) if f else (),
         }
         if self.include_text:
             event["prompt_text"] = out.prompt_text if out.prompt_chars else None

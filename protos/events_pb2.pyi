@@ -98,7 +98,7 @@ class Confidence(_message.Message):
     def __init__(self, mean_logprob: _Optional[float] = ..., mean_entropy: _Optional[float] = ..., min_top1_prob: _Optional[float] = ...) -> None: ...
 
 class InferenceEvent(_message.Message):
-    __slots__ = ("event_id", "time", "source", "request_id", "method", "model", "version", "route", "status", "error", "prompt_chars", "prompt_sha256", "prompt_tokens", "completion_chars", "completion_sha256", "completion_tokens", "finish_reason", "queue_seconds", "first_token_seconds", "total_seconds", "confidence", "label_probabilities", "prompt_text", "completion_text", "tenant", "trace_id", "flags", "shadow_of")
+    __slots__ = ("event_id", "time", "source", "request_id", "method", "model", "version", "route", "status", "error", "prompt_chars", "prompt_sha256", "prompt_tokens", "completion_chars", "completion_sha256", "completion_tokens", "finish_reason", "queue_seconds", "first_token_seconds", "total_seconds", "confidence", "label_probabilities", "prompt_text", "completion_text", "tenant", "trace_id", "flags", "shadow_of", "completion_token_hashes")
     class LabelProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class InferenceEvent(_message.Message):
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     SHADOW_OF_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKEN_HASHES_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     time: _timestamp_pb2.Timestamp
     source: str
@@ -162,7 +163,8 @@ class InferenceEvent(_message.Message):
     trace_id: str
     flags: _containers.RepeatedScalarFieldContainer[str]
     shadow_of: str
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., request_id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., route: _Optional[_Union[Route, str]] = ..., status: _Optional[_Union[Status, str]] = ..., error: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., prompt_sha256: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_chars: _Optional[int] = ..., completion_sha256: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., label_probabilities: _Optional[_Mapping[str, float]] = ..., prompt_text: _Optional[str] = ..., completion_text: _Optional[str] = ..., tenant: _Optional[str] = ..., trace_id: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., shadow_of: _Optional[str] = ...) -> None: ...
+    completion_token_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., request_id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., route: _Optional[_Union[Route, str]] = ..., status: _Optional[_Union[Status, str]] = ..., error: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., prompt_sha256: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_chars: _Optional[int] = ..., completion_sha256: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., label_probabilities: _Optional[_Mapping[str, float]] = ..., prompt_text: _Optional[str] = ..., completion_text: _Optional[str] = ..., tenant: _Optional[str] = ..., trace_id: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., shadow_of: _Optional[str] = ..., completion_token_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
     __slots__ = ("event_id", "time", "source", "feedback_id", "request_id", "model", "version", "label", "score", "comment")
@@ -188,8 +190,32 @@ class FeedbackEvent(_message.Message):
     comment: str
     def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., feedback_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., comment: _Optional[str] = ...) -> None: ...
 
+class ReliabilityBin(_message.Message):
+    __slots__ = ("lower", "upper", "count", "confidence", "accuracy")
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    lower: float
+    upper: float
+    count: int
+    confidence: float
+    accuracy: float
+    def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ..., count: _Optional[int] = ..., confidence: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class Trend(_message.Message):
+    __slots__ = ("direction", "severity", "slope")
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_FIELD_NUMBER: _ClassVar[int]
+    direction: str
+    severity: str
+    slope: float
+    def __init__(self, direction: _Optional[str] = ..., severity: _Optional[str] = ..., slope: _Optional[float] = ...) -> None: ...
+
 class Signal(_message.Message):
-    __slots__ = ("event_id", "time", "source", "model", "version", "kind", "detector", "feature", "statistic", "threshold", "p_value", "drifted", "reference_size", "window_size", "window_start", "window_end", "labels")
+    __slots__ = ("event_id", "time", "source", "model", "version", "kind", "detector", "feature", "statistic", "threshold", "p_value", "drifted", "reference_size", "window_size", "window_start", "window_end", "labels", "detections", "events", "value", "window_index", "reliability", "trend")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +240,12 @@ class Signal(_message.Message):
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RELIABILITY_FIELD_NUMBER: _ClassVar[int]
+    TREND_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     time: _timestamp_pb2.Timestamp
     source: str
@@ -231,7 +263,13 @@ class Signal(_message.Message):
     window_start: _timestamp_pb2.Timestamp
     window_end: _timestamp_pb2.Timestamp
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[_Union[SignalKind, str]] = ..., detector: _Optional[str] = ..., feature: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., p_value: _Optional[float] = ..., drifted: _Optional[bool] = ..., reference_size: _Optional[int] = ..., window_size: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    detections: int
+    events: int
+    value: float
+    window_index: int
+    reliability: _containers.RepeatedCompositeFieldContainer[ReliabilityBin]
+    trend: Trend
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[_Union[SignalKind, str]] = ..., detector: _Optional[str] = ..., feature: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., p_value: _Optional[float] = ..., drifted: _Optional[bool] = ..., reference_size: _Optional[int] = ..., window_size: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., events: _Optional[int] = ..., value: _Optional[float] = ..., window_index: _Optional[int] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., trend: _Optional[_Union[Trend, _Mapping]] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("event_id", "time", "source", "fingerprint", "rule", "state", "previous_state", "severity", "labels", "annotations", "starts_at", "ends_at", "value", "generator_url")

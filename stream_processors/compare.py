@@ -25,12 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eventbus.signals import Detector, Feature
+from protos import events_pb2
 from stream_processors.detectors import chi2_homogeneity, ks_2samp
 
 __all__ = ["Result", "Rows", "VersionComparison", "ROUTE_STABLE", "CANDIDATE_ROUTES"]
 
-ROUTE_STABLE = 1                # vigil.events.v1.Route
-CANDIDATE_ROUTES = (2, 3)       # canary, shadow
+ROUTE_STABLE = events_pb2.ROUTE_STABLE
+CANDIDATE_ROUTES = (events_pb2.ROUTE_CANARY, events_pb2.ROUTE_SHADOW)
 
 
 @dataclass(frozen=True)
@@ -147,12 +149,12 @@ class VersionComparison:
             n = min(len(ref), len(cand))
             if n >= self.min_size:
                 d, p = ks_2samp(ref[-n:], cand[-n:])
-                out.append(Result(version, self.stable, "ks_vs_stable", feature, d, p, n, n, when))
+                out.append(Result(version, self.stable, Detector.KS_VS_STABLE, feature, d, p, n, n, when))
         ref, cand = Counter(f for f in c.partners.finish if f), Counter(f for f in c.events.finish if f)
         n_ref, n_cand = sum(ref.values()), sum(cand.values())
         if min(n_ref, n_cand) >= self.min_size:
             stat, p, _ = chi2_homogeneity(ref, cand)
-            out.append(Result(version, self.stable, "chi2_vs_stable", "finish_reason", stat, p, n_ref, n_cand, when))
+            out.append(Result(version, self.stable, Detector.CHI2_VS_STABLE, Feature.FINISH_REASON, stat, p, n_ref, n_cand, when))
         return out
 
     # -- checkpoints ----------------------------------------------------------------------

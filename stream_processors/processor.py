@@ -9,6 +9,10 @@ calibration, quality, trends; per model: the comparison of its versions; the pen
 feedback joins; the next offset of each topic) round-trips through ``to_state`` /
 ``from_state`` so a checkpoint carries state and offsets together.
 
+What is published is the signal contract of ``eventbus/signals.py``: only its series, with
+series labels only; what changes per reading goes in the ``Out`` fields. A detector that
+has seen no value of its feature publishes nothing.
+
 Work is done in batches: the events of one fetch are read a field at a time for the whole
 fetch (``read_events``), grouped by model version, and every detector gets
 ``update_many`` over the batch's column, which is what makes the processor fast;
@@ -26,31 +30,31 @@ them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from eventbus.signals import COMPARED, CONTINUOUS, LATENCY, Detector as D, Feature as F, kind_of
+from protos import events_pb2
 from stream_processors.calibration import Calibration
 from stream_processors.compare import VersionComparison
-from stream_processors.detectors import ADWIN, PSI, ChiSquare, KSWindow
-from stream_processors.quality import METRICS as QUALITY_METRICS, QualityMonitor
+from stream_processors.detectors import ADWIN, PSI, ChiSquare, KSWindow, PageHinkley
+from stream_processors.quality import QualityMonitor
 from stream_processors.sketch import QuantileSketch
 from stream_processors.trend import TrendMonitor
 
-STATUS_OK = 1
+log = logging.getLogger(__name__)
 NAN = float("nan")
+FORMAT = 2   # of a checkpoint's state: another format keeps its offsets and joins, not its detectors
 
-# Continuous features, in column order of the feature matrix.
-CONTINUOUS = ("prompt_tokens", "completion_tokens", "mean_logprob", "mean_entropy", "min_top1_prob",
-              "total_seconds", "first_token_seconds", "top_label_prob")
+# The feature matrix has a row per continuous feature, in this order.
 COL = {name: i for i, name in enumerate(CONTINUOUS)}
-LATENCY = ("total_seconds", "first_token_seconds")
-# What a candidate version is compared with the stable version on: what it answers and how
-# fast, not what it was asked (prompt_tokens).
-COMPARED = tuple(f for f in CONTINUOUS if f != "prompt_tokens")
-KIND_DRIFT, KIND_CALIBRATION, KIND_QUALITY, KIND_LATENCY = 1, 2, 3, 4
+# quality.py's metric -> the feature its z-score series names
+QUALITY_FEATURE = {"distinct_1": F.DISTINCT_1, "distinct_2": F.DISTINCT_2, "token_entropy": F.TOKEN_ENTROPY,
+                   "mean_length": F.COMPLETION_TOKENS}
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Settings:
     psi_bins: int = 10
     psi_threshold: float = 0.25
     adwin_delta: float = 0.002
+    ph_delta: float = 0.005           # Page-Hinkley on the error stream (increases only)
+    ph_threshold: float = 50.0
     chi2_window: int = 1000
     chi2_alpha: float = 1e-6
     signal_every: int = 1000          # readings per model version every this many events
@@ -84,10 +90,10 @@ class Settings:
 
 @dataclass
 class Out:
-    """A signal to publish (the runner turns it into a ``Signal`` proto)."""
+    """A signal to publish (the runner turns it into a ``Signal`` proto): one reading of a
+    series of the contract (``eventbus/signals.py``); ``labels`` are series labels only."""
     model: str
     version: str
-    kind: int
     detector: str
     feature: str
     statistic: float
@@ -98,6 +104,16 @@ class Out:
     window_size: int = 0
     time_s: float = 0.0               # event time of the window's end
     labels: dict = field(default_factory=dict)
+    detections: int = 0
+    events: int = 0
+    value: float | None = None        # zscore: the window's measured value
+    window_index: int = 0             # zscore: the window's index
+    reliability: list = field(default_factory=list)   # ece: calibration.reliability()'s bins
+    trend: tuple | None = None        # mann_kendall: (direction, severity, slope)
+
+    @property
+    def kind(self) -> int:
+        return kind_of(self.detector, self.feature)
 
 
 def _f(x) -> float:
@@ -117,8 +133,10 @@ class ModelState:
         self.detectors: dict[str, list] = {f: [KSWindow(s.ks_window, alpha=s.ks_alpha),
                                                PSI(s.psi_window, n_bins=s.psi_bins, threshold=s.psi_threshold)]
                                            for f in CONTINUOUS}
-        self.detectors["mean_logprob"].append(ADWIN(s.adwin_delta))
-        self.detectors["error"] = [ADWIN(s.adwin_delta)]
+        self.detectors[F.MEAN_LOGPROB].append(ADWIN(s.adwin_delta))
+        self.detectors[F.ERROR] = [PageHinkley(delta=s.ph_delta, threshold=s.ph_threshold, mode="up")]
+        self.interval_events = 0                 # since the last reading, for the error rate
+        self.interval_errors = 0
         self.finish = ChiSquare(s.chi2_window, alpha=s.chi2_alpha)
         self.sketches = {f: QuantileSketch() for f in LATENCY}
         self.quality = QualityMonitor(s.quality_window)
@@ -131,13 +149,16 @@ class ModelState:
 
     # -- events ---------------------------------------------------------------------------
     def add_events(self, X: np.ndarray, errors: np.ndarray, finish: list, lengths: np.ndarray,
-                   texts: list | None, last_time: float, out: list[Out]) -> None:
+                   tokens: list | None, last_time: float, out: list[Out]) -> None:
         """X: (len(CONTINUOUS), n) with NaN where a feature is absent; ``lengths`` and
-        ``texts`` (None when no event has one) of the completions the quality monitor judges."""
+        ``tokens`` (None when no event has any) of the completions the quality monitor judges."""
         n = len(errors)
         before = self.n_events
+        n_errors = int(errors.sum())
         self.n_events += n
-        self.n_errors += int(errors.sum())
+        self.n_errors += n_errors
+        self.interval_events += n
+        self.interval_errors += n_errors
         self.last_time = max(self.last_time, last_time)
         for f, i in COL.items():
             col = X[i]
@@ -147,63 +168,67 @@ class ModelState:
             ok = np.isfinite(col)
             self.sums[i] += col[ok].sum()
             self.counts[i] += ok.sum()
-        for d in self.detectors["error"]:
+        for d in self.detectors[F.ERROR]:
             if len(d.update_many(errors)):
-                self._drift(d, "error", out)
+                self._drift(d, F.ERROR, out)
         fin = [r for r in finish if r]
         if fin and len(self.finish.update_many(fin)):
-            self._drift(self.finish, "finish_reason", out)
+            self._drift(self.finish, F.FINISH_REASON, out)
         for f in LATENCY:
             col = X[COL[f]]
             col = col[np.isfinite(col) & (col > 0)]
             if len(col):
                 self.sketches[f].add_many(col)
-        for w in self.quality.update_many(lengths, texts):
+        for w in self.quality.update_many(lengths, tokens):
             if not w.baseline:
-                for m in QUALITY_METRICS:
-                    z = w.z.get(m, NAN)
-                    out.append(self._out(KIND_QUALITY, "zscore", m, _f(z), 3.0, None,
-                                         bool(math.isfinite(z) and abs(z) >= 3.0), 0, w.n_completions,
-                                         {"value": repr(getattr(w, m)), "window": str(w.index)}))
+                for m, z in w.z.items():   # only the metrics the window could measure
+                    o = self._out(D.ZSCORE, QUALITY_FEATURE[m], z, 3.0, None, math.isfinite(z) and abs(z) >= 3.0,
+                                  0, w.n_completions)
+                    o.value, o.window_index = float(getattr(w, m)), w.index
+                    out.append(o)
         if self.n_events // self.s.signal_every > before // self.s.signal_every:
             self._readings(out)
 
-    def _out(self, kind, detector, feature, statistic, threshold, p_value, drifted, ref, win, labels=None) -> Out:
-        return Out(self.model, self.version, kind, detector, feature, _f(statistic), threshold, p_value,
-                   bool(drifted), int(ref), int(win), self.last_time, labels or {})
+    def _out(self, detector, feature, statistic, threshold, p_value, drifted, ref, win, labels=None) -> Out:
+        return Out(self.model, self.version, detector, feature, _f(statistic), threshold, p_value,
+                   bool(drifted), int(ref), int(win), self.last_time, labels or {}, events=self.n_events)
 
-    def _reading(self, d, feature: str, drifted: bool | None = None, kind: int = KIND_DRIFT) -> Out:
+    def _reading(self, d, feature: str, drifted: bool | None = None) -> Out | None:
+        """The detector's reading, or None when it has seen no value."""
         r = d.reading()
         sizes = r.window_sizes
+        if not any(sizes) and not r.n_detections:
+            return None
         ref, win = (sizes[0], sizes[1]) if len(sizes) > 1 else (0, sizes[0] if sizes else 0)
-        return self._out(kind, r.detector, feature, r.statistic, r.threshold, r.p_value,
-                         r.drifted if drifted is None else drifted, ref, win,
-                         {"detections": str(r.n_detections), "events": str(self.n_events)})
+        o = self._out(r.detector, feature, r.statistic, r.threshold, r.p_value,
+                      r.drifted if drifted is None else drifted, ref, win)
+        o.detections = r.n_detections
+        return o
 
     def _drift(self, d, feature: str, out: list[Out]) -> None:
-        kind = KIND_QUALITY if feature == "error" else KIND_LATENCY if feature in LATENCY else KIND_DRIFT
-        out.append(self._reading(d, feature, True, kind))
+        out.append(self._reading(d, feature, True))
 
     def _readings(self, out: list[Out]) -> None:
-        for f, ds in self.detectors.items():
-            kind = KIND_QUALITY if f == "error" else KIND_LATENCY if f in LATENCY else KIND_DRIFT
-            for d in ds:
-                out.append(self._reading(d, f, kind=kind))
-        out.append(self._reading(self.finish, "finish_reason"))
+        readings = [self._reading(d, f) for f, ds in self.detectors.items() for d in ds]
+        readings.append(self._reading(self.finish, F.FINISH_REASON))
+        out.extend(r for r in readings if r is not None)
+        if self.interval_events:
+            out.append(self._out(D.ERROR_RATE, F.ERROR, self.interval_errors / self.interval_events, None, None,
+                                 False, 0, self.interval_events))
+            self.interval_events = self.interval_errors = 0
         for f, sk in self.sketches.items():
             if sk.count:
-                for q, v in zip(("p50", "p95", "p99"), sk.quantiles()):
-                    out.append(self._out(KIND_LATENCY, q, f, v, None, None, False, 0, int(sk.count)))
+                for q, v in zip((D.P50, D.P95, D.P99), sk.quantiles()):
+                    out.append(self._out(q, f, v, None, None, False, 0, int(sk.count)))
         means = np.divide(self.sums, self.counts, out=np.full_like(self.sums, NAN), where=self.counts > 0)
         for f, i in COL.items():
             if not math.isfinite(means[i]):
                 continue
             t = self.trends[f].update(float(means[i]))
             if t is not None:
-                kind = KIND_LATENCY if f in LATENCY else KIND_DRIFT  # a latency trend is a latency signal
-                out.append(self._out(kind, "mann_kendall", f, t.z, self.trends[f].alpha, t.p_value,
-                                     t.severity != "none", 0, t.n,
-                                     {"severity": t.severity, "trend": t.trend, "slope": repr(t.slope)}))
+                o = self._out(D.MANN_KENDALL, f, t.z, self.trends[f].alpha, t.p_value, t.severity != "none", 0, t.n)
+                o.trend = (t.trend, t.severity, float(t.slope))
+                out.append(o)
         self.sums[:] = 0
         self.counts[:] = 0
 
@@ -218,7 +243,7 @@ class ModelState:
                 self.calibration.update_many(probs, labels)
                 wrong = (np.argmax(probs, axis=1) != labels).astype(np.float64)
                 self.concept.update_many(wrong, on_drift=lambda _: out.append(
-                    self._reading(self.concept, "prediction_error", True, KIND_QUALITY)))
+                    self._reading(self.concept, F.PREDICTION_ERROR, True)))
             self.n_joined += j - i
             if self.calibration.n_seen % every == 0:
                 self._calibration(out)
@@ -226,20 +251,22 @@ class ModelState:
 
     def _calibration(self, out: list[Out]) -> None:
         c, n = self.calibration, self.calibration.n
-        out.append(self._out(KIND_QUALITY, "accuracy", "label", c.accuracy, None, None, False, 0, n))
-        out.append(self._out(KIND_CALIBRATION, "brier", "label", c.brier, None, None, False, 0, n))
-        for strategy in ("width", "mass"):
+        out.append(self._out(D.ACCURACY, F.LABEL, c.accuracy, None, None, False, 0, n))
+        out.append(self._out(D.BRIER, F.LABEL, c.brier, None, None, False, 0, n))
+        for detector, strategy in ((D.ECE, "width"), (D.ECE_EQUAL_MASS, "mass")):
             e = c.ece(strategy)
-            out.append(self._out(KIND_CALIBRATION, "ece", "label", e, self.s.ece_threshold, None,
-                                 e >= self.s.ece_threshold, 0, n,
-                                 {"binning": "equal_" + strategy,
-                                  "reliability": json.dumps(c.reliability(strategy), separators=(",", ":"))}))
-        out.append(self._reading(self.concept, "prediction_error", kind=KIND_QUALITY))
+            o = self._out(detector, F.LABEL, e, self.s.ece_threshold, None, e >= self.s.ece_threshold, 0, n)
+            o.reliability = c.reliability(strategy)
+            out.append(o)
+        concept = self._reading(self.concept, F.PREDICTION_ERROR)
+        if concept is not None:
+            out.append(concept)
 
     # -- checkpoints ----------------------------------------------------------------------
     def to_state(self) -> dict:
         return {
             "model": self.model, "version": self.version, "n_events": self.n_events, "n_errors": self.n_errors,
+            "interval_events": self.interval_events, "interval_errors": self.interval_errors,
             "n_feedback": self.n_feedback, "n_joined": self.n_joined, "last_time": self.last_time,
             "detectors": {f: [d.to_state() for d in ds] for f, ds in self.detectors.items()},
             "finish": self.finish.to_state(),
@@ -253,7 +280,7 @@ class ModelState:
     @classmethod
     def from_state(cls, st: dict, s: Settings) -> "ModelState":
         m = cls(st["model"], st["version"], s)
-        for k in ("n_events", "n_errors", "n_feedback", "n_joined", "last_time"):
+        for k in ("n_events", "n_errors", "n_feedback", "n_joined", "last_time", "interval_events", "interval_errors"):
             setattr(m, k, st[k])
         m.detectors = {f: [type(d).from_state(x) for d, x in zip(m.detectors[f], xs)]
                        for f, xs in st["detectors"].items()}
@@ -293,7 +320,8 @@ class Batch:
     finish: list           # finish reasons ("" where generation never ran)
     judged: np.ndarray     # whether the quality monitor judges the completion: OK and not Classify
     lengths: np.ndarray    # completion tokens
-    texts: dict            # position -> completion text, of the judged events that carry it
+    tokens: dict           # position -> the completion's token hashes (or its words, where only the
+                           # text is sent), of the judged events that carry either
     times: np.ndarray      # event time, seconds
     routes: np.ndarray     # vigil.events.v1.Route
     groups: dict           # (model, version) -> positions, in order of first appearance
@@ -306,7 +334,7 @@ def read_events(events: list) -> Batch:
     field costs a fraction of building a row per event. Sub-messages are read as they go
     by, not kept: thousands of live wrappers would wake the garbage collector."""
     n = len(events)
-    ok = np.array([e.status for e in events]) == STATUS_OK
+    ok = np.array([e.status for e in events]) == events_pb2.STATUS_OK
     conf = np.array([e.HasField("confidence") for e in events], dtype=bool)
     confidence = np.fromiter((x for c in (e.confidence for e in events)
                               for x in (c.mean_logprob, c.mean_entropy, c.min_top1_prob)), np.float64, 3 * n)
@@ -327,13 +355,18 @@ def read_events(events: list) -> Batch:
     X[6] = np.where(ok & (first > 0), first, NAN)
     X[7, [i for i, _, _ in labelled]] = top
     judged = ok & np.array([e.method != "Classify" for e in events])
-    texts = {i: events[i].completion_text for i in np.flatnonzero(judged).tolist()
-             if events[i].HasField("completion_text")}
+    tokens = {}
+    for i in np.flatnonzero(judged).tolist():
+        e = events[i]
+        if e.completion_token_hashes:
+            tokens[i] = list(e.completion_token_hashes)
+        elif e.HasField("completion_text"):
+            tokens[i] = e.completion_text.split()
     times = np.array([t.seconds + t.nanos * 1e-9 for t in (e.time for e in events)], dtype=np.float64)
     index: dict[tuple, int] = {}
     codes = np.array([index.setdefault((e.model, e.version), len(index)) for e in events])
     groups = {key: np.flatnonzero(codes == g) for key, g in index.items()}
-    return Batch(X, (~ok).astype(np.float64), [e.finish_reason for e in events], judged, lengths, texts, times,
+    return Batch(X, (~ok).astype(np.float64), [e.finish_reason for e in events], judged, lengths, tokens, times,
                  np.array([e.route for e in events]), groups, labelled)
 
 
@@ -393,10 +426,10 @@ class PartitionState:
         self.watermark = max(self.watermark, float(batch.times.max()))
         for (model, version), idx in batch.groups.items():
             judged = idx[batch.judged[idx]]
-            texts = [batch.texts.get(i) for i in judged.tolist()] if batch.texts else None
+            tokens = [batch.tokens.get(i) for i in judged.tolist()] if batch.tokens else None
             self.model(model, version).add_events(
                 batch.X[:, idx], batch.errors[idx], [batch.finish[i] for i in idx.tolist()], batch.lengths[judged],
-                texts, float(batch.times[idx].max()), out)
+                tokens, float(batch.times[idx].max()), out)
         if batch.routes.any():
             self._compare(batch, out)
 
@@ -415,9 +448,9 @@ class PartitionState:
                                                                   s.compare_min)
             for version in cmp.add(rows, batch.routes, values, batch.finish, batch.times):
                 for r in cmp.compare(version):
-                    out.append(Out(model, version, KIND_LATENCY if r.feature in LATENCY else KIND_DRIFT, r.detector,
-                                   r.feature, _f(r.statistic), s.compare_alpha, r.p_value, r.p_value < s.compare_alpha,
-                                   r.n_reference, r.n_candidate, r.time, {"reference_version": r.reference}))
+                    out.append(Out(model, version, r.detector, r.feature, _f(r.statistic), s.compare_alpha, r.p_value,
+                                   r.p_value < s.compare_alpha, r.n_reference, r.n_candidate, r.time,
+                                   {"reference_version": r.reference}))
 
     def apply_feedback(self, feedbacks: list, out: list[Out]) -> None:
         joins: dict[ModelState, list] = {}
@@ -457,7 +490,7 @@ class PartitionState:
             self.expired += len(old)
 
     def to_state(self) -> dict:
-        return {"partition": self.partition, "offsets": self.offsets, "watermark": self.watermark,
+        return {"format": FORMAT, "partition": self.partition, "offsets": self.offsets, "watermark": self.watermark,
                 "expired": self.expired, "settings": asdict(self.s),
                 "models": {k: m.to_state() for k, m in self.models.items()},
                 "comparisons": {k: c.to_state() for k, c in self.comparisons.items()},
@@ -468,10 +501,14 @@ class PartitionState:
         p = cls(st["partition"], settings)
         p.offsets = {k: int(v) for k, v in st["offsets"].items()}
         p.watermark, p.expired = st["watermark"], st["expired"]
-        p.models = {k: ModelState.from_state(m, settings) for k, m in st["models"].items()}
-        p.comparisons = {k: VersionComparison.from_state(c, COMPARED, settings.compare_window, settings.compare_every,
-                                                         settings.compare_min)
-                         for k, c in st.get("comparisons", {}).items()}   # none in older checkpoints
+        if st.get("format") == FORMAT:
+            p.models = {k: ModelState.from_state(m, settings) for k, m in st["models"].items()}
+            p.comparisons = {k: VersionComparison.from_state(c, COMPARED, settings.compare_window,
+                                                             settings.compare_every, settings.compare_min)
+                             for k, c in st["comparisons"].items()}
+        else:
+            log.warning("partition %d: checkpoint of format %s (this processor writes %d): detectors start "
+                        "afresh from its offsets", p.partition, st.get("format", 1), FORMAT)
         p.pending_events = {k: tuple(v) for k, v in st["pending_events"].items()}
         p.pending_feedback = {k: tuple(v) for k, v in st["pending_feedback"].items()}
         return p

@@ -159,13 +159,13 @@ class Readings:
     versions whose partitions this processor owns (`keep` drops the others after a
     rebalance, so two processors never both show a reading)."""
 
-    LABELS = ("model", "version", "kind", "detector", "feature", "binning")
+    LABELS = ("model", "version", "kind", "detector", "feature")
 
     def __init__(self):
         self.latest: dict[tuple, tuple[float, float | None]] = {}
 
     def note(self, out: Out) -> None:
-        labels = (out.model, out.version, str(out.kind), out.detector, out.feature, out.labels.get("binning", ""))
+        labels = (out.model, out.version, str(out.kind), out.detector, out.feature)
         self.latest[labels] = (out.statistic, out.threshold)
 
     def keep(self, versions: set[tuple[str, str]]) -> None:
@@ -280,6 +280,12 @@ class Runner:
                     self.metrics.dead.labels(tp.topic).inc()
                     continue
                 message = r.message
+            if not message.model:  # no series to count it in (a request refused before routing, or not an event)
+                r = decode(record)
+                r.error = f"{cls.DESCRIPTOR.full_name} without a model: no model version to measure it for"
+                outs.append(r)
+                self.metrics.dead.labels(tp.topic).inc()
+                continue
             messages.append(message)
         signals: list = []
         if tp.topic == topics.INFERENCE:
@@ -417,11 +423,18 @@ def signal_message(o: Out, source: str) -> events_pb2.Signal:
     s = events_pb2.Signal(event_id=str(uuid.uuid4()), source=source, model=o.model, version=o.version,
                           kind=o.kind, detector=o.detector, feature=o.feature, statistic=o.statistic,
                           drifted=o.drifted, reference_size=o.reference_size, window_size=o.window_size,
-                          labels=o.labels)
+                          labels=o.labels, detections=o.detections, events=o.events, window_index=o.window_index,
+                          reliability=[events_pb2.ReliabilityBin(lower=b["lower"], upper=b["upper"], count=b["n"],
+                                                                 confidence=b["confidence"], accuracy=b["accuracy"])
+                                       for b in o.reliability])
     if o.threshold is not None:
         s.threshold = o.threshold
     if o.p_value is not None:
         s.p_value = o.p_value
+    if o.value is not None:
+        s.value = o.value
+    if o.trend is not None:
+        s.trend.direction, s.trend.severity, s.trend.slope = o.trend
     s.time.GetCurrentTime()
     if o.time_s:
         s.window_end.FromNanoseconds(int(o.time_s * 1e9))

@@ -34,7 +34,7 @@ groups:
         signal: {detector: psi, statistic: "> 0.2"}
         labels: {severity: warning}
       - alert: RollbackFiring
-        signal: {detector: adwin, feature: error}
+        signal: {detector: page_hinkley, feature: error}
         labels: {severity: critical}
       - alert: HighErrorRate
         metric: {name: error_rate, window: 5m, aggregate: mean, above: 0.1}
@@ -65,7 +65,7 @@ class Harness:
         self.eng = RuleEngine(rules_from_text(rules), self.clock, on_change=self.changes.append,
                               on_alert=self.disp.put)
 
-    def sig(self, detector="ks", feature="latency", model="m1", version="v1", drifted=True, statistic=0.4,
+    def sig(self, detector="ks", feature="total_seconds", model="m1", version="v1", drifted=True, statistic=0.4,
             p_value=0.001):
         self.eng.ingest(Signal(detector, feature, model, version, statistic, drifted, self.clock.now(),
                                p_value=p_value))
@@ -103,7 +103,7 @@ def test_for_is_exact():
     h.run_until(T0 + 60)
     assert h.states() == [("pending", 0), ("firing", 60)]
     inst = next(iter(h.eng.instances.values()))
-    assert inst.fired_at == T0 + 60 and inst.annotations["summary"] == "latency of m1 drifted (0.4)"
+    assert inst.fired_at == T0 + 60 and inst.annotations["summary"] == "total_seconds of m1 drifted (0.4)"
     # group_wait 30s after the alert reached the dispatcher
     assert h.run_until(T0 + 89.9) == []
     [n] = h.run_until(T0 + 90)
@@ -172,7 +172,7 @@ def test_metric_rule_aggregates_over_its_window():
 
 def test_grouping_timers_and_repeat_interval():
     h = Harness()
-    h.sig(feature="latency")
+    h.sig(feature="total_seconds")
     h.run_until(T0 + 60)
     h.clock.advance(5)
     h.sig(feature="ttft")  # same group (alertname, model), pending
@@ -184,10 +184,10 @@ def test_grouping_timers_and_repeat_interval():
     assert len(n2.alerts) == 2
     for t in range(390, 3600, 60):  # nothing new: silence until repeat_interval
         h.run_until(T0 + t)
-        h.sig(feature="latency")
+        h.sig(feature="total_seconds")
         h.sig(feature="ttft")
     assert len(h.sent) == 2
-    h.sig(feature="latency")
+    h.sig(feature="total_seconds")
     h.sig(feature="ttft")
     [n3] = h.run_until(T0 + 390 + 3600)  # repeat_interval after n2, on a group_interval tick
     assert n3.firing == n2.firing
@@ -247,14 +247,14 @@ inhibit_rules:
 
 def test_inhibition_suppresses():
     h = Harness(config=INHIBIT_CONFIG)
-    h.sig(detector="adwin", feature="error", model="m1")  # source, fires at once
+    h.sig(detector="page_hinkley", feature="error", model="m1")  # source, fires at once
     h.sig(model="m1")  # warning of the same model: inhibited
     h.sig(model="m2")  # warning of another model: not
     h.run_until(T0 + 700)
     names = sorted((n.group_labels["alertname"], n.group_labels["model"]) for n in h.sent)
     assert names == [("FeatureDrift", "m2"), ("RollbackFiring", "m1")]
     # the source resolves: the warning comes through at the group's next flush
-    h.sig(detector="adwin", feature="error", model="m1", drifted=False)
+    h.sig(detector="page_hinkley", feature="error", model="m1", drifted=False)
     h.sig(model="m1")
     h.sig(model="m2")
     h.run_until(T0 + 1000)
@@ -337,7 +337,7 @@ def test_reload_keeps_state_of_unchanged_rules():
 def test_signal_labels_are_alert_dimensions_and_survive_a_restart():
     h = Harness()
     for route in ("stable", "canary"):
-        h.eng.ingest(Signal("psi", "latency", "m1", "v2", 0.5, True, h.clock.now(), threshold=0.2,
+        h.eng.ingest(Signal("psi", "total_seconds", "m1", "v2", 0.5, True, h.clock.now(), threshold=0.2,
                             labels={"route": route}, kind="drift"))
     insts = list(h.eng.instances.values())
     assert sorted(i.labels["route"] for i in insts) == ["canary", "stable"]
@@ -345,5 +345,21 @@ def test_signal_labels_are_alert_dimensions_and_survive_a_restart():
     h2 = Harness()
     assert h2.eng.restore(h.eng.snapshot()) == 2
     assert sorted(i.labels["route"] for i in h2.eng.instances.values()) == ["canary", "stable"]
-    h2.eng.ingest(Signal("psi", "latency", "m1", "v2", 0.1, False, h2.clock.now(), labels={"route": "canary"}))
+    h2.eng.ingest(Signal("psi", "total_seconds", "m1", "v2", 0.1, False, h2.clock.now(), labels={"route": "canary"}))
     assert sorted(i.state for i in h2.eng.instances.values()) == ["firing", "resolved"]
+
+
+def test_labels_outside_the_series_never_split_an_alert():
+    """A reading's own figures (a sender that still puts them in labels) are not the series:
+    one drift is one instance, one fingerprint, pending, firing, then resolved."""
+    h = Harness()
+    for i in range(5):
+        h.eng.ingest(Signal("ks", "mean_entropy", "m1", "v1", 0.4, True, h.clock.now(), p_value=1e-9,
+                            labels={"events": str(100 * i), "detections": str(i), "route": "stable"}))
+        h.run_until(h.clock.now() + 30)
+    h.eng.ingest(Signal("ks", "mean_entropy", "m1", "v1", 0.01, False, h.clock.now(), p_value=0.9,
+                        labels={"events": "600", "route": "stable"}))
+    h.run_until(h.clock.now() + 3600)
+    assert len({c.fingerprint for c in h.changes}) == 1
+    assert [s for s, _ in h.states()] == ["pending", "firing", "resolved", "inactive"]  # then forgotten
+    assert h.changes[-2].labels["route"] == "stable" and "events" not in h.changes[-2].labels

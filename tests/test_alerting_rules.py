@@ -110,7 +110,7 @@ BAD_RULES = [
               - alert: A
                 signal:
                   detector: kolmogorov
-        """, 7, "groups[0].rules[0](A).signal.detector", "unknown detector 'kolmogorov'"),
+        """, 7, "groups[0].rules[0](A).signal.detector", "no processor publishes the detector 'kolmogorov'"),
     ("unknown feature", """
         groups:
           - name: g
@@ -118,15 +118,27 @@ BAD_RULES = [
               - alert: A
                 signal:
                   detector: ks
-                  feature: latencyy
-        """, 8, "groups[0].rules[0](A).signal.feature", "unknown feature 'latencyy' (did you mean latency"),
+                  feature: total_secs
+        """, 8, "groups[0].rules[0](A).signal.feature",
+     "no processor publishes the feature 'total_secs' (did you mean total_seconds"),
+    ("a detector that does not publish the feature", """
+        groups:
+          - name: g
+            rules:
+              - alert: A
+                signal:
+                  detector: adwin
+                  feature: total_seconds
+        """, 8, "groups[0].rules[0](A).signal.feature",
+     "no processor publishes feature 'total_seconds' for detector 'adwin' (it publishes: mean_logprob, "
+     "prediction_error)"),
     ("regex matching no feature", """
         groups:
           - name: g
             rules:
               - alert: A
                 signal: {detector: ks, feature: "=~lat_.*"}
-        """, 6, "groups[0].rules[0](A).signal.feature", "matches no known feature"),
+        """, 6, "groups[0].rules[0](A).signal.feature", "matches no published feature"),
     ("broken regex", """
         groups:
           - name: g
@@ -181,8 +193,9 @@ BAD_RULES = [
           - name: g
             rules:
               - alert: A
-                metric: {name: p99, above: 2}
-        """, 6, "groups[0].rules[0](A).metric.name", "unknown metric 'p99'"),
+                metric: {name: latency_p98, above: 2}
+        """, 6, "groups[0].rules[0](A).metric.name",
+     "no processor publishes the metric 'latency_p98' (did you mean latency_p99, latency_p95"),
     ("mean without window", """
         groups:
           - name: g
@@ -280,8 +293,8 @@ def test_default_rules_are_valid_and_cover_the_demo(capsys):
     assert check_rules_main([str(DEFAULT_RULES)]) == 0
     rs = load_rules([DEFAULT_RULES])
     drift_features = {r.matchers["feature"].value for r in rs.rules if r.kind == "signal" and "feature" in r.matchers}
-    assert {"prompt_tokens", "completion_tokens", "mean_logprob", "mean_entropy", "min_top1_prob", "latency", "ttft",
-            "finish_reason"} <= drift_features
+    assert {"prompt_tokens", "completion_tokens", "mean_logprob", "mean_entropy", "min_top1_prob", "total_seconds",
+            "first_token_seconds", "finish_reason"} <= drift_features
     metrics = {r.name: r for r in rs.rules if r.kind == "metric"}
     assert {"HighCalibrationError", "HighErrorRate", "HighP99Latency"} <= set(metrics)
     assert all(r.labels["severity"].render({}) in ("warning", "critical") for r in rs.rules)
@@ -293,14 +306,14 @@ groups:
   - name: g
     rules:
       - alert: A
-        signal: {detector: "=~ks|psi", feature: latency, p_value: "< 0.01", statistic: ">= 0.2"}
+        signal: {detector: "=~ks|psi", feature: total_seconds, p_value: "< 0.01", statistic: ">= 0.2"}
         for: 2m
         keep_firing_for: 1h
         stale_after: 30m
       - alert: B
         signal: {detector: adwin}
       - alert: C
-        metric: {detector: quantile, feature: latency_p99, window: 5m, aggregate: max, below: 3}
+        metric: {detector: p99, feature: total_seconds, window: 5m, aggregate: max, below: 3}
 """)
     a, b, c = rs.rules
     assert (a.for_, a.keep_firing_for, a.stale_after) == (120, 3600, 1800)

@@ -25,7 +25,7 @@ WORDS = "the a cat dog sat on mat and ran".split()
 
 def mixed_events(n: int, seed: int = 0) -> list:
     """Every kind of event the processor meets: errors, no confidence, Classify with 2 or 3
-    labels, texts and no texts, several models and versions, zero first-token times."""
+    labels, texts, token hashes or neither, several models and versions, zero first-token times."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -47,6 +47,10 @@ def mixed_events(n: int, seed: int = 0) -> list:
                 e.label_probabilities[f"l{j}"] = p / sum(ps)
         elif rng.random() < 0.5:
             e.completion_text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12)))
+            if rng.random() < 0.5:  # a server that sends both: the hashes are what counts
+                e.completion_token_hashes.extend(rng.randrange(2 ** 32) for _ in range(rng.randint(0, 12)))
+        elif rng.random() < 0.5:
+            e.completion_token_hashes.extend(rng.randrange(20) for _ in range(rng.randint(0, 12)))
         e.time.FromNanoseconds(int((1.7e9 + i * 0.01) * 1e9))
         out.append(e)
     return out
@@ -76,7 +80,8 @@ def test_read_events_equals_the_definition_event_by_event():
     assert b.times.tolist() == [e.time.seconds + e.time.nanos * 1e-9 for e in events]
     judged = [e.status == 1 and e.method != "Classify" for e in events]
     assert b.judged.tolist() == judged and b.lengths.tolist() == [e.completion_tokens for e in events]
-    assert b.texts == {i: e.completion_text for i, e in enumerate(events) if judged[i] and e.HasField("completion_text")}
+    assert b.tokens == {i: list(e.completion_token_hashes) or e.completion_text.split() for i, e in enumerate(events)
+                        if judged[i] and (e.completion_token_hashes or e.HasField("completion_text"))}
     assert b.labelled == [(i, sorted(e.label_probabilities), [e.label_probabilities[k] for k in sorted(e.label_probabilities)])
                           for i, e in enumerate(events) if e.label_probabilities]
     groups = {}

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from protos import events_pb2
 from stream_processors.compare import Rows, VersionComparison
-from stream_processors.processor import KIND_DRIFT, KIND_LATENCY, PartitionState, Settings
+from eventbus.signals import SignalKind
+from stream_processors.processor import PartitionState, Settings
 from stream_processors.runner import signal_message
 
 STABLE, CANARY, SHADOW, PINNED = 1, 2, 3, 4
@@ -69,8 +70,8 @@ def test_same_distribution_gives_signals_and_no_drift():
     assert all(o.p_value is not None and o.threshold == Settings().compare_alpha for o in out)
     ks = [o for o in out if o.detector == "ks_vs_stable"]
     assert all(o.reference_size == o.window_size >= Settings().compare_min for o in ks)
-    assert {o.kind for o in ks if o.feature in ("total_seconds", "first_token_seconds")} == {KIND_LATENCY}
-    assert {o.kind for o in ks if o.feature == "mean_logprob"} == {KIND_DRIFT}
+    assert {o.kind for o in ks if o.feature in ("total_seconds", "first_token_seconds")} == {SignalKind.LATENCY}
+    assert {o.kind for o in ks if o.feature == "mean_logprob"} == {SignalKind.DRIFT}
 
 
 @pytest.mark.parametrize("route", [CANARY, SHADOW])

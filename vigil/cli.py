@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from alerting import cli as alerting_cli
 from eventbus import security as kafka_security
@@ -121,6 +122,9 @@ def add_event_options(p: argparse.ArgumentParser) -> None:
            help="record values: protobuf (protos/events.proto) or its JSON mapping")
     option(g, "--events-include-text", action="store_true",
            help="put prompt and completion text in events (otherwise only their SHA-256 and length)")
+    option(g, "--events-token-key-file", default="",
+           help="file with the key of the completion token hashes in events (the same on every server; "
+                "without one the hashes can be read back with the tokenizer)")
     option(g, "--outbox-dir", default=e.outbox_dir,
            help="where events wait while the broker is unreachable; empty: <cache>/outbox/<host>-<port>")
     option(g, "--outbox-fsync-ms", type=int, default=e.outbox_fsync_ms,
@@ -182,10 +186,23 @@ def tls_options(args) -> TlsOptions:
     return TlsOptions(cert_file=args.tls_cert, key_file=args.tls_key, client_ca_file=args.tls_client_ca)
 
 
+def _read_key(path: str) -> bytes:
+    if not path:
+        return b""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise SystemExit(f"--events-token-key-file: cannot read {path}: {e.strerror or e}")
+    if not 1 <= len(key) <= 64:
+        raise SystemExit(f"--events-token-key-file: {path} must hold 1 to 64 bytes (has {len(key)})")
+    return key
+
+
 def event_options(args) -> EventOptions:
     return EventOptions(
         bootstrap_servers=args.bootstrap_servers, format=args.event_format,
-        include_text=args.events_include_text, outbox_dir=args.outbox_dir,
+        include_text=args.events_include_text, token_key=_read_key(args.events_token_key_file),
+        outbox_dir=args.outbox_dir,
         outbox_fsync_ms=args.outbox_fsync_ms, outbox_max_bytes=args.outbox_max_bytes,
         queue_size=args.event_queue_size, publish_timeout_ms=args.publish_timeout_ms,
         compression=args.event_compression, topic_partitions=args.topic_partitions,
