@@ -148,12 +148,23 @@ class ModelState:
         self.last_time = 0.0
 
     # -- events ---------------------------------------------------------------------------
-    def add_events(self, X: np.ndarray, errors: np.ndarray, finish: list, lengths: np.ndarray,
-                   tokens: list | None, last_time: float, out: list[Out]) -> None:
-        """X: (len(CONTINUOUS), n) with NaN where a feature is absent; ``lengths`` and
-        ``tokens`` (None when no event has any) of the completions the quality monitor judges."""
+    def add_events(self, X: np.ndarray, errors: np.ndarray, finish: list, judged: np.ndarray, lengths: np.ndarray,
+                   tokens: list | None, times: np.ndarray, out: list[Out]) -> None:
+        """Events of this version, a column each: X (len(CONTINUOUS), n) with NaN where a
+        feature is absent; ``judged`` marks the completions the quality monitor judges, with
+        their ``lengths`` and ``tokens`` (None when no event has any). Cut where a reading
+        is due, so that a reading covers the same events however the fetches fell."""
+        start, n, every = 0, len(errors), self.s.signal_every
+        while start < n:
+            end = min(n, start + every - self.n_events % every)
+            j = judged[start:end]
+            self._add(X[:, start:end], errors[start:end], finish[start:end], lengths[start:end][j],
+                      [t for t, ok in zip(tokens[start:end], j) if ok] if tokens is not None else None,
+                      float(times[start:end].max()), out)
+            start = end
+
+    def _add(self, X, errors, finish, lengths, tokens, last_time: float, out: list[Out]) -> None:
         n = len(errors)
-        before = self.n_events
         n_errors = int(errors.sum())
         self.n_events += n
         self.n_errors += n_errors
@@ -186,7 +197,7 @@ class ModelState:
                                   0, w.n_completions)
                     o.value, o.window_index = float(getattr(w, m)), w.index
                     out.append(o)
-        if self.n_events // self.s.signal_every > before // self.s.signal_every:
+        if self.n_events % self.s.signal_every == 0:
             self._readings(out)
 
     def _out(self, detector, feature, statistic, threshold, p_value, drifted, ref, win, labels=None) -> Out:
@@ -216,10 +227,11 @@ class ModelState:
             out.append(self._out(D.ERROR_RATE, F.ERROR, self.interval_errors / self.interval_events, None, None,
                                  False, 0, self.interval_events))
             self.interval_events = self.interval_errors = 0
-        for f, sk in self.sketches.items():
+        for f, sk in self.sketches.items():  # quantiles of the events since the last reading
             if sk.count:
                 for q, v in zip((D.P50, D.P95, D.P99), sk.quantiles()):
                     out.append(self._out(q, f, v, None, None, False, 0, int(sk.count)))
+                self.sketches[f] = QuantileSketch()
         means = np.divide(self.sums, self.counts, out=np.full_like(self.sums, NAN), where=self.counts > 0)
         for f, i in COL.items():
             if not math.isfinite(means[i]):
@@ -425,11 +437,10 @@ class PartitionState:
             m.add_joined(pairs, out)
         self.watermark = max(self.watermark, float(batch.times.max()))
         for (model, version), idx in batch.groups.items():
-            judged = idx[batch.judged[idx]]
-            tokens = [batch.tokens.get(i) for i in judged.tolist()] if batch.tokens else None
+            tokens = [batch.tokens.get(i) for i in idx.tolist()] if batch.tokens else None
             self.model(model, version).add_events(
-                batch.X[:, idx], batch.errors[idx], [batch.finish[i] for i in idx.tolist()], batch.lengths[judged],
-                tokens, float(batch.times[idx].max()), out)
+                batch.X[:, idx], batch.errors[idx], [batch.finish[i] for i in idx.tolist()], batch.judged[idx],
+                batch.lengths[idx], tokens, batch.times[idx], out)
         if batch.routes.any():
             self._compare(batch, out)
 
