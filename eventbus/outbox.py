@@ -1,4 +1,5 @@
-"""The on-disk outbox: records the broker could not take, kept in order until it can.
+"""The on-disk outbox: every record from the moment it is published until the broker
+has acknowledged it, in order (a write-ahead log).
 
 A folder of append-only segment files (`<id>.seg`, ids increasing) and a `cursor`
 file naming the first record not yet delivered. Each record is one frame:
@@ -14,8 +15,11 @@ a power loss, or damaged) makes the rest of its segment unreadable: those bytes 
 moved to `<id>.seg.corrupt`, reported to `on_corrupt`, and reading goes on with the
 next segment.
 
-Not thread-safe: the publisher calls it from one thread of its own. A lock file keeps
-a second process from using the same folder.
+Two threads may use it at once: one appends (the publisher's event loop, so that a
+record is written before its request is answered), the other reads, commits and syncs.
+A lock guards the bookkeeping, never a read of a segment nor a scheduled fsync, so an
+append does not wait for the disk unless fsync_ms is 0. A lock file keeps a second
+process from using the same folder.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -124,8 +129,11 @@ class Outbox:
         self.cursor = Position(1, 0)
         self.tail: int | None = None  # the segment this process appends to
         self.tail_fd: int | None = None
+        self.dirty: set[int] = set()  # segments written since their last fsync
+        self.new_segment = False  # created since the folder's last fsync
         self.dirty_since: float | None = None
         self.lock_fd: int | None = None
+        self.lock = threading.RLock()
 
     # -- open and close --------------------------------------------------------------------
 
@@ -152,7 +160,9 @@ class Outbox:
 
     def close(self) -> None:
         """Release the folder; an empty outbox leaves no files behind."""
-        self.close_tail()
+        self.sync()
+        with self.lock:
+            self.close_tail()
         if self.lock_fd is None:
             return
         if self.empty():
@@ -185,39 +195,44 @@ class Outbox:
 
     @property
     def pending_bytes(self) -> int:
-        return sum(self.segments.values()) - (self.cursor.offset if self.cursor.segment in self.segments else 0)
+        with self.lock:
+            return sum(self.segments.values()) - (self.cursor.offset if self.cursor.segment in self.segments else 0)
 
     def empty(self) -> bool:
         return self.pending_bytes == 0
 
-    def append(self, records: list[Record]) -> int:
-        """Append records in order; returns the bytes written. Raises OutboxFull, or the
-        disk's OSError (ENOSPC, EIO, ...), leaving no part of the batch behind."""
+    def append(self, records: list[Record]) -> tuple[Position, Position]:
+        """Append records in order; returns where the batch starts and ends. Raises
+        OutboxFull, or the disk's OSError (ENOSPC, EIO, ...), leaving no part of the batch
+        behind."""
         data = b"".join(frame(r) for r in records)
-        if self.pending_bytes + len(data) > self.max_bytes:
-            raise OutboxFull(errno.ENOSPC, f"outbox {self.dir} holds {self.pending_bytes} bytes, "
-                                           f"the limit is {self.max_bytes}")
-        if self.tail is None or (self.segments[self.tail] and
-                                 self.segments[self.tail] + len(data) > self.segment_bytes):
-            self.roll()
-        size = self.segments[self.tail]
-        try:
-            written = self.write(self.tail_fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, f"short write to {self.path(self.tail)}: "
-                                            f"{written} of {len(data)} bytes")
-        except OSError:
+        with self.lock:
+            if self.pending_bytes + len(data) > self.max_bytes:
+                raise OutboxFull(errno.ENOSPC, f"outbox {self.dir} holds {self.pending_bytes} bytes, "
+                                               f"the limit is {self.max_bytes}")
+            if self.tail is None or (self.segments[self.tail] and
+                                     self.segments[self.tail] + len(data) > self.segment_bytes):
+                self.roll()
+            size = self.segments[self.tail]
             try:
-                os.ftruncate(self.tail_fd, size)
+                written = self.write(self.tail_fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, f"short write to {self.path(self.tail)}: "
+                                                f"{written} of {len(data)} bytes")
             except OSError:
-                pass
-            raise
-        self.segments[self.tail] = size + len(data)
-        if self.fsync_ms == 0:
-            os.fsync(self.tail_fd)
-        elif self.dirty_since is None:
-            self.dirty_since = time.monotonic()
-        return len(data)
+                try:
+                    os.ftruncate(self.tail_fd, size)
+                except OSError:
+                    pass
+                raise
+            self.segments[self.tail] = size + len(data)
+            if self.fsync_ms == 0:
+                os.fsync(self.tail_fd)
+            elif self.fsync_ms > 0:
+                self.dirty.add(self.tail)
+                if self.dirty_since is None:
+                    self.dirty_since = time.monotonic()
+            return Position(self.tail, size), Position(self.tail, size + len(data))
 
     write = staticmethod(os.write)  # one call per batch of frames (a seam for tests)
 
@@ -229,45 +244,70 @@ class Outbox:
         self.segments[seg] = 0
         if len(self.segments) == 1:
             self.cursor = Position(seg, 0)
+        if self.fsync_ms == 0:
+            self.sync_folder()
+        else:
+            self.new_segment = True
 
     def close_tail(self) -> None:
         if self.tail_fd is not None:
-            self.sync()
             os.close(self.tail_fd)
         self.tail = self.tail_fd = None
 
     def sync(self) -> None:
-        if self.tail_fd is not None and self.dirty_since is not None and self.fsync_ms >= 0:
-            os.fsync(self.tail_fd)
-        self.dirty_since = None
+        """fsync the segments written since the last sync, each through a descriptor of
+        its own (the appending thread may close the tail meanwhile), and the folder, which
+        names new segments."""
+        with self.lock:
+            dirty, self.dirty, self.dirty_since = self.dirty, set(), None
+            new_segment, self.new_segment = self.new_segment, False
+        for seg in sorted(dirty):
+            try:
+                fd = os.open(self.path(seg), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # delivered and removed meanwhile
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if new_segment and self.fsync_ms >= 0:
+            self.sync_folder()
+
+    def sync_folder(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def tick(self) -> None:
         """Call often: syncs once fsync_ms have passed since the first unsynced append."""
-        if self.dirty_since is not None and self.fsync_ms > 0 and \
-                time.monotonic() - self.dirty_since >= self.fsync_ms / 1000:
+        if self.dirty_since is not None and time.monotonic() - self.dirty_since >= self.fsync_ms / 1000:
             self.sync()
 
     # -- reading ---------------------------------------------------------------------------
 
     def read(self, max_records: int = 500, max_bytes: int = 4 << 20) -> list[tuple[Position, Position, Record]]:
         """Up to max_records from the cursor on, as (start, end, record). The cursor does
-        not move: `commit` moves it once they are delivered."""
+        not move: `commit` moves it once they are delivered. Appends meanwhile are not
+        seen: it reads up to the sizes segments had when it began."""
         out: list[tuple[Position, Position, Record]] = []
-        pos = self.cursor
+        with self.lock:
+            pos, sizes = self.cursor, dict(self.segments)
         while len(out) < max_records and max_bytes > 0:
-            later = sorted(s for s in self.segments if s > pos.segment or
-                           (s == pos.segment and pos.offset < self.segments[s]))
+            later = sorted(s for s in sizes if s > pos.segment or (s == pos.segment and pos.offset < sizes[s]))
             if not later:
                 break
             if later[0] != pos.segment:
                 pos = Position(later[0], 0)
-            seg, size, at = pos.segment, self.segments[pos.segment], pos.offset
+            seg, size, at = pos.segment, sizes[pos.segment], pos.offset
             with open(self.path(seg), "rb") as f:
                 f.seek(at)
                 while at < size and len(out) < max_records and max_bytes > 0:
                     record, length, problem = self.read_frame(f, size - at)
                     if problem:
                         self.quarantine(seg, at, problem)
+                        sizes[seg] = at
                         break
                     out.append((Position(seg, at), Position(seg, at + length), record))
                     at += length
@@ -300,11 +340,14 @@ class Outbox:
         next segment."""
         path = self.path(seg)
         aside = path.with_name(path.name + ".corrupt")
-        with open(path, "rb") as f:
-            f.seek(offset)
-            aside.write_bytes(f.read())
-        os.truncate(path, offset)
-        self.segments[seg] = offset
+        with self.lock:
+            if seg == self.tail:  # appends go on in a new segment, never after the bad frame
+                self.close_tail()
+            with open(path, "rb") as f:
+                f.seek(offset)
+                aside.write_bytes(f.read())
+            os.truncate(path, offset)
+            self.segments[seg] = offset
         self.report(path, offset, f"{problem}; {aside.stat().st_size} bytes from there set aside as {aside.name}")
 
     def report(self, path: Path, offset: int, problem: str) -> None:
@@ -316,17 +359,20 @@ class Outbox:
 
     def commit(self, end: Position) -> None:
         """Everything before `end` is delivered: move the cursor there and remove the
-        segments read to their end."""
-        self.cursor = end
-        for seg in sorted(self.segments):
-            if seg < end.segment or (seg == end.segment and end.offset >= self.segments[seg]):
-                if seg == self.tail:
-                    self.close_tail()
-                self.remove(seg)
-        if self.cursor.segment not in self.segments:
-            later = [s for s in self.segments if s > self.cursor.segment]
-            self.cursor = Position(min(later) if later else self.cursor.segment + 1, 0)
-        self.write_cursor()
+        segments read to their end, except the one appended to."""
+        with self.lock:
+            self.cursor = end
+            done = [seg for seg in self.segments if seg != self.tail and
+                    (seg < end.segment or (seg == end.segment and end.offset >= self.segments[seg]))]
+            for seg in done:
+                self.segments.pop(seg)
+            if self.cursor.segment not in self.segments:
+                later = [s for s in self.segments if s > self.cursor.segment]
+                self.cursor = Position(min(later) if later else self.cursor.segment + 1, 0)
+            cursor = self.cursor
+        for seg in done:
+            self.path(seg).unlink(missing_ok=True)
+        self.write_cursor(cursor)
 
     def remove(self, seg: int) -> None:
         try:
@@ -335,10 +381,10 @@ class Outbox:
             pass
         self.segments.pop(seg, None)
 
-    def write_cursor(self) -> None:
+    def write_cursor(self, cursor: Position) -> None:
         tmp = self.dir / "cursor.tmp"
         with open(tmp, "w") as f:
-            json.dump({"segment": self.cursor.segment, "offset": self.cursor.offset}, f)
+            json.dump({"segment": cursor.segment, "offset": cursor.offset}, f)
             if self.fsync_ms == 0:
                 f.flush()
                 os.fsync(f.fileno())

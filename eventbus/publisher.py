@@ -1,20 +1,32 @@
-"""Publishing events without ever making a request wait for Kafka.
+"""Publishing events without ever making a request wait for Kafka, and without losing
+one that was published, whenever the process dies.
 
-`publish` appends to a bounded in-memory queue and returns. One task, the pump, moves
-records on, in the order they were published:
+`publish` encodes the event and appends it to the on-disk outbox, a write-ahead log,
+with one write(2), then returns: called on the publisher's loop (as the server does,
+before it answers the request), the event is in the kernel's page cache when it
+returns, so a killed process (SIGKILL, OOM, a crash) loses nothing it published. The
+outbox's fsync schedule decides what a power loss may take (see eventbus/outbox.py).
+One task, the pump, sends records to an aiokafka producer (idempotent, acks=all,
+batched, compressed), in the order they were published, and moves the outbox's cursor
+past each batch once the broker acknowledges it:
 
-- while the broker takes them and the outbox is empty, from the queue to an aiokafka
-  producer (idempotent, acks=all, batched, compressed), one batch at a time;
-- otherwise to the end of the on-disk outbox, while it sends the outbox's oldest
-  records to the broker, and goes back to the queue once the outbox is empty.
+- while the broker keeps up, from a bounded copy in memory (`queue_size` records), so
+  the outbox is only written, never read;
+- otherwise (the broker down or slow, the copy full, or records left from an earlier
+  run) from the outbox itself, until it has sent everything there, then from memory
+  again.
 
-A batch the broker has not acknowledged within publish_timeout_ms goes to the outbox,
-and the producer is thrown away: a new one (with a new producer id, which a restarted
-broker also accepts) replays the outbox once the broker answers again. So a record
-reaches Kafka at least once, in order per key. It is lost, and counted as failed, only
-when the queue is full, the outbox is at its size limit, or the disk fails.
+A batch the broker has not acknowledged within publish_timeout_ms, or a lost connection
+to a broker that then answers no metadata request, makes the broker count as down: the
+producer is thrown away and a new one (with a new producer id, which a restarted broker
+also accepts) sends the outbox once the broker answers again. So a record reaches Kafka
+at least once, in order per key; it comes twice (with the same ce_id) when the broker
+took it but its acknowledgement, or the cursor's move past it, was lost to a broken
+connection or a crash. It is lost, and counted as failed, only when the outbox cannot
+take it (at its size limit, or the disk fails) and the broker does not have it before
+the process ends; or when it is published after stop().
 
-All file I/O runs in a thread of the publisher's own.
+Reading, committing and syncing the outbox run in a thread of the publisher's own.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from typing import Callable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import CloseReason
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -53,7 +66,7 @@ class PublisherOptions:
     content_type: str = codec.PROTOBUF
     source: str = "vigil"          # ce_source of events that do not name their own
     client_id: str = "vigil"
-    queue_size: int = 10_000       # records held in memory before publish() drops them
+    queue_size: int = 10_000       # records kept in memory for sending; beyond, they are sent from the outbox
     batch_records: int = 500       # records sent (or spilled) in one step
     publish_timeout_ms: int = 5_000  # unacknowledged this long: the broker counts as down
     linger_ms: int = 5
@@ -76,7 +89,10 @@ class Publisher:
         self.options = options
         self.metrics = metrics if metrics is not None else PublisherMetrics()
         self.to_message = to_message or parse_dict
-        self.queue: collections.deque = collections.deque()
+        # while caught_up, every record from the outbox's cursor on, with its place in the
+        # outbox (None: the outbox could not take it), in order
+        self.hot: collections.deque[tuple[Record, tuple[Position, Position] | None]] = collections.deque()
+        self.caught_up = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread = 0
         self.wakeup: asyncio.Event | None = None
@@ -86,8 +102,9 @@ class Publisher:
         self.tasks: list[asyncio.Task] = []
         self.closing = False
         self.in_flight = 0
-        self.pending = 0  # bytes in the outbox, as of its last change
-        self.replay_acked: set[Position] = set()  # of the outbox chunk being replayed
+        self.replay_acked: set[Position] = set()  # records after the cursor the broker has already
+        self.broker_lost: asyncio.Event | None = None  # the producer's connection broke and no broker answers
+        self.probing: asyncio.Task | None = None
         self.next_connect = 0.0
         self.backoff = 0.1
         self.down_since: float | None = None
@@ -105,12 +122,14 @@ class Publisher:
         self.outbox = Outbox(o.outbox_dir, segment_bytes=o.outbox_segment_bytes, max_bytes=o.outbox_max_bytes,
                              fsync_ms=o.outbox_fsync_ms, on_corrupt=lambda *_: self.metrics.corrupt.inc())
         await self.disk(self.outbox.open)
-        if self.pending:
-            log.info("outbox %s holds %d bytes from an earlier run; replaying them first", o.outbox_dir, self.pending)
-        self.metrics.queued.set_function(lambda: len(self.queue))
+        if pending := self.outbox.pending_bytes:
+            log.info("outbox %s holds %d bytes from an earlier run; replaying them first", o.outbox_dir, pending)
+        self.metrics.queued.set_function(lambda: len(self.hot))
+        self.metrics.outbox_bytes.set_function(lambda: self.outbox.pending_bytes)
         self.metrics.connected.set(0)
         if not await self.connect(timeout=min(2.0, o.publish_timeout_ms / 1000)):
             self.next_connect = time.monotonic() + self.backoff
+        self.caught_up = self.producer is not None and not pending
         self.tasks.append(asyncio.create_task(self.pump(), name="vigil-publisher"))
         if o.outbox_fsync_ms > 0:
             self.tasks.append(asyncio.create_task(self.sync_outbox(o.outbox_fsync_ms / 1000)))
@@ -123,8 +142,9 @@ class Publisher:
         self.closing = True
         self.wakeup.set()
         await self.tasks[0]
-        for task in self.tasks[1:]:
-            task.cancel()
+        for task in [*self.tasks[1:], self.probing]:
+            if task is not None:
+                task.cancel()
         if self.producer is not None:
             await self.drop_producer("closing")
         await self.disk(self.outbox.close)
@@ -134,7 +154,7 @@ class Publisher:
     async def flush(self, timeout: float = 30.0) -> bool:
         """Waits until everything published so far is acknowledged; False on timeout."""
         deadline = time.monotonic() + timeout
-        while self.queue or self.in_flight or self.pending:
+        while self.hot or self.in_flight or self.outbox.pending_bytes:
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.01)
@@ -148,20 +168,45 @@ class Publisher:
 
     def publish(self, topic: str, key: str, event: Message | dict,
                 on_done: Callable[[str], None] | None = None) -> None:
-        """Queue an event; never blocks. Safe to call from any thread. A message's empty
-        event_id, source and time are filled in when it is sent. `on_done`, if given, is
-        called once on the publisher's loop: with "" when the broker acknowledges the
-        event, "outbox" when it goes to the outbox instead, or the reason it was lost."""
+        """Write an event to the outbox and hand it to the pump; never waits for the
+        broker, nor for the disk unless the outbox fsyncs every write. On the publisher's
+        loop the event is in the outbox when this returns; from another thread, once the
+        loop has run the call this one schedules there. A message's empty event_id,
+        source and time are filled in here. `on_done`, if given, is called once on the
+        publisher's loop: with "" when the broker acknowledges the event, "outbox" when
+        it waits in the outbox for the broker instead, or the reason it was lost."""
         if threading.get_ident() != self.loop_thread:
             self.loop.call_soon_threadsafe(self.publish, topic, key, event, on_done)
             return
-        if self.closing or len(self.queue) >= self.options.queue_size:
-            reason = "closed" if self.closing else "queue_full"
-            self.lost(topic, reason, 1)
-            settle(on_done, reason)
+        if self.closing:
+            self.lost(topic, "closed", 1)
+            settle(on_done, "closed")
             return
-        self.queue.append((topic, key, event, time.time(), on_done))
-        self.wakeup.set()
+        try:
+            record = self.encode(topic, key, event, time.time())
+        except Exception:
+            log.exception("cannot encode an event for %s; dropped", topic)
+            self.lost(topic, "encode", 1)
+            settle(on_done, "encode")
+            return
+        record.done = on_done
+        keep = self.caught_up and len(self.hot) < self.options.queue_size
+        try:
+            place = self.outbox.append([record])
+        except OSError as exc:
+            if not keep:
+                self.lost_all([record], "outbox_full" if isinstance(exc, OutboxFull) else "outbox_write", exc)
+                return
+            self.complain(f"outbox {self.options.outbox_dir}: {exc}; sending from memory only")
+            self.metrics.unlogged.labels(topic).inc()
+            place = None
+        if keep:
+            self.hot.append((record, place))
+            self.wakeup.set()
+        else:
+            self.caught_up = False
+            self.wait_in_outbox([(record, place)])
+            self.wakeup.set()
 
     # -- the pump --------------------------------------------------------------------------
 
@@ -176,21 +221,16 @@ class Publisher:
 
     async def step(self) -> bool:
         """One move of records; True once closing has nothing left to do."""
-        if self.producer is not None and self.pending == 0:
-            if not self.queue:
-                if self.closing:
-                    return True
-                await self.wait(None)
-            elif len(self.queue) > self.options.queue_size // 2:  # the broker is slower than requests
-                await self.spill(self.take(len(self.queue)))
-            else:
-                unsent = await self.send(self.take(self.options.batch_records))
-                await self.spill(unsent)  # the outbox is empty, so these go first
+        if self.producer is not None and self.broker_lost.is_set():
+            await self.drop_producer("connection lost, and no broker answers a metadata request")
+        if self.hot and self.producer is not None:
+            await self.send_hot()
             return False
-        if self.queue:  # everything in the outbox is older: keep the order
-            await self.spill(self.take(len(self.queue)))
-        if self.closing:
-            return True
+        if self.caught_up or self.closing:
+            if self.closing:
+                return True
+            await self.wait(None)
+            return False
         if self.producer is None:
             now = time.monotonic()
             if now < self.next_connect:
@@ -201,6 +241,9 @@ class Publisher:
                 self.backoff = min(self.backoff * 2, self.options.reconnect_backoff_max_ms / 1000)
                 return False
         await self.replay()
+        if self.producer is not None and not self.outbox.pending_bytes:
+            self.caught_up = True  # publish() runs on this loop too: nothing slips in between
+            log.info("outbox replayed; publishing from memory again")
         return False
 
     async def wait(self, timeout: float | None) -> None:
@@ -210,20 +253,23 @@ class Publisher:
             pass
         self.wakeup.clear()
 
-    def take(self, n: int) -> list[Record]:
-        out = []
-        while self.queue and len(out) < n:
-            topic, key, event, published, on_done = self.queue.popleft()
-            try:
-                record = self.encode(topic, key, event, published)
-            except Exception:
-                log.exception("cannot encode an event for %s; dropped", topic)
-                self.lost(topic, "encode", 1)
-                settle(on_done, "encode")
-                continue
-            record.done = on_done
-            out.append(record)
-        return out
+    async def send_hot(self) -> None:
+        """Send the oldest records kept in memory and move the cursor past those
+        acknowledged in a row; if some are not, the rest wait in the outbox."""
+        batch = [self.hot.popleft() for _ in range(min(len(self.hot), self.options.batch_records))]
+        unsent = {id(r) for r in await self.send([r for r, _ in batch])}
+        end, in_row = None, True
+        for r, place in batch:
+            if id(r) in unsent:
+                in_row = False
+            elif place is not None:
+                if in_row:
+                    end = place[1]
+                else:
+                    self.replay_acked.add(place[0])
+        if end is not None:
+            await self.commit(end)
+        self.wait_in_outbox([(r, place) for r, place in batch if id(r) in unsent])
 
     def encode(self, topic: str, key: str, event: Message | dict, published: float) -> Record:
         message = event if isinstance(event, Message) else self.to_message(topic, event)
@@ -248,7 +294,7 @@ class Publisher:
     async def send(self, records: list[Record]) -> list[Record]:
         """Sends records and waits for their acknowledgements; returns those not
         acknowledged (in order), having given up the producer if there are any."""
-        producer, futures = self.producer, []
+        producer, lost, futures = self.producer, self.broker_lost, []
         problem = None
         self.in_flight += len(records)
         try:
@@ -261,12 +307,14 @@ class Publisher:
                         futures.append(exc)
                 pending = [f for f in futures if isinstance(f, asyncio.Future)]
                 if pending:
-                    await asyncio.wait(pending)
+                    await acknowledged(pending, lost)
         except Exception as exc:  # whatever the producer raises, the records must not be lost
             problem = exc if not isinstance(exc, TimeoutError) else \
                 f"no acknowledgement within {self.options.publish_timeout_ms} ms"
         finally:
             self.in_flight -= len(records)
+        if lost.is_set():
+            problem = problem or "connection lost, and no broker answers a metadata request"
         unsent, now = [], time.time()
         for i, r in enumerate(records):
             f = futures[i] if i < len(futures) else None
@@ -291,23 +339,17 @@ class Publisher:
             await self.drop_producer(problem or "unacknowledged records")
         return unsent
 
-    async def spill(self, records: list[Record]) -> None:
-        if not records:
-            return
-        self.in_flight += len(records)
-        try:
-            await self.disk(self.outbox.append, records)
-        except OutboxFull as exc:
-            self.lost_all(records, "outbox_full", exc)
-        except OSError as exc:
-            self.lost_all(records, "outbox_write", exc)
-        else:
-            for r in records:
+    def wait_in_outbox(self, records: list[tuple[Record, tuple[Position, Position] | None]]) -> None:
+        """These records are not sent from memory: those in the outbox wait there for
+        the broker; one the outbox could not take is lost."""
+        for r, place in records:
+            if place is None:
+                self.lost(r.topic, "outbox_write", 1)
+                settle(r.done, "outbox_write")
+            else:
                 self.metrics.spilled.labels(r.topic).inc()
                 settle(r.done, "outbox")
-                r.done = None
-        finally:
-            self.in_flight -= len(records)
+            r.done = None
 
     async def replay(self) -> None:
         chunk = await self.disk(self.outbox.read, self.options.batch_records)
@@ -321,15 +363,19 @@ class Publisher:
                 self.replay_acked.add(start)
                 self.metrics.replayed.labels(r.topic).inc()
         if not unsent:
-            await self.disk(self.outbox.commit, chunk[-1][1])
-            self.replay_acked.clear()
-            if not self.pending:
-                log.info("outbox replayed; publishing straight to the broker again")
+            await self.commit(chunk[-1][1])
+
+    async def commit(self, end: Position) -> None:
+        await self.disk(self.outbox.commit, end)
+        self.replay_acked = {p for p in self.replay_acked if p >= end}
 
     async def sync_outbox(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
-            await self.disk(self.outbox.tick)
+            try:
+                await self.disk(self.outbox.tick)
+            except OSError as exc:
+                self.complain(f"outbox {self.options.outbox_dir}: fsync failed: {exc}")
 
     # -- the broker ------------------------------------------------------------------------
 
@@ -350,6 +396,8 @@ class Publisher:
                     acks="all", compression_type=o.compression, linger_ms=o.linger_ms,
                     max_batch_size=256 << 10, max_request_size=o.max_request_bytes,
                     request_timeout_ms=o.publish_timeout_ms, retry_backoff_ms=100, **o.security.client_kwargs())
+                lost = asyncio.Event()
+                self.watch(producer, lost)
                 await producer.start()
         except Exception as exc:  # any failure to connect only delays delivery
             if producer is not None:
@@ -361,7 +409,7 @@ class Publisher:
             else:
                 log.debug("broker %s still unreachable: %s", o.bootstrap_servers, describe(exc))
             return False
-        self.producer = producer
+        self.producer, self.broker_lost = producer, lost
         self.backoff = 0.1
         self.metrics.connected.set(1)
         if self.down_since is not None:
@@ -371,9 +419,40 @@ class Publisher:
         self.down_since = None
         return True
 
+    def watch(self, producer: AIOKafkaProducer, lost: asyncio.Event) -> None:
+        """When one of the producer's connections breaks, ask the brokers for metadata at
+        once; if none answers within the publish timeout, the broker counts as down
+        (`lost` is set) without waiting for a send to time out."""
+        client = producer.client
+        closed = client._on_connection_closed  # aiokafka gives each new connection this callback
+
+        def on_closed(conn, reason) -> None:
+            closed(conn, reason)
+            if reason in (CloseReason.CONNECTION_BROKEN, CloseReason.CONNECTION_TIMEOUT) and \
+                    self.producer is producer and self.probing is None:
+                self.probing = asyncio.create_task(self.probe(producer, lost), name="vigil-publisher-probe")
+
+        client._on_connection_closed = on_closed
+
+    async def probe(self, producer: AIOKafkaProducer, lost: asyncio.Event) -> None:
+        try:
+            async with asyncio.timeout(self.options.publish_timeout_ms / 1000):
+                answered = await producer.client.force_metadata_update()
+        except Exception:  # a timeout, or the producer closed meanwhile
+            answered = False
+        finally:
+            self.probing = None
+        if not answered and self.producer is producer:
+            self.metrics.connected.set(0)
+            lost.set()
+            self.wakeup.set()
+
     async def drop_producer(self, reason) -> None:
         producer, self.producer = self.producer, None
         self.metrics.connected.set(0)
+        self.caught_up = False
+        self.wait_in_outbox(list(self.hot))
+        self.hot.clear()
         if producer is None:
             return
         if reason != "closing":
@@ -405,21 +484,8 @@ class Publisher:
     # -- bookkeeping -----------------------------------------------------------------------
 
     async def disk(self, fn, *args):
-        """Runs fn in the outbox's thread; afterwards `pending` holds the outbox's size,
-        so the loop never reads the outbox while that thread changes it."""
-        outbox, after = self.outbox, [0]
-
-        def run():
-            try:
-                return fn(*args)
-            finally:
-                after[0] = outbox.pending_bytes
-
-        try:
-            return await self.loop.run_in_executor(self.io, run)
-        finally:
-            self.pending = after[0]
-            self.metrics.outbox_bytes.set(self.pending)
+        """Runs fn in the outbox's thread."""
+        return await self.loop.run_in_executor(self.io, fn, *args)
 
     def lost(self, topic: str, reason: str, n: int) -> None:
         self.metrics.failed.labels(topic, reason).inc(n)
@@ -438,6 +504,16 @@ class Publisher:
         if now - self.last_complaint > 10:
             self.last_complaint = now
             log.error(message, exc_info=exc_info)
+
+
+async def acknowledged(futures: list[asyncio.Future], lost: asyncio.Event) -> None:
+    """Waits until every future is done, or `lost` is set."""
+    every, gone = asyncio.ensure_future(asyncio.wait(futures)), asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait((every, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        every.cancel()
+        gone.cancel()
 
 
 def settle(on_done: Callable[[str], None] | None, outcome: str) -> None:

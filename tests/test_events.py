@@ -253,6 +253,39 @@ def test_broker_outage_loses_nothing_and_keeps_order(start_server, tiny_llama, t
         broker.stop()
 
 
+def test_broker_connected_falls_at_once_when_the_broker_dies(start_server, tiny_llama, tmp_path):
+    """Not after a publish timeout (30 s here): when the connection breaks and no broker
+    answers a metadata request. Idle or busy; and it rises again with a new broker."""
+    broker = EmbeddedBroker().start()
+    try:
+        server = kafka_server(start_server, tiny_llama, tmp_path, broker.bootstrap_servers, publish_timeout_ms=30_000)
+        url = server.metrics_url
+        with grpc.insecure_channel(server.address) as channel:
+            stub = llm_pb2_grpc.LLMStub(channel)
+            for busy in (False, True):
+                generate(stub, f"connected-{uuid.uuid4().hex[:8]}")
+                flush(server)
+                assert metric(url, "vigil_events_broker_connected") == 1
+                broker.kill()
+                if busy:
+                    generate(stub, f"connected-{uuid.uuid4().hex[:8]}")
+                wait_until(lambda: metric(url, "vigil_events_broker_connected") == 0, 3,
+                           f"still connected 3 s after the broker died ({'busy' if busy else 'idle'})")
+                broker.start()
+                wait_until(lambda: metric(url, "vigil_events_broker_connected") == 1, 20, "never reconnected")
+            flush(server)
+        assert metric(url, "vigil_events_failed_total") == 0
+    finally:
+        broker.stop()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 # -- the commands ---------------------------------------------------------------------
 
 VIGIL = [sys.executable, "-m", "vigil.cli"]
