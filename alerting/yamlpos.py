@@ -34,7 +34,10 @@ class YamlError(ValueError):
 
 
 def load(text: str):
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as e:  # the reader refuses a character before any line is parsed
+        raise YamlError(0, str(e)) from None
     try:
         node = loader.get_single_node()
         if node is None:

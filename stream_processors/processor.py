@@ -324,6 +324,16 @@ def _same_length_runs(pairs: list):
             start = i
 
 
+def unusable(message) -> str:
+    """Why an event or feedback cannot be measured (it goes to the dead-letter topic), or ""."""
+    if not message.model:
+        return f"{message.DESCRIPTOR.full_name} without a model: no model version to measure it for"
+    probs = getattr(message, "label_probabilities", None)
+    if probs and not all(0.0 <= p <= 1.0 for p in probs.values()):
+        return "InferenceEvent.label_probabilities: each must be a probability, from 0 to 1"
+    return ""
+
+
 @dataclass
 class Batch:
     """The features of a list of InferenceEvents, a column per feature."""

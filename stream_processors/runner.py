@@ -42,7 +42,7 @@ from eventbus import cloudevents, codec, compat, topics
 from eventbus.consumer import dead_letter, decode
 from eventbus.security import KafkaSecurity
 from protos import events_pb2
-from stream_processors.processor import Out, PartitionState, Settings
+from stream_processors.processor import Out, PartitionState, Settings, unusable
 
 log = logging.getLogger(__name__)
 compat.install()
@@ -280,9 +280,10 @@ class Runner:
                     self.metrics.dead.labels(tp.topic).inc()
                     continue
                 message = r.message
-            if not message.model:  # no series to count it in (a request refused before routing, or not an event)
+            reason = unusable(message)
+            if reason:
                 r = decode(record)
-                r.error = f"{cls.DESCRIPTOR.full_name} without a model: no model version to measure it for"
+                r.error = reason
                 outs.append(r)
                 self.metrics.dead.labels(tp.topic).inc()
                 continue

@@ -111,10 +111,11 @@ def test_kind_of_names_what_is_not_in_the_contract():
         kind_of("adwin", "total_seconds")
 
 
-def test_events_without_a_model_go_to_the_dead_letter_topic():
+def test_events_without_a_model_or_with_bad_probabilities_are_dead_letters():
     rng = random.Random(4)
     evs = [event(i, rng) for i in range(5)]
     evs[2].model = ""
+    evs[3].label_probabilities.update({"yes": 1.5, "no": float("nan")})
     recs = []
     for i, m in enumerate(evs):
         headers = cloudevents.headers(m.event_id, m.DESCRIPTOR.full_name, "test", time.time(), codec.PROTOBUF)
@@ -127,9 +128,11 @@ def test_events_without_a_model_go_to_the_dead_letter_topic():
     outs = []
     runner.process(TopicPartition(topics.INFERENCE, 0), recs, outs)
     dead = [o for o in outs if not hasattr(o, "detector")]
-    assert [d.offset for d in dead] == [2, 5]
-    assert all("InferenceEvent without a model" in d.error for d in dead)
-    assert runner.states[0].models["m/v1"].n_events == 4
+    assert [d.offset for d in dead] == [2, 3, 5]
+    assert [d.error.split(":")[0] for d in dead] == ["vigil.events.v1.InferenceEvent without a model",
+                                                     "InferenceEvent.label_probabilities",
+                                                     "vigil.events.v1.InferenceEvent without a model"]
+    assert runner.states[0].models["m/v1"].n_events == 3
 
 
 def test_token_hashes_are_keyed_and_stable():
