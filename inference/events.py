@@ -1,8 +1,9 @@
 """Where the server hands its events: one per request and one per Feedback call.
 
 Serving builds each event as a dict; `to_message` turns it into the protobuf message
-that goes on Kafka (protos/events.proto). `publish` must return at once: the Kafka
-publisher (eventbus.publisher.Publisher) queues and sends in the background.
+that goes on Kafka (protos/events.proto). `publish` must return at once, and is called
+before the request is answered: the Kafka publisher (eventbus.publisher.Publisher) writes
+the event to its on-disk outbox before it returns, and sends it in the background.
 `MemorySink` keeps the latest events in process, for tests and for a server run
 without a broker.
 """

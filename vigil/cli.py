@@ -126,15 +126,18 @@ def add_event_options(p: argparse.ArgumentParser) -> None:
            help="file with the key of the completion token hashes in events (the same on every server; "
                 "without one the hashes can be read back with the tokenizer)")
     option(g, "--outbox-dir", default=e.outbox_dir,
-           help="where events wait while the broker is unreachable; empty: <cache>/outbox/<host>-<port>")
+           help="the events' write-ahead log: each is written there before its request is answered, "
+                "and waits there until the broker acknowledges it; empty: <cache>/outbox/<host>-<port>")
     option(g, "--outbox-fsync-ms", type=int, default=e.outbox_fsync_ms,
-           help="fsync the outbox at most this long after a write; 0 after every write, -1 never")
+           help="fsync the outbox at most this long after a write (what a power loss may take); "
+                "0 before each request is answered, -1 never")
     option(g, "--outbox-max-bytes", type=positive, default=e.outbox_max_bytes,
-           help="outbox size limit; events beyond it are lost and counted")
+           help="outbox size limit; events beyond it are sent from memory only while the broker keeps up, "
+                "else lost and counted")
     option(g, "--event-queue-size", type=positive, default=e.queue_size,
-           help="events held in memory before the outbox; beyond it they are lost and counted")
+           help="events kept in memory for sending while the broker keeps up; beyond, sent from the outbox")
     option(g, "--publish-timeout-ms", type=positive, default=e.publish_timeout_ms,
-           help="events not acknowledged within this go to the outbox")
+           help="events not acknowledged within this are sent from the outbox once the broker answers")
     option(g, "--event-compression", choices=("gzip", "none", "lz4", "zstd", "snappy"), default=e.compression,
            help="compression of record batches (lz4, zstd and snappy need the cramjam package)")
     option(g, "--topic-partitions", type=positive, default=e.topic_partitions,
