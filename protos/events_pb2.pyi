@@ -1,12 +1,9 @@
-import datetime
-
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -164,7 +161,7 @@ class InferenceEvent(_message.Message):
     flags: _containers.RepeatedScalarFieldContainer[str]
     shadow_of: str
     completion_token_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., request_id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., route: _Optional[_Union[Route, str]] = ..., status: _Optional[_Union[Status, str]] = ..., error: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., prompt_sha256: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_chars: _Optional[int] = ..., completion_sha256: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., label_probabilities: _Optional[_Mapping[str, float]] = ..., prompt_text: _Optional[str] = ..., completion_text: _Optional[str] = ..., tenant: _Optional[str] = ..., trace_id: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., shadow_of: _Optional[str] = ..., completion_token_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., request_id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., route: _Optional[_Union[Route, str]] = ..., status: _Optional[_Union[Status, str]] = ..., error: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., prompt_sha256: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_chars: _Optional[int] = ..., completion_sha256: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., label_probabilities: _Optional[_Mapping[str, float]] = ..., prompt_text: _Optional[str] = ..., completion_text: _Optional[str] = ..., tenant: _Optional[str] = ..., trace_id: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., shadow_of: _Optional[str] = ..., completion_token_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
     __slots__ = ("event_id", "time", "source", "feedback_id", "request_id", "model", "version", "label", "score", "comment")
@@ -188,7 +185,7 @@ class FeedbackEvent(_message.Message):
     label: str
     score: float
     comment: str
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., feedback_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., comment: _Optional[str] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., feedback_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., comment: _Optional[str] = ...) -> None: ...
 
 class ReliabilityBin(_message.Message):
     __slots__ = ("lower", "upper", "count", "confidence", "accuracy")
@@ -269,7 +266,7 @@ class Signal(_message.Message):
     window_index: int
     reliability: _containers.RepeatedCompositeFieldContainer[ReliabilityBin]
     trend: Trend
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[_Union[SignalKind, str]] = ..., detector: _Optional[str] = ..., feature: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., p_value: _Optional[float] = ..., drifted: _Optional[bool] = ..., reference_size: _Optional[int] = ..., window_size: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., events: _Optional[int] = ..., value: _Optional[float] = ..., window_index: _Optional[int] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., trend: _Optional[_Union[Trend, _Mapping]] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[_Union[SignalKind, str]] = ..., detector: _Optional[str] = ..., feature: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., p_value: _Optional[float] = ..., drifted: bool = ..., reference_size: _Optional[int] = ..., window_size: _Optional[int] = ..., window_start: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., events: _Optional[int] = ..., value: _Optional[float] = ..., window_index: _Optional[int] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., trend: _Optional[_Union[Trend, _Mapping]] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("event_id", "time", "source", "fingerprint", "rule", "state", "previous_state", "severity", "labels", "annotations", "starts_at", "ends_at", "value", "generator_url")
@@ -315,7 +312,7 @@ class Alert(_message.Message):
     ends_at: _timestamp_pb2.Timestamp
     value: float
     generator_url: str
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., fingerprint: _Optional[str] = ..., rule: _Optional[str] = ..., state: _Optional[_Union[AlertState, str]] = ..., previous_state: _Optional[_Union[AlertState, str]] = ..., severity: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., starts_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ends_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., value: _Optional[float] = ..., generator_url: _Optional[str] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., fingerprint: _Optional[str] = ..., rule: _Optional[str] = ..., state: _Optional[_Union[AlertState, str]] = ..., previous_state: _Optional[_Union[AlertState, str]] = ..., severity: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., starts_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., ends_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., value: _Optional[float] = ..., generator_url: _Optional[str] = ...) -> None: ...
 
 class VersionWeight(_message.Message):
     __slots__ = ("version", "weight")
@@ -361,7 +358,7 @@ class RolloutState(_message.Message):
     figures_json: str
     attention: bool
     flags_json: str
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., stable_version: _Optional[str] = ..., candidate_version: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow_versions: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., strategy: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., controller_state: _Optional[str] = ..., figures_json: _Optional[str] = ..., attention: _Optional[bool] = ..., flags_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., stable_version: _Optional[str] = ..., candidate_version: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow_versions: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., strategy: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., controller_state: _Optional[str] = ..., figures_json: _Optional[str] = ..., attention: bool = ..., flags_json: _Optional[str] = ...) -> None: ...
 
 class Header(_message.Message):
     __slots__ = ("key", "value")
@@ -393,4 +390,4 @@ class DeadLetter(_message.Message):
     value: bytes
     headers: _containers.RepeatedCompositeFieldContainer[Header]
     reason: str
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -1,12 +1,9 @@
-import datetime
-
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -66,7 +63,7 @@ class SamplingParams(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: bool = ...) -> None: ...
 
 class ConfidenceSummary(_message.Message):
     __slots__ = ("mean_logprob", "mean_entropy", "min_top1_prob")
@@ -165,7 +162,7 @@ class GenerateStreamResponse(_message.Message):
     confidence: ConfidenceSummary
     timing: Timing
     flags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., final: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., confidence: _Optional[_Union[ConfidenceSummary, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., final: bool = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., confidence: _Optional[_Union[ConfidenceSummary, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("model", "version", "text", "chat", "labels", "routing_key", "request_id", "attributes")
@@ -246,7 +243,7 @@ class FeedbackResponse(_message.Message):
     FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     feedback_id: str
-    def __init__(self, accepted: _Optional[bool] = ..., feedback_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., feedback_id: _Optional[str] = ...) -> None: ...
 
 class ModelVersionInfo(_message.Message):
     __slots__ = ("model", "version", "source", "quantize", "state", "weight", "loaded_at", "group_size", "error")
@@ -268,7 +265,7 @@ class ModelVersionInfo(_message.Message):
     loaded_at: _timestamp_pb2.Timestamp
     group_size: int
     error: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., quantize: _Optional[str] = ..., state: _Optional[_Union[VersionState, str]] = ..., weight: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_size: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., quantize: _Optional[str] = ..., state: _Optional[_Union[VersionState, str]] = ..., weight: _Optional[float] = ..., loaded_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., group_size: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("model",)

@@ -5,7 +5,7 @@ import warnings
 
 from protos import llm_pb2 as protos_dot_llm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/llm_pb2_grpc.py depends on'
+        + f' but the generated code in protos/llm_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class LLMStub:
+class LLMStub(object):
     """Native LLM service: generation, classification, feedback, admin.
     """
 
@@ -77,7 +77,7 @@ class LLMStub:
                 _registered_method=True)
 
 
-class LLMServicer:
+class LLMServicer(object):
     """Native LLM service: generation, classification, feedback, admin.
     """
 
@@ -190,7 +190,7 @@ def add_LLMServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LLM:
+class LLM(object):
     """Native LLM service: generation, classification, feedback, admin.
     """
 

@@ -14,17 +14,38 @@ then be imported in one process (a server test with tritonclient as the
 client, say). The wire format is unaffected. protos/reflection.py builds a
 pool holding every Vigil service for gRPC server reflection.
 
-    python scripts/gen_protos.py            # regenerate in place
-    python scripts/gen_protos.py --out DIR  # write the tree under DIR instead
+The modules must load under the protobuf runtimes that consumers of the events still pin
+(5.27 and later, 6, 7), and generated code demands a runtime at least as new as the
+protoc that made it. So protoc is the one of protobuf 5.27 (grpcio-tools 1.66.2), run in a
+tool environment of its own, ``.venvs/protoc`` (made on first use; its protobuf 5 is also
+what the tests decode events with, beside ``.venvs/protobuf6``).
+
+    python scripts/gen_protos.py              # regenerate in place
+    python scripts/gen_protos.py --out DIR    # write the tree under DIR instead
+    python scripts/gen_protos.py --envs-only  # make the tool environments, generate nothing
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+ENVS = REPO / ".venvs"
+# environment -> what it holds: the protoc, and the oldest protobuf majors the modules serve
+TOOL_ENVS = {"protoc": "grpcio-tools==1.66.2", "protobuf6": "protobuf>=6,<7"}
+
+PROTOC = """
+import pathlib, sys
+import grpc_tools
+from grpc_tools import protoc
+well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
+repo, out, *protos = sys.argv[1:]
+sys.exit(protoc.main(["grpc_tools.protoc", "-I", repo, "-I", str(well_known), "--python_out=" + out,
+                      "--pyi_out=" + out, "--grpc_python_out=" + out, *protos]))
+"""
 
 
 def proto_files(repo: Path = REPO) -> list[str]:
@@ -52,28 +73,24 @@ def use_private_pool(pb2_path: Path) -> None:
     pb2_path.write_text(text.replace(_DEFAULT_POOL_LINE, _PRIVATE_POOL_LINES))
 
 
+def tool_python(name: str) -> Path:
+    """The Python of tool environment `name` (see TOOL_ENVS), made on first use."""
+    python = ENVS / name / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(ENVS / name)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", TOOL_ENVS[name]],
+                       check=True)
+    return python
+
+
 def generate(out_dir: Path, repo: Path = REPO) -> list[Path]:
     """Run protoc over protos/*.proto; return the files written under out_dir."""
-    import grpc_tools
-    from grpc_tools import protoc
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
     protos = proto_files(repo)
     if not protos:
         raise SystemExit("no .proto files under protos/")
-    args = [
-        "grpc_tools.protoc",
-        "-I",
-        str(repo),
-        "-I",
-        str(well_known),
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        *(str(repo / p) for p in protos),
-    ]
-    rc = protoc.main(args)
+    rc = subprocess.run([str(tool_python("protoc")), "-c", PROTOC, str(repo), str(out_dir),
+                         *(str(repo / p) for p in protos)]).returncode
     if rc != 0:
         raise SystemExit(f"protoc failed with exit status {rc}")
     for proto in protos:
@@ -90,7 +107,12 @@ def generate(out_dir: Path, repo: Path = REPO) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO, help="output root (default: the repository)")
+    ap.add_argument("--envs-only", action="store_true", help="make the tool environments, generate nothing")
     ns = ap.parse_args(argv)
+    if ns.envs_only:
+        for name in TOOL_ENVS:
+            print(tool_python(name))
+        return 0
     for path in generate(ns.out.resolve()):
         print(path)
     return 0

@@ -38,5 +38,11 @@ if [[ -n "$extras" ]] && ! { command -v promtool && command -v amtool; } >/dev/n
     fi
 fi
 
+# Tool environments: the protoc that makes protos/*_pb2.py, and protobuf 5 and 6 runtimes
+# the tests decode events with (scripts/gen_protos.py says why).
+if [[ -n "$extras" ]]; then
+    .venv/bin/python scripts/gen_protos.py --envs-only >/dev/null
+fi
+
 # The demo model (about 100 MB), fetched once into ~/.cache/vigil (or $VIGIL_CACHE_DIR).
 .venv/bin/vigil fetch-demo

@@ -203,6 +203,50 @@ def test_generated_files_up_to_date(tmp_path):
     assert not stale, f"out of date: {stale}; run scripts/gen_protos.py"
 
 
+DECODE = """
+import base64, json, sys
+sys.path.insert(0, sys.argv[1])
+import google.protobuf
+from google.protobuf import json_format
+from protos import events_pb2
+out = {"runtime": google.protobuf.__version__}
+for name, data in json.loads(sys.stdin.read()).items():
+    message = getattr(events_pb2, name).FromString(base64.b64decode(data))
+    out[name] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("env, major", [("protoc", "5"), ("protobuf6", "6")])
+def test_a_consumer_on_an_older_protobuf_decodes_the_events(env, major):
+    """A Kafka consumer pinned to protobuf 5 or 6 imports protos/events_pb2.py and reads
+    what this (newer) runtime wrote, every field."""
+    import base64
+    import json
+    import subprocess
+
+    from google.protobuf import json_format
+
+    from protos import events_pb2
+
+    event = events_pb2.InferenceEvent(event_id="e1", model="m", version="v1", route=events_pb2.ROUTE_CANARY,
+                                      status=events_pb2.STATUS_OK, completion_token_hashes=[1, 2 ** 32 - 1],
+                                      label_probabilities={"yes": 0.25}, flags=["f"])
+    event.confidence.mean_entropy = 1.5
+    signal = events_pb2.Signal(model="m", version="v1", kind=events_pb2.SIGNAL_KIND_CALIBRATION, detector="ece",
+                               feature="label", statistic=0.2, threshold=0.1, detections=3, labels={"route": "stable"},
+                               reliability=[events_pb2.ReliabilityBin(lower=0.9, upper=1.0, count=7, accuracy=0.5)])
+    messages = {"InferenceEvent": event, "Signal": signal}
+    python = _load_gen_protos().tool_python(env)
+    run = subprocess.run([str(python), "-c", DECODE, str(REPO)], capture_output=True, text=True, timeout=120,
+                         input=json.dumps({k: base64.b64encode(m.SerializeToString()).decode()
+                                           for k, m in messages.items()}))
+    assert run.returncode == 0, run.stderr
+    decoded = json.loads(run.stdout)
+    assert decoded.pop("runtime").split(".")[0] == major
+    assert decoded == {k: json_format.MessageToDict(m, preserving_proto_field_name=True) for k, m in messages.items()}
+
+
 def test_grpc_modules_import_pb2_from_package():
     for name in ("grpc_service", "llm"):
         text = (REPO / "protos" / f"{name}_pb2_grpc.py").read_text()
