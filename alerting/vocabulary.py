@@ -18,6 +18,7 @@ METRICS = {
     "ece": {"detector": Detector.ECE, "feature": Feature.LABEL, "aggregate": "last"},
     "brier": {"detector": Detector.BRIER, "feature": Feature.LABEL, "aggregate": "last"},
     "accuracy": {"detector": Detector.ACCURACY, "feature": Feature.LABEL, "aggregate": "last"},
+    "feedback_score": {"detector": Detector.MEAN, "feature": Feature.SCORE, "aggregate": "last"},
     **{f"{name}_{q}": {"detector": Detector(q), "feature": feature, "aggregate": "max"}
        for name, feature in (("latency", Feature.TOTAL_SECONDS), ("ttft", Feature.FIRST_TOKEN_SECONDS))
        for q in ("p50", "p95", "p99")},

@@ -47,6 +47,7 @@ class Detector(StrEnum):
     CHI2_VS_STABLE = "chi2_vs_stable"
     # measurements (statistic = the measured value)
     ERROR_RATE = "error_rate"            # errors over the events since the last reading
+    MEAN = "mean"                        # the mean of the feature's latest values
     P50 = "p50"                          # latency quantiles, seconds
     P95 = "p95"
     P99 = "p99"
@@ -76,6 +77,8 @@ class Feature(StrEnum):
     # of Classify events joined with the true label from Feedback
     LABEL = "label"
     PREDICTION_ERROR = "prediction_error"  # 1 where the top label was not the true one
+    # of Feedback scores (generative models: a rating of the answer, e.g. 0 to 1)
+    SCORE = "score"
 
 
 # Labels that, with model, version, detector and feature, name a series. Nothing else may
@@ -123,6 +126,8 @@ def _published() -> dict[tuple[str, str], Series]:
     add(SignalKind.CALIBRATION, Detector.ECE, Feature.LABEL)
     add(SignalKind.CALIBRATION, Detector.ECE_EQUAL_MASS, Feature.LABEL)
     add(SignalKind.QUALITY, Detector.ADWIN, Feature.PREDICTION_ERROR)
+    add(SignalKind.QUALITY, Detector.MEAN, Feature.SCORE)
+    add(SignalKind.QUALITY, Detector.ADWIN, Feature.SCORE)
     return {(s.detector.value, s.feature.value): s for s in series}
 
 

@@ -43,6 +43,9 @@ def add_parser(subparsers, option):
            help="publish accuracy, Brier and ECE each this many joined feedbacks")
     option(g, "--calibration-bins", type=int, default=s.calibration_bins, help="ECE bins")
     option(g, "--calibration-window", type=int, default=s.calibration_window, help="joined feedbacks kept")
+    option(g, "--score-every", type=int, default=s.score_every,
+           help="publish the mean of the Feedback scores (and ADWIN's reading on them) each this many scores")
+    option(g, "--score-window", type=int, default=s.score_window, help="latest Feedback scores the mean is over")
     option(g, "--ece-threshold", type=float, default=s.ece_threshold, help="ECE at which calibration drifted")
     option(g, "--feedback-ttl", type=float, default=s.feedback_ttl_s,
            help="seconds (event time) an event waits for its feedback, and feedback for its event")
@@ -73,7 +76,7 @@ def options(args):
                  chi2_alpha=args.chi2_alpha, signal_every=args.signal_every,
                  calibration_every=args.calibration_every, calibration_bins=args.calibration_bins,
                  calibration_window=args.calibration_window, ece_threshold=args.ece_threshold,
-                 feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
+                 score_every=args.score_every, score_window=args.score_window, feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
                  trend_window=args.trend_window, compare_window=args.compare_window,
                  compare_every=args.compare_every, compare_alpha=args.compare_alpha, compare_min=args.compare_min)
     return RunnerOptions(bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,

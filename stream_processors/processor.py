@@ -29,6 +29,7 @@ them.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from stream_processors.trend import TrendMonitor
 
 log = logging.getLogger(__name__)
 NAN = float("nan")
-FORMAT = 2   # of a checkpoint's state: another format keeps its offsets and joins, not its detectors
+FORMAT = 3   # of a checkpoint's state: another format keeps its offsets and joins, not its detectors
 
 # The feature matrix has a row per continuous feature, in this order.
 COL = {name: i for i, name in enumerate(CONTINUOUS)}
@@ -73,6 +74,8 @@ class Settings:
     calibration_every: int = 100      # calibration signals every this many joined feedbacks
     calibration_bins: int = 10
     calibration_window: int = 10_000
+    score_every: int = 100            # feedback-score signals every this many scores
+    score_window: int = 500           # the latest scores their mean is taken over
     ece_threshold: float = 0.1
     feedback_ttl_s: float = 3600.0    # event time: an unmatched event or feedback is dropped after this
     max_pending: int = 200_000        # per partition, each way
@@ -145,6 +148,9 @@ class ModelState:
         self.counts = np.zeros(len(CONTINUOUS))
         self.calibration = Calibration(s.calibration_bins, s.calibration_window)
         self.concept = ADWIN(s.adwin_delta)      # on 1 - correct of joined feedback
+        self.scores: collections.deque = collections.deque(maxlen=s.score_window)   # Feedback.score, latest
+        self.n_scores = 0
+        self.score_drift = ADWIN(s.adwin_delta)
         self.last_time = 0.0
 
     # -- events ---------------------------------------------------------------------------
@@ -274,6 +280,23 @@ class ModelState:
         if concept is not None:
             out.append(concept)
 
+    def add_scores(self, scores: np.ndarray, out: list[Out]) -> None:
+        """Feedback scores, in order: ADWIN on the stream, and every ``score_every`` scores
+        the mean of the latest ``score_window`` with ADWIN's reading."""
+        every, i = self.s.score_every, 0
+        while i < len(scores):
+            j = min(len(scores), i + every - self.n_scores % every)
+            part = scores[i:j]
+            self.scores.extend(part.tolist())
+            self.score_drift.update_many(part, on_drift=lambda _: out.append(
+                self._reading(self.score_drift, F.SCORE, True)))
+            self.n_scores += j - i
+            if self.n_scores % every == 0:
+                out.append(self._out(D.MEAN, F.SCORE, sum(self.scores) / len(self.scores), None, None, False, 0,
+                                     len(self.scores)))
+                out.append(self._reading(self.score_drift, F.SCORE))
+            i = j
+
     # -- checkpoints ----------------------------------------------------------------------
     def to_state(self) -> dict:
         return {
@@ -287,6 +310,7 @@ class ModelState:
             "trends": {f: t.to_state() for f, t in self.trends.items()},
             "sums": self.sums.tolist(), "counts": self.counts.tolist(),
             "calibration": self.calibration.to_state(), "concept": self.concept.to_state(),
+            "scores": list(self.scores), "n_scores": self.n_scores, "score_drift": self.score_drift.to_state(),
         }
 
     @classmethod
@@ -303,6 +327,9 @@ class ModelState:
         m.sums, m.counts = np.asarray(st["sums"]), np.asarray(st["counts"])
         m.calibration = Calibration.from_state(st["calibration"])
         m.concept = ADWIN.from_state(st["concept"])
+        m.scores.extend(st["scores"])
+        m.n_scores = st["n_scores"]
+        m.score_drift = ADWIN.from_state(st["score_drift"])
         return m
 
     def summary(self) -> dict:
@@ -331,6 +358,8 @@ def unusable(message) -> str:
     probs = getattr(message, "label_probabilities", None)
     if probs and not all(0.0 <= p <= 1.0 for p in probs.values()):
         return "InferenceEvent.label_probabilities: each must be a probability, from 0 to 1"
+    if getattr(message, "score", 0.0) and not math.isfinite(message.score):
+        return "FeedbackEvent.score must be a finite number"
     return ""
 
 
@@ -475,13 +504,17 @@ class PartitionState:
 
     def apply_feedback(self, feedbacks: list, out: list[Out]) -> None:
         joins: dict[ModelState, list] = {}
+        scores: dict[ModelState, list] = {}
         for fb in feedbacks:
             ts = fb.time
             t = ts.seconds + ts.nanos * 1e-9
             if t > self.watermark:
                 self.watermark = t
             request_id = fb.request_id
-            if not request_id or fb.WhichOneof("truth") != "label":
+            truth = fb.WhichOneof("truth")
+            if truth == "score":
+                scores.setdefault(self.model(fb.model, fb.version), []).append(fb.score)
+            if not request_id or truth != "label":
                 self.model(fb.model, fb.version).n_feedback += 1
                 continue
             entry = self.pending_events.pop(request_id, None)
@@ -491,6 +524,8 @@ class PartitionState:
                 self.pending_feedback[request_id] = (fb.label, t)
         for m, pairs in joins.items():
             m.add_joined(pairs, out)
+        for m, values in scores.items():
+            m.add_scores(np.array(values), out)
 
     def _join(self, entry: tuple, label: str, joins: dict) -> None:
         model, version, labels, probs, _ = entry

@@ -131,7 +131,7 @@ BAD_RULES = [
                   feature: total_seconds
         """, 8, "groups[0].rules[0](A).signal.feature",
      "no processor publishes feature 'total_seconds' for detector 'adwin' (it publishes: mean_logprob, "
-     "prediction_error)"),
+     "prediction_error, score)"),
     ("regex matching no feature", """
         groups:
           - name: g

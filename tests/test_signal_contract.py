@@ -99,6 +99,25 @@ def test_generation_quality_from_token_hashes_without_text():
     assert [o.window_index for o in z] == sorted(o.window_index for o in z)
 
 
+def test_feedback_scores_give_their_mean_and_adwin_on_them():
+    rng = random.Random(5)
+    fbs = []
+    for i in range(1200):
+        f = events_pb2.FeedbackEvent(request_id=f"s{i}", model="g", version="v1",
+                                     score=rng.gauss(0.8 if i < 600 else 0.3, 0.1))
+        f.time.FromNanoseconds(int((1.7e9 + i) * 1e9))
+        fbs.append(f)
+    state, out = PartitionState(0, SMALL), []
+    for k in range(0, len(fbs), 70):
+        state.apply_feedback(fbs[k:k + 70], out)
+    means = [o for o in out if (o.detector, o.feature) == (Detector.MEAN, Feature.SCORE)]
+    assert len(means) == 1200 // SMALL.score_every
+    assert means[0].statistic == pytest.approx(0.8, abs=0.03) and means[-1].statistic == pytest.approx(0.3, abs=0.03)
+    detections = [o for o in out if (o.detector, o.feature) == (Detector.ADWIN, Feature.SCORE) and o.drifted]
+    assert detections and all(o.kind == events_pb2.SIGNAL_KIND_QUALITY for o in detections)
+    assert state.models["g/v1"].n_feedback == 1200
+
+
 def test_every_default_rule_names_a_published_series():
     for rule in load_rules([DEFAULT_RULES]).rules:
         d, f = rule.matchers["detector"], rule.matchers.get("feature")

@@ -31,7 +31,7 @@ from protos import events_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = b"scenario-secret"
-PROCESSOR = ["--signal-every", "50", "--ks-window", "200", "--psi-window", "200", "--chi2-window", "200",
+PROCESSOR = ["--signal-every", "50", "--score-every", "50", "--ks-window", "200", "--psi-window", "200", "--chi2-window", "200",
              "--calibration-every", "50", "--calibration-window", "400", "--quality-window", "10",
              "--compare-every", "50", "--compare-window", "200", "--compare-min", "50"]
 DEADLINE = 150.0   # seconds each phase may take on a loaded 2-core machine
@@ -164,6 +164,15 @@ def classify(i: int, rng: random.Random, version="v1", *, confidence=0.8, accura
     return [e, f]
 
 
+def scored(i: int, rng: random.Random, version="v1", *, mean=0.8):
+    """An answer and a Feedback score for it (a rating from 0 to 1)."""
+    e = inference(i, rng, version)
+    f = events_pb2.FeedbackEvent(event_id="s" + e.event_id, feedback_id="s" + e.event_id, request_id=e.request_id,
+                                 version=version, score=min(1.0, max(0.0, rng.gauss(mean, 0.1))))
+    f.time.GetCurrentTime()
+    return [e, f]
+
+
 def plain(**shift):
     return lambda i, rng, v: [inference(i, rng, v, **shift)]
 
@@ -191,6 +200,7 @@ SCENARIOS = [
     Scenario("ConceptDrift", lambda i, rng, v: classify(i, rng, v, confidence=0.9, accuracy=0.9),
              lambda i, rng, v: classify(i, rng, v, confidence=0.9, accuracy=0.1)),
     Scenario("RepetitiveCompletions", plain(), plain(tokens=[7] * 24)),
+    Scenario("FeedbackScoreShift", scored, lambda i, rng, v: scored(i, rng, v, mean=0.3)),
     Scenario("HighCalibrationError", lambda i, rng, v: classify(i, rng, v, confidence=0.8, accuracy=0.8),
              lambda i, rng, v: classify(i, rng, v, confidence=0.99, accuracy=0.5)),
     Scenario("HighErrorRate", plain(), lambda i, rng, v: [inference(i, rng, v, status=1 if rng.random() < 0.5 else 7)]),
