@@ -28,14 +28,14 @@ import math
 
 import numpy as np
 
-from .base import Reading, as_float_array, finite_positions, is_finite
+from .base import FloatDetector, Reading, check
 
 __all__ = ["ADWIN"]
 
 _SCALAR_BELOW = 192   # a batch this short goes faster value by value than set up for numpy
 
 
-class ADWIN:
+class ADWIN(FloatDetector):
     """Adaptive windowing drift detector.
 
     Parameters
@@ -50,29 +50,46 @@ class ADWIN:
         Smallest sub-window (W0 or W1) a cut may leave.
     grace_period
         No check until the window holds more than this many values.
+
+    Examples
+    --------
+    A thousand values from {0, 1}, then a thousand from {4, ..., 7}:
+
+    >>> import random
+    >>> rng = random.Random(12345)
+    >>> stream = rng.choices([0, 1], k=1000) + rng.choices(range(4, 8), k=1000)
+    >>> adwin = ADWIN()
+    >>> for i, x in enumerate(stream):
+    ...     adwin.update(x)
+    ...     if adwin.drift_detected:
+    ...         print(f"Change detected at index {i}, input value: {x}")
+    Change detected at index 1023, input value: 4
+
+    The same, a batch at a time:
+
+    >>> ADWIN().update_many(stream)
+    array([1023])
     """
 
     name = "adwin"
 
     def __init__(self, delta: float = 0.002, clock: int = 32, max_buckets: int = 5,
                  min_window_length: int = 5, grace_period: int = 10):
-        if not 0.0 < delta < 1.0:
-            raise ValueError("delta must be in (0, 1)")
-        if clock < 1 or max_buckets < 1 or min_window_length < 1 or grace_period < 0:
-            raise ValueError("clock, max_buckets and min_window_length must be >= 1, grace_period >= 0")
+        check("delta", delta, 0.0, 1.0, exclusive=True)
+        check("clock", clock, 1)
+        check("max_buckets", max_buckets, 1)
+        check("min_window_length", min_window_length, 1)
+        check("grace_period", grace_period, 0)
+        super().__init__()
         self.delta = float(delta)
         self.clock = int(clock)
         self.max_buckets = int(max_buckets)
         self.min_window_length = int(min_window_length)
         self.grace_period = int(grace_period)
-        self.n_detections = 0
-        self._drift = False
-        self._reset_pending = False
         self._statistic = 0.0
         self._last_cut: tuple[int, int, float, float] | None = None
         self._clear()
 
-    # -- state --------------------------------------------------------------------------
     def _clear(self) -> None:
         self._totals: list[list[float]] = [[]]      # row i: bucket sums, oldest first
         self._variances: list[list[float]] = [[]]   # row i: bucket sums of squared deviations
@@ -82,65 +99,10 @@ class ADWIN:
         self._tick = 0
         self._reset_pending = False
 
-    @property
-    def drift_detected(self) -> bool:
-        """True right after the update in which a change was found."""
-        return self._drift
-
-    @property
-    def width(self) -> int:
-        """Number of values in the window."""
-        return self._width
-
-    @property
-    def total(self) -> float:
-        return self._total
-
-    @property
-    def estimation(self) -> float:
-        """Mean of the window."""
-        return self._total / self._width if self._width else 0.0
-
-    @property
-    def variance(self) -> float:
-        """Population variance of the window."""
-        return self._variance / self._width if self._width else 0.0
-
-    @property
-    def n_buckets(self) -> int:
-        return sum(len(r) for r in self._totals)
-
-    @property
-    def bucket_rows(self) -> list[int]:
-        """Buckets held in each row (row i holds buckets of 2**i values)."""
-        return [len(r) for r in self._totals]
-
-    @property
-    def statistic(self) -> float:
-        """At the last check: the largest |mean(W0) - mean(W1)| / epsilon_cut over all cuts.
-
-        A change is declared when it exceeds 1.
-        """
-        return self._statistic
-
-    @property
-    def last_cut(self) -> tuple[int, int, float, float] | None:
-        """(n0, n1, mean0, mean1) of the cut behind the last detection."""
-        return self._last_cut
-
-    def reading(self) -> Reading:
-        return Reading(self.name, self._statistic, 1.0, None, self._drift, (self._width,),
-                       self.n_detections)
-
     # -- one value ----------------------------------------------------------------------
-    def update(self, x) -> None:
-        """Add one value; afterwards ``drift_detected`` tells whether it revealed a change."""
-        if not is_finite(x):
-            self._drift = False
-            return
+    def _update(self, x: float) -> None:
         if self._reset_pending:
             self._clear()
-        x = float(x)
         totals = self._totals
         totals[0].append(x)
         self._variances[0].append(0.0)
@@ -154,7 +116,7 @@ class ADWIN:
             self._compress()
         self._tick += 1
         if self._tick % self.clock == 0 and w > self.grace_period and w > 1:
-            self._drift = self._detect()
+            self._flag(self._detect())
         else:
             self._drift = False
 
@@ -240,31 +202,16 @@ class ADWIN:
                 self._delete_oldest()
         self._statistic = best
         if detected:
-            self.n_detections += 1
             self._reset_pending = True
         return detected
 
     # -- a batch ------------------------------------------------------------------------
-    def update_many(self, xs, on_drift=None) -> np.ndarray:
-        """Add a batch of values, exactly as ``update`` on each in turn.
-
-        Returns the positions in ``xs`` whose update detected a change. Non-finite values
-        are skipped, as ``update`` skips them. ``on_drift``, when given, is called with each
-        such position right after its update, when the detector reads as ``update`` left it.
-        """
-        a = as_float_array(xs)
-        keep = finite_positions(a)
-        if keep is not None:
-            inner = None if on_drift is None else (lambda i: on_drift(int(keep[i])))
-            hits = self.update_many(a[keep], inner)
-            if len(a) and not np.isfinite(a[-1]):
-                self._drift = False
-            return keep[hits]
+    def _update_many(self, a: np.ndarray, on_drift=None) -> np.ndarray:
         hits: list[int] = []
         pos, n = 0, len(a)
         if n < _SCALAR_BELOW:
             for pos, x in enumerate(a.tolist()):
-                self.update(x)
+                self._update(x)
                 if self._drift:
                     hits.append(pos)
                     if on_drift is not None:
@@ -348,7 +295,7 @@ class ADWIN:
             return -1
         k = int(K[first])
         self._commit(rows, first, w0 + k, tot[k], var[k], tick0 + k)
-        self._drift = self._detect()
+        self._flag(self._detect())
         return k - 1 if self._drift else self._resume(x, k)
 
     def _resume(self, x: np.ndarray, k: int) -> int:
@@ -434,26 +381,68 @@ class ADWIN:
         self._totals, self._variances = totals, variances
         self._width, self._total, self._variance, self._tick = int(width), float(total), float(variance), int(tick)
 
-    # -- checkpoints --------------------------------------------------------------------
-    def to_state(self) -> dict:
-        return {
-            "params": {"delta": self.delta, "clock": self.clock, "max_buckets": self.max_buckets,
-                       "min_window_length": self.min_window_length, "grace_period": self.grace_period},
-            "totals": [list(r) for r in self._totals],
-            "variances": [list(r) for r in self._variances],
-            "width": self._width, "total": self._total, "variance": self._variance,
-            "tick": self._tick, "drift": self._drift, "reset_pending": self._reset_pending,
-            "n_detections": self.n_detections, "statistic": self._statistic,
-            "last_cut": list(self._last_cut) if self._last_cut else None,
-        }
+    # -- readable state -----------------------------------------------------------------
+    @property
+    def width(self) -> int:
+        """Number of values in the window."""
+        return self._width
 
-    @classmethod
-    def from_state(cls, state: dict) -> "ADWIN":
-        d = cls(**state["params"])
-        d._totals = [[float(v) for v in r] for r in state["totals"]]
-        d._variances = [[float(v) for v in r] for r in state["variances"]]
-        d._width, d._total, d._variance = int(state["width"]), float(state["total"]), float(state["variance"])
-        d._tick, d._drift, d._reset_pending = int(state["tick"]), bool(state["drift"]), bool(state["reset_pending"])
-        d.n_detections, d._statistic = int(state["n_detections"]), float(state["statistic"])
-        d._last_cut = tuple(state["last_cut"]) if state["last_cut"] else None
-        return d
+    @property
+    def total(self) -> float:
+        return self._total
+
+    @property
+    def estimation(self) -> float:
+        """Mean of the window."""
+        return self._total / self._width if self._width else 0.0
+
+    @property
+    def variance(self) -> float:
+        """Population variance of the window."""
+        return self._variance / self._width if self._width else 0.0
+
+    @property
+    def n_buckets(self) -> int:
+        return sum(len(r) for r in self._totals)
+
+    @property
+    def bucket_rows(self) -> list[int]:
+        """Buckets held in each row (row i holds buckets of 2**i values)."""
+        return [len(r) for r in self._totals]
+
+    @property
+    def statistic(self) -> float:
+        """At the last check: the largest |mean(W0) - mean(W1)| / epsilon_cut over all cuts.
+
+        A change is declared when it exceeds 1.
+        """
+        return self._statistic
+
+    @property
+    def last_cut(self) -> tuple[int, int, float, float] | None:
+        """(n0, n1, mean0, mean1) of the cut behind the last detection."""
+        return self._last_cut
+
+    def reading(self) -> Reading:
+        return Reading(self.name, self._statistic, 1.0, None, self._drift, (self._width,),
+                       self.n_detections)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def _params(self) -> dict:
+        return {"delta": self.delta, "clock": self.clock, "max_buckets": self.max_buckets,
+                "min_window_length": self.min_window_length, "grace_period": self.grace_period}
+
+    def _state(self) -> dict:
+        return {"totals": [list(r) for r in self._totals],
+                "variances": [list(r) for r in self._variances],
+                "width": self._width, "total": self._total, "variance": self._variance,
+                "tick": self._tick, "reset_pending": self._reset_pending, "statistic": self._statistic,
+                "last_cut": list(self._last_cut) if self._last_cut else None}
+
+    def _load(self, state: dict) -> None:
+        self._totals = [[float(v) for v in r] for r in state["totals"]]
+        self._variances = [[float(v) for v in r] for r in state["variances"]]
+        self._width, self._total, self._variance = int(state["width"]), float(state["total"]), float(state["variance"])
+        self._tick, self._reset_pending = int(state["tick"]), bool(state["reset_pending"])
+        self._statistic = float(state["statistic"])
+        self._last_cut = tuple(state["last_cut"]) if state["last_cut"] else None

@@ -22,7 +22,7 @@ from itertools import repeat
 import numpy as np
 from scipy.special import chdtrc, chdtri
 
-from .base import Reading
+from .base import Detector, Reading, check
 
 __all__ = ["ChiSquare", "chi2_homogeneity"]
 
@@ -60,7 +60,7 @@ def chi2_homogeneity(a: dict, b: dict) -> tuple[float, float, int]:
     return stat, float(chdtrc(len(cats) - 1, stat)), len(cats) - 1
 
 
-class ChiSquare:
+class ChiSquare(Detector):
     """Chi-square drift detector for categories.
 
     Parameters
@@ -73,21 +73,41 @@ class ChiSquare:
         Significance level, per update (the test runs at every update once the window is full).
     reference
         Pinned baseline: a mapping category -> count, or a sequence of categories.
+
+    Examples
+    --------
+    The first 1000 finish reasons are the reference; "length" becomes more common at 3000:
+
+    >>> import random
+    >>> rng = random.Random(7)
+    >>> reasons = ["stop", "length", "error"]
+    >>> stream = (rng.choices(reasons, weights=[85, 10, 5], k=3000)
+    ...           + rng.choices(reasons, weights=[65, 30, 5], k=2000))
+    >>> chi2 = ChiSquare(window_size=500)
+    >>> for i, x in enumerate(stream):
+    ...     chi2.update(x)
+    ...     if chi2.drift_detected:
+    ...         print(f"Change detected at index {i}")
+    Change detected at index 3205
+    >>> chi2.rejecting
+    True
+
+    The same, a batch at a time:
+
+    >>> ChiSquare(window_size=500).update_many(stream)
+    array([3205])
     """
 
     name = "chi2"
 
     def __init__(self, window_size: int = 1000, reference_size: int | None = None,
                  alpha: float = 1e-5, reference=None):
-        if window_size < 1:
-            raise ValueError("window_size must be >= 1")
-        if not 0.0 < alpha < 1.0:
-            raise ValueError("alpha must be in (0, 1)")
+        check("window_size", window_size, 1)
+        check("alpha", alpha, 0.0, 1.0, exclusive=True)
+        super().__init__()
         self.window_size = int(window_size)
         self.reference_size = int(reference_size or window_size)
         self.alpha = float(alpha)
-        self.n_detections = 0
-        self._drift = False
         self._rejecting = False
         self._collect: list = []
         self._ready = False
@@ -132,63 +152,8 @@ class ChiSquare:
             self._counts.append(0)
         return i
 
-    @property
-    def categories(self) -> list:
-        return list(self._categories) if self._ready else []
-
-    @property
-    def drift_detected(self) -> bool:
-        return self._drift
-
-    @property
-    def rejecting(self) -> bool:
-        return self._rejecting
-
-    @property
-    def statistic(self) -> float:
-        return self._stat
-
-    @property
-    def p_value(self) -> float:
-        return self._p
-
-    @property
-    def dof(self) -> int:
-        return self._dof
-
-    def table(self) -> tuple[list, np.ndarray]:
-        """(categories, 2 x K counts) over the categories with a non-zero count."""
-        if not self._ready:
-            return [], np.zeros((2, 0), dtype=np.int64)
-        keep = [i for i in range(len(self._categories)) if self._ref[i] + self._counts[i] > 0]
-        t = np.array([[self._ref[i] for i in keep], [self._counts[i] for i in keep]], dtype=np.int64)
-        return [self._categories[i] for i in keep], t
-
-    def reading(self) -> Reading:
-        n_ref = self.n_ref if self._ready else len(self._collect)
-        return Reading(self.name, self._stat, self.alpha, self._p, self._rejecting,
-                       (n_ref, self._n_w if self._ready else 0), self.n_detections)
-
-    def _score(self) -> None:
-        counts, ref = self._counts, self._ref
-        k = 0
-        for i in range(len(counts)):
-            if ref[i] + counts[i]:
-                k += 1
-        rows = self._yates if k == 2 else self._plain
-        s = 0.0
-        for i in range(len(counts)):
-            s += rows[i][counts[i]]
-        self._dof = k - 1
-        self._stat = s if k > 1 else 0.0
-        self._p = float(chdtrc(k - 1, s)) if k > 1 else 1.0
-        rej = self._p < self.alpha
-        self._drift = rej and not self._rejecting
-        if self._drift:
-            self.n_detections += 1
-        self._rejecting = rej
-
     def update(self, x) -> None:
+        """Add one category; ``None`` is skipped (and clears ``drift_detected``)."""
         self._drift = False
         if x is None:
             return
@@ -210,6 +175,23 @@ class ChiSquare:
         self._counts[i] += 1
         if self._n_w == W:
             self._score()
+
+    def _score(self) -> None:
+        counts, ref = self._counts, self._ref
+        k = 0
+        for i in range(len(counts)):
+            if ref[i] + counts[i]:
+                k += 1
+        rows = self._yates if k == 2 else self._plain
+        s = 0.0
+        for i in range(len(counts)):
+            s += rows[i][counts[i]]
+        self._dof = k - 1
+        self._stat = s if k > 1 else 0.0
+        self._p = float(chdtrc(k - 1, s)) if k > 1 else 1.0
+        rej = self._p < self.alpha
+        self._flag(rej and not self._rejecting)
+        self._rejecting = rej
 
     def update_many(self, xs) -> np.ndarray:
         """As ``update`` on each value; returns the positions where drift was detected."""
@@ -294,11 +276,44 @@ class ChiSquare:
             rej[at] = r
         return rej
 
-    def to_state(self) -> dict:
-        st = {"params": {"window_size": self.window_size, "reference_size": self.reference_size,
-                         "alpha": self.alpha},
-              "n_detections": self.n_detections, "drift": self._drift, "rejecting": self._rejecting,
-              "stat": self._stat, "p": self._p, "dof": self._dof}
+    @property
+    def categories(self) -> list:
+        return list(self._categories) if self._ready else []
+
+    @property
+    def rejecting(self) -> bool:
+        return self._rejecting
+
+    @property
+    def statistic(self) -> float:
+        return self._stat
+
+    @property
+    def p_value(self) -> float:
+        return self._p
+
+    @property
+    def dof(self) -> int:
+        return self._dof
+
+    def table(self) -> tuple[list, np.ndarray]:
+        """(categories, 2 x K counts) over the categories with a non-zero count."""
+        if not self._ready:
+            return [], np.zeros((2, 0), dtype=np.int64)
+        keep = [i for i in range(len(self._categories)) if self._ref[i] + self._counts[i] > 0]
+        t = np.array([[self._ref[i] for i in keep], [self._counts[i] for i in keep]], dtype=np.int64)
+        return [self._categories[i] for i in keep], t
+
+    def reading(self) -> Reading:
+        n_ref = self.n_ref if self._ready else len(self._collect)
+        return Reading(self.name, self._stat, self.alpha, self._p, self._rejecting,
+                       (n_ref, self._n_w if self._ready else 0), self.n_detections)
+
+    def _params(self) -> dict:
+        return {"window_size": self.window_size, "reference_size": self.reference_size, "alpha": self.alpha}
+
+    def _state(self) -> dict:
+        st = {"rejecting": self._rejecting, "stat": self._stat, "p": self._p, "dof": self._dof}
         if not self._ready:
             st["collecting"] = list(self._collect)
         else:
@@ -309,24 +324,20 @@ class ChiSquare:
             st["window"] = [self._categories[i] for i in order.tolist()]
         return st
 
-    @classmethod
-    def from_state(cls, state: dict) -> "ChiSquare":
-        d = cls(**state["params"])
+    def _load(self, state: dict) -> None:
         if "categories" in state:
-            d.set_reference({c: r for c, r in zip(state["categories"], state["reference_counts"]) if r > 0})
+            self.set_reference({c: r for c, r in zip(state["categories"], state["reference_counts"]) if r > 0})
             for c in state["categories"]:
-                if c not in d._index:
-                    d._add_category(c)
-            idx = [d._index[c] for c in state["window"]]
-            d._n_w = len(idx)
-            d._ring[:len(idx)] = idx
-            d._head = d._n_w % d.window_size
-            d._counts = [0] * len(d._categories)
+                if c not in self._index:
+                    self._add_category(c)
+            idx = [self._index[c] for c in state["window"]]
+            self._n_w = len(idx)
+            self._ring[:len(idx)] = idx
+            self._head = self._n_w % self.window_size
+            self._counts = [0] * len(self._categories)
             for i in idx:
-                d._counts[i] += 1
+                self._counts[i] += 1
         else:
-            d._collect = list(state["collecting"])
-        d.n_detections = int(state["n_detections"])
-        d._drift, d._rejecting = bool(state["drift"]), bool(state["rejecting"])
-        d._stat, d._p, d._dof = float(state["stat"]), float(state["p"]), int(state["dof"])
-        return d
+            self._collect = list(state["collecting"])
+        self._rejecting = bool(state["rejecting"])
+        self._stat, self._p, self._dof = float(state["stat"]), float(state["p"]), int(state["dof"])

@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .base import Reading, as_float_array, finite_positions, is_finite
+from .base import FloatDetector, Reading, as_float_array, check
 
 __all__ = ["KSWindow", "ks_2samp", "ks_2samp_pvalue"]
 
@@ -130,7 +130,7 @@ def ks_2samp(a, b) -> tuple[float, float]:
     return h / (n1 // g * n2), ks_2samp_pvalue(n1, n2, h)
 
 
-class KSWindow:
+class KSWindow(FloatDetector):
     """Kolmogorov-Smirnov drift detector: reference window vs. sliding window.
 
     Parameters
@@ -145,21 +145,39 @@ class KSWindow:
         1e-3 gives about 3,400 rising edges per million values, 1e-5 about 100, 1e-6 about 4.
     reference
         A pinned baseline sample; when given, every value goes to the sliding window.
+
+    Examples
+    --------
+    The first 200 values are the reference; the mean moves by one at value 1000:
+
+    >>> import random
+    >>> rng = random.Random(7)
+    >>> stream = [rng.gauss(0, 1) for _ in range(1000)] + [rng.gauss(1, 1) for _ in range(1000)]
+    >>> ks = KSWindow(window_size=200, alpha=1e-4)
+    >>> for i, x in enumerate(stream):
+    ...     ks.update(x)
+    ...     if ks.drift_detected:
+    ...         print(f"Change detected at index {i}")
+    Change detected at index 1112
+    >>> ks.rejecting
+    True
+
+    The same, a batch at a time:
+
+    >>> KSWindow(window_size=200, alpha=1e-4).update_many(stream)
+    array([1112])
     """
 
     name = "ks"
 
     def __init__(self, window_size: int = 500, reference_size: int | None = None,
                  alpha: float = 1e-5, reference=None):
-        if window_size < 1:
-            raise ValueError("window_size must be >= 1")
-        if not 0.0 < alpha < 1.0:
-            raise ValueError("alpha must be in (0, 1)")
+        check("window_size", window_size, 1)
+        check("alpha", alpha, 0.0, 1.0, exclusive=True)
+        super().__init__()
         self.window_size = int(window_size)
         self.reference_size = int(reference_size or window_size)
         self.alpha = float(alpha)
-        self.n_detections = 0
-        self._drift = False
         self._rejecting = False
         self._collect: list[float] = []
         self._u: np.ndarray | None = None
@@ -243,12 +261,137 @@ class KSWindow:
         eq &= j < len(u)
         return 2 * j + eq
 
-    # -- readable state -----------------------------------------------------------------
-    @property
-    def drift_detected(self) -> bool:
-        """True on the update where the test starts rejecting."""
-        return self._drift
+    # -- one value ----------------------------------------------------------------------
+    def _update(self, x: float) -> None:
+        self._drift = False
+        if self._u is None:
+            self._collect.append(x)
+            if len(self._collect) >= self.reference_size:
+                self.set_reference(self._collect)
+            return
+        s = self._slot(x)
+        W, head = self.window_size, self._head
+        if self._n_w < W:
+            self._ring[head] = s
+            self._ring_vals[head] = x
+            self._head = (head + 1) % W
+            self._n_w += 1
+            if self._n_w == W:
+                self._fill_done()
+            return
+        old = int(self._ring[head])
+        self._ring[head] = s
+        self._ring_vals[head] = x
+        self._head = (head + 1) % W
+        if s < old:
+            self._A[s:old] -= self.n_ref
+            self._seen[1] += 1
+        elif old < s:
+            self._A[old:s] += self.n_ref
+            self._seen[0] += 1
+        up, down = self._seen[0] >= self._need[0], self._seen[1] >= self._need[1]
+        if (up and down) if self._rejecting else (up or down):
+            self._evaluate()
 
+    def _fill_done(self) -> None:
+        cnt = np.bincount(self._ring, minlength=len(self._cref))
+        self._A = self._cref * self.window_size - np.cumsum(cnt) * self.n_ref
+        self._evaluate()
+
+    def _evaluate(self) -> None:
+        A, H, n_ref = self._A, self._H, self.n_ref
+        top, bottom = int(A.max()), int(-A.min())
+        rej = top >= H or bottom >= H
+        self._flag(rej and not self._rejecting)
+        self._rejecting = rej
+        if rej:   # rejecting until each side at or past H has been brought back below it
+            self._need = (-(-(bottom - H + 1) // n_ref) if bottom >= H else 0,
+                          -(-(top - H + 1) // n_ref) if top >= H else 0)
+        else:     # not until either side could reach H
+            self._need = (-(-(H - top) // n_ref), -(-(H - bottom) // n_ref))
+        self._seen = [0, 0]
+
+    # -- a batch ------------------------------------------------------------------------
+    def _update_many(self, a: np.ndarray) -> np.ndarray:
+        hits: list[int] = []
+        pos, n = 0, len(a)
+        if n:
+            self._drift = False
+        if self._u is None and pos < n:
+            take = min(self.reference_size - len(self._collect), n)
+            self._collect.extend(a[:take].tolist())
+            pos = take
+            if len(self._collect) >= self.reference_size:
+                self.set_reference(self._collect)
+        W = self.window_size
+        if self._u is not None and self._n_w < W - 1 and pos < n:
+            take = min(W - 1 - self._n_w, n - pos)
+            v = a[pos:pos + take]
+            i0 = self._n_w
+            self._ring[i0:i0 + take] = self._slots(v)
+            self._ring_vals[i0:i0 + take] = v
+            self._n_w += take
+            self._head = self._n_w % W
+            pos += take
+        if self._u is not None and self._n_w == W - 1 and pos < n:
+            self._update(float(a[pos]))
+            if self._drift:
+                hits.append(pos)
+            pos += 1
+        if pos < n:
+            hits.extend(pos + h for h in self._steady(a[pos:]))
+        return np.asarray(hits, dtype=np.int64)
+
+    def _steady(self, v: np.ndarray) -> list[int]:
+        """Full window: slide ``v`` through, evaluating only where the verdict may change."""
+        W, R = self.window_size, len(v)
+        ins = self._slots(v)
+        head = self._head
+        combined = np.concatenate((self._ring[head:], self._ring[:head], ins))   # removed[t] = combined[t]
+        removed = combined[:R]
+        at = (np.flatnonzero(removed < ins).tolist(),      # the up updates, the down updates
+              np.flatnonzero(ins < removed).tolist())
+        A = self._A
+        hits: list[int] = []
+        applied = 0                        # A reflects the window after update applied - 1
+        self._drift = False
+        while applied < R:
+            # the first update from here on after which enough of each kind will have passed
+            done = [bisect_left(at[k], applied) for k in (0, 1)]
+            when = []
+            for k in (0, 1):
+                i = done[k] + self._need[k] - self._seen[k] - 1
+                when.append(applied if i < done[k] else at[k][i] if i < len(at[k]) else R)
+            te = max(when) if self._rejecting else min(when)
+            if te >= R:
+                for k in (0, 1):
+                    self._seen[k] += len(at[k]) - done[k]
+                self._apply(A, removed[applied:], ins[applied:])
+                break
+            self._apply(A, removed[applied:te + 1], ins[applied:te + 1])
+            applied = te + 1
+            self._evaluate()
+            if self._drift:
+                hits.append(te)
+        if hits and hits[-1] != R - 1:
+            self._drift = False
+        last = combined[-W:]
+        self._ring[:] = last
+        vals = np.concatenate((self._ring_vals[head:], self._ring_vals[:head], v))[-W:]
+        self._ring_vals[:] = vals
+        self._head = 0
+        return hits
+
+    def _apply(self, A: np.ndarray, removed: np.ndarray, inserted: np.ndarray) -> None:
+        """A after values leave from the slots ``removed`` and enter at ``inserted``."""
+        S = len(A)
+        delta = np.bincount(removed, minlength=S)
+        delta -= np.bincount(inserted, minlength=S)
+        np.cumsum(delta, out=delta)
+        delta *= self.n_ref
+        A += delta
+
+    # -- readable state -----------------------------------------------------------------
     @property
     def rejecting(self) -> bool:
         """True while the window differs significantly from the reference."""
@@ -319,178 +462,30 @@ class KSWindow:
         return Reading(self.name, self.statistic, self.alpha, self.p_value, self._rejecting,
                        (n_ref, self.window_count), self.n_detections)
 
-    # -- one value ----------------------------------------------------------------------
-    def update(self, x) -> None:
-        self._drift = False
-        if not is_finite(x):
-            return
-        x = float(x)
-        if self._u is None:
-            self._collect.append(x)
-            if len(self._collect) >= self.reference_size:
-                self.set_reference(self._collect)
-            return
-        s = self._slot(x)
-        W, head = self.window_size, self._head
-        if self._n_w < W:
-            self._ring[head] = s
-            self._ring_vals[head] = x
-            self._head = (head + 1) % W
-            self._n_w += 1
-            if self._n_w == W:
-                self._fill_done()
-            return
-        old = int(self._ring[head])
-        self._ring[head] = s
-        self._ring_vals[head] = x
-        self._head = (head + 1) % W
-        if s < old:
-            self._A[s:old] -= self.n_ref
-            self._seen[1] += 1
-        elif old < s:
-            self._A[old:s] += self.n_ref
-            self._seen[0] += 1
-        up, down = self._seen[0] >= self._need[0], self._seen[1] >= self._need[1]
-        if (up and down) if self._rejecting else (up or down):
-            self._evaluate()
-
-    def _fill_done(self) -> None:
-        cnt = np.bincount(self._ring, minlength=len(self._cref))
-        self._A = self._cref * self.window_size - np.cumsum(cnt) * self.n_ref
-        self._evaluate()
-
-    def _evaluate(self) -> None:
-        A, H, n_ref = self._A, self._H, self.n_ref
-        top, bottom = int(A.max()), int(-A.min())
-        rej = top >= H or bottom >= H
-        self._drift = rej and not self._rejecting
-        if self._drift:
-            self.n_detections += 1
-        self._rejecting = rej
-        if rej:   # rejecting until each side at or past H has been brought back below it
-            self._need = (-(-(bottom - H + 1) // n_ref) if bottom >= H else 0,
-                          -(-(top - H + 1) // n_ref) if top >= H else 0)
-        else:     # not until either side could reach H
-            self._need = (-(-(H - top) // n_ref), -(-(H - bottom) // n_ref))
-        self._seen = [0, 0]
-
-    # -- a batch ------------------------------------------------------------------------
-    def update_many(self, xs) -> np.ndarray:
-        """As ``update`` on each value; returns the positions where drift was detected."""
-        a = as_float_array(xs)
-        keep = finite_positions(a)
-        if keep is not None:
-            hits = self.update_many(a[keep])
-            if len(a) and not np.isfinite(a[-1]):
-                self._drift = False
-            return keep[hits]
-        hits: list[int] = []
-        pos, n = 0, len(a)
-        if n:
-            self._drift = False
-        if self._u is None and pos < n:
-            take = min(self.reference_size - len(self._collect), n)
-            self._collect.extend(a[:take].tolist())
-            pos = take
-            if len(self._collect) >= self.reference_size:
-                self.set_reference(self._collect)
-        W = self.window_size
-        if self._u is not None and self._n_w < W - 1 and pos < n:
-            take = min(W - 1 - self._n_w, n - pos)
-            v = a[pos:pos + take]
-            i0 = self._n_w
-            self._ring[i0:i0 + take] = self._slots(v)
-            self._ring_vals[i0:i0 + take] = v
-            self._n_w += take
-            self._head = self._n_w % W
-            pos += take
-        if self._u is not None and self._n_w == W - 1 and pos < n:
-            self.update(a[pos])
-            if self._drift:
-                hits.append(pos)
-            pos += 1
-        if pos < n:
-            hits.extend(pos + h for h in self._steady(a[pos:]))
-        return np.asarray(hits, dtype=np.int64)
-
-    def _steady(self, v: np.ndarray) -> list[int]:
-        """Full window: slide ``v`` through, evaluating only where the verdict may change."""
-        W, R = self.window_size, len(v)
-        ins = self._slots(v)
-        head = self._head
-        combined = np.concatenate((self._ring[head:], self._ring[:head], ins))   # removed[t] = combined[t]
-        removed = combined[:R]
-        at = (np.flatnonzero(removed < ins).tolist(),      # the up updates, the down updates
-              np.flatnonzero(ins < removed).tolist())
-        A = self._A
-        hits: list[int] = []
-        applied = 0                        # A reflects the window after update applied - 1
-        self._drift = False
-        while applied < R:
-            # the first update from here on after which enough of each kind will have passed
-            done = [bisect_left(at[k], applied) for k in (0, 1)]
-            when = []
-            for k in (0, 1):
-                i = done[k] + self._need[k] - self._seen[k] - 1
-                when.append(applied if i < done[k] else at[k][i] if i < len(at[k]) else R)
-            te = max(when) if self._rejecting else min(when)
-            if te >= R:
-                for k in (0, 1):
-                    self._seen[k] += len(at[k]) - done[k]
-                self._apply(A, removed[applied:], ins[applied:])
-                break
-            self._apply(A, removed[applied:te + 1], ins[applied:te + 1])
-            applied = te + 1
-            self._evaluate()
-            if self._drift:
-                hits.append(te)
-        if hits and hits[-1] != R - 1:
-            self._drift = False
-        last = combined[-W:]
-        self._ring[:] = last
-        vals = np.concatenate((self._ring_vals[head:], self._ring_vals[:head], v))[-W:]
-        self._ring_vals[:] = vals
-        self._head = 0
-        return hits
-
-    def _apply(self, A: np.ndarray, removed: np.ndarray, inserted: np.ndarray) -> None:
-        """A after values leave from the slots ``removed`` and enter at ``inserted``."""
-        S = len(A)
-        delta = np.bincount(removed, minlength=S)
-        delta -= np.bincount(inserted, minlength=S)
-        np.cumsum(delta, out=delta)
-        delta *= self.n_ref
-        A += delta
-
     # -- checkpoints --------------------------------------------------------------------
-    def to_state(self) -> dict:
-        st = {"params": {"window_size": self.window_size, "reference_size": self.reference_size,
-                         "alpha": self.alpha},
-              "n_detections": self.n_detections, "drift": self._drift, "rejecting": self._rejecting}
-        if self._u is None:
-            st["collecting"] = list(self._collect)
-        else:
-            st["reference"] = {"values": self._u.tolist(), "counts": self._ref_counts.tolist()}
-            st["window"] = self.window.tolist()
-        return st
+    def _params(self) -> dict:
+        return {"window_size": self.window_size, "reference_size": self.reference_size, "alpha": self.alpha}
 
-    @classmethod
-    def from_state(cls, state: dict) -> "KSWindow":
-        d = cls(**state["params"])
+    def _state(self) -> dict:
+        if self._u is None:
+            return {"rejecting": self._rejecting, "collecting": list(self._collect)}
+        return {"rejecting": self._rejecting,
+                "reference": {"values": self._u.tolist(), "counts": self._ref_counts.tolist()},
+                "window": self.window.tolist()}
+
+    def _load(self, state: dict) -> None:
         if "reference" in state:
-            d._set_distinct(np.asarray(state["reference"]["values"], dtype=np.float64),
-                            np.asarray(state["reference"]["counts"], dtype=np.int64))
+            self._set_distinct(np.asarray(state["reference"]["values"], dtype=np.float64),
+                               np.asarray(state["reference"]["counts"], dtype=np.int64))
             w = np.asarray(state["window"], dtype=np.float64)
             n = len(w)
-            d._ring[:n] = d._slots(w) if n else d._ring[:0]
-            d._ring_vals[:n] = w
-            d._n_w = n
-            d._head = n % d.window_size
-            if n == d.window_size:
-                cnt = np.bincount(d._ring, minlength=len(d._cref))
-                d._A = d._cref * d.window_size - np.cumsum(cnt) * d.n_ref
+            self._ring[:n] = self._slots(w) if n else self._ring[:0]
+            self._ring_vals[:n] = w
+            self._n_w = n
+            self._head = n % self.window_size
+            if n == self.window_size:
+                cnt = np.bincount(self._ring, minlength=len(self._cref))
+                self._A = self._cref * self.window_size - np.cumsum(cnt) * self.n_ref
         else:
-            d._collect = [float(v) for v in state["collecting"]]
-        d.n_detections = int(state["n_detections"])
-        d._drift, d._rejecting = bool(state["drift"]), bool(state["rejecting"])
-        return d
+            self._collect = [float(v) for v in state["collecting"]]
+        self._rejecting = bool(state["rejecting"])

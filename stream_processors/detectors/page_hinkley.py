@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Reading, as_float_array, finite_positions, is_finite
+from .base import FloatDetector, Reading
 
 __all__ = ["PageHinkley"]
 
 
-class PageHinkley:
+class PageHinkley(FloatDetector):
     """Page-Hinkley change detector.
 
     Parameters
@@ -34,6 +34,25 @@ class PageHinkley:
         Forgetting factor of the cumulative sums.
     mode
         "up", "down" or "both": which direction of change to look for.
+
+    Examples
+    --------
+    A thousand values from {0, 1}, then a thousand from {4, ..., 7}:
+
+    >>> import random
+    >>> rng = random.Random(12345)
+    >>> stream = rng.choices([0, 1], k=1000) + rng.choices(range(4, 8), k=1000)
+    >>> ph = PageHinkley()
+    >>> for i, x in enumerate(stream):
+    ...     ph.update(x)
+    ...     if ph.drift_detected:
+    ...         print(f"Change detected at index {i}, input value: {x}")
+    Change detected at index 1006, input value: 5
+
+    The same, a batch at a time:
+
+    >>> PageHinkley().update_many(stream)
+    array([1006])
     """
 
     name = "page_hinkley"
@@ -41,14 +60,13 @@ class PageHinkley:
     def __init__(self, min_instances: int = 30, delta: float = 0.005, threshold: float = 50.0,
                  alpha: float = 1 - 0.0001, mode: str = "both"):
         if mode not in ("up", "down", "both"):
-            raise ValueError("mode must be 'up', 'down' or 'both'")
+            raise ValueError(f"mode must be 'up', 'down' or 'both', got {mode!r}")
+        super().__init__()
         self.min_instances = int(min_instances)
         self.delta = float(delta)
         self.threshold = float(threshold)
         self.alpha = float(alpha)
         self.mode = mode
-        self.n_detections = 0
-        self._drift = False
         self._clear()
 
     def _clear(self) -> None:
@@ -58,11 +76,62 @@ class PageHinkley:
         self._sum_decrease = 0.0
         self._min_increase = float("inf")
         self._max_decrease = -1.0          # river starts it at -1, not -inf
-        self._stat = 0.0
 
-    @property
-    def drift_detected(self) -> bool:
-        return self._drift
+    def _update(self, x: float) -> None:
+        if self._drift:
+            self._clear()
+        self._n += 1.0
+        self._mean += (1.0 / self._n) * (x - self._mean)
+        dev = x - self._mean
+        self._sum_increase = self.alpha * self._sum_increase + dev - self.delta
+        self._sum_decrease = self.alpha * self._sum_decrease + dev + self.delta
+        if self._sum_increase < self._min_increase:
+            self._min_increase = self._sum_increase
+        if self._sum_decrease > self._max_decrease:
+            self._max_decrease = self._sum_decrease
+        drift = False
+        if self._n >= self.min_instances:
+            up = self._sum_increase - self._min_increase
+            down = self._max_decrease - self._sum_decrease
+            if self.mode == "up":
+                drift = up > self.threshold
+            elif self.mode == "down":
+                drift = down > self.threshold
+            else:
+                drift = up > self.threshold or down > self.threshold
+        self._flag(drift)
+
+    def _update_many(self, a: np.ndarray) -> np.ndarray:
+        """``_update`` on each value, in one loop over local variables (the recursion is sequential)."""
+        n, mean = self._n, self._mean
+        si, sd = self._sum_increase, self._sum_decrease
+        mi, md = self._min_increase, self._max_decrease
+        alpha, delta, thr, mn = self.alpha, self.delta, self.threshold, self.min_instances
+        up_on, down_on = self.mode in ("up", "both"), self.mode in ("down", "both")
+        drift = self._drift
+        hits = []
+        for i, x in enumerate(a.tolist()):
+            if drift:
+                n, mean, si, sd, mi, md = 0.0, 0.0, 0.0, 0.0, float("inf"), -1.0
+            n += 1.0
+            mean += (1.0 / n) * (x - mean)
+            dev = x - mean
+            si = alpha * si + dev - delta
+            sd = alpha * sd + dev + delta
+            if si < mi:
+                mi = si
+            if sd > md:
+                md = sd
+            drift = n >= mn and ((up_on and si - mi > thr) or (down_on and md - sd > thr))
+            if drift:
+                hits.append(i)
+        self._n, self._mean = n, mean
+        self._sum_increase, self._sum_decrease = si, sd
+        self._min_increase, self._max_decrease = mi, md
+        if len(a):
+            self._drift = drift
+        self.n_detections += len(hits)
+        return np.asarray(hits, dtype=np.int64)
 
     @property
     def n(self) -> int:
@@ -96,88 +165,16 @@ class PageHinkley:
         return Reading(self.name, self.statistic, self.threshold, None, self._drift, (self.n,),
                        self.n_detections)
 
-    def update(self, x) -> None:
-        if not is_finite(x):
-            self._drift = False
-            return
-        if self._drift:
-            self._clear()
-        x = float(x)
-        self._n += 1.0
-        self._mean += (1.0 / self._n) * (x - self._mean)
-        dev = x - self._mean
-        self._sum_increase = self.alpha * self._sum_increase + dev - self.delta
-        self._sum_decrease = self.alpha * self._sum_decrease + dev + self.delta
-        if self._sum_increase < self._min_increase:
-            self._min_increase = self._sum_increase
-        if self._sum_decrease > self._max_decrease:
-            self._max_decrease = self._sum_decrease
-        drift = False
-        if self._n >= self.min_instances:
-            up = self._sum_increase - self._min_increase
-            down = self._max_decrease - self._sum_decrease
-            if self.mode == "up":
-                drift = up > self.threshold
-            elif self.mode == "down":
-                drift = down > self.threshold
-            else:
-                drift = up > self.threshold or down > self.threshold
-        self._drift = drift
-        if drift:
-            self.n_detections += 1
+    def _params(self) -> dict:
+        return {"min_instances": self.min_instances, "delta": self.delta, "threshold": self.threshold,
+                "alpha": self.alpha, "mode": self.mode}
 
-    def update_many(self, xs) -> np.ndarray:
-        """As ``update`` on each value (a tight scalar loop: the recursion is sequential)."""
-        a = as_float_array(xs)
-        keep = finite_positions(a)
-        if keep is not None:
-            hits = self.update_many(a[keep])
-            if len(a) and not np.isfinite(a[-1]):
-                self._drift = False
-            return keep[hits]
-        n, mean = self._n, self._mean
-        si, sd = self._sum_increase, self._sum_decrease
-        mi, md = self._min_increase, self._max_decrease
-        alpha, delta, thr, mn = self.alpha, self.delta, self.threshold, self.min_instances
-        up_on, down_on = self.mode in ("up", "both"), self.mode in ("down", "both")
-        drift = self._drift
-        hits = []
-        for i, x in enumerate(a.tolist()):
-            if drift:
-                n, mean, si, sd, mi, md = 0.0, 0.0, 0.0, 0.0, float("inf"), -1.0
-            n += 1.0
-            mean += (1.0 / n) * (x - mean)
-            dev = x - mean
-            si = alpha * si + dev - delta
-            sd = alpha * sd + dev + delta
-            if si < mi:
-                mi = si
-            if sd > md:
-                md = sd
-            drift = n >= mn and ((up_on and si - mi > thr) or (down_on and md - sd > thr))
-            if drift:
-                hits.append(i)
-        self._n, self._mean = n, mean
-        self._sum_increase, self._sum_decrease = si, sd
-        self._min_increase, self._max_decrease = mi, md
-        if len(a):
-            self._drift = drift
-        self.n_detections += len(hits)
-        return np.asarray(hits, dtype=np.int64)
-
-    def to_state(self) -> dict:
-        return {"params": {"min_instances": self.min_instances, "delta": self.delta,
-                           "threshold": self.threshold, "alpha": self.alpha, "mode": self.mode},
-                "n": self._n, "mean": self._mean, "sum_increase": self._sum_increase,
+    def _state(self) -> dict:
+        return {"n": self._n, "mean": self._mean, "sum_increase": self._sum_increase,
                 "sum_decrease": self._sum_decrease, "min_increase": self._min_increase,
-                "max_decrease": self._max_decrease, "drift": self._drift,
-                "n_detections": self.n_detections}
+                "max_decrease": self._max_decrease}
 
-    @classmethod
-    def from_state(cls, state: dict) -> "PageHinkley":
-        d = cls(**state["params"])
-        d._n, d._mean = float(state["n"]), float(state["mean"])
-        d._sum_increase, d._sum_decrease = float(state["sum_increase"]), float(state["sum_decrease"])
-        d._min_increase, d._max_decrease = float(state["min_increase"]), float(state["max_decrease"])
-        d._drift, d.n_detections = bool(state["drift"]), int(state["n_detections"])
-        return d
+    def _load(self, state: dict) -> None:
+        self._n, self._mean = float(state["n"]), float(state["mean"])
+        self._sum_increase, self._sum_decrease = float(state["sum_increase"]), float(state["sum_decrease"])
+        self._min_increase, self._max_decrease = float(state["min_increase"]), float(state["max_decrease"])

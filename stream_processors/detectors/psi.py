@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .base import Reading, as_float_array, finite_positions, is_finite
+from .base import FloatDetector, Reading, as_float_array, check
 
 __all__ = ["PSI", "psi"]
 
@@ -52,7 +52,7 @@ def _term_row(rp: float, window_size: int, eps: float) -> tuple[float, ...]:
     return tuple(out)
 
 
-class PSI:
+class PSI(FloatDetector):
     """PSI drift detector.
 
     Parameters
@@ -71,22 +71,42 @@ class PSI:
         Fixed inner bin edges (sorted); the reference then only gives the bins' shares.
     eps
         Floor on a bin's share.
+
+    Examples
+    --------
+    The first 500 values are the reference; their spread grows 2.5 times at value 2000:
+
+    >>> import random
+    >>> rng = random.Random(7)
+    >>> stream = [rng.gauss(0, 1) for _ in range(2000)] + [rng.gauss(0, 2.5) for _ in range(1000)]
+    >>> detector = PSI(window_size=500)
+    >>> for i, x in enumerate(stream):
+    ...     detector.update(x)
+    ...     if detector.drift_detected:
+    ...         print(f"Change detected at index {i}")
+    Change detected at index 2280
+    >>> detector.rejecting
+    True
+
+    The same, a batch at a time:
+
+    >>> PSI(window_size=500).update_many(stream)
+    array([2280])
     """
 
     name = "psi"
 
     def __init__(self, window_size: int = 1000, reference_size: int | None = None, n_bins: int = 10,
                  threshold: float = 0.25, reference=None, edges=None, eps: float = 1e-4):
-        if window_size < 1 or n_bins < 2:
-            raise ValueError("window_size must be >= 1 and n_bins >= 2")
+        check("window_size", window_size, 1)
+        check("n_bins", n_bins, 2)
+        super().__init__()
         self.window_size = int(window_size)
         self.reference_size = int(reference_size or window_size)
         self.n_bins = int(n_bins)
         self.threshold = float(threshold)
         self.eps = float(eps)
         self._fixed_edges = None if edges is None else np.asarray(edges, dtype=np.float64)
-        self.n_detections = 0
-        self._drift = False
         self._rejecting = False
         self._collect: list[float] = []
         self.edges: np.ndarray | None = None
@@ -125,33 +145,6 @@ class PSI:
         self._drift = False
         self._psi = 0.0
 
-    @property
-    def drift_detected(self) -> bool:
-        return self._drift
-
-    @property
-    def rejecting(self) -> bool:
-        return self._rejecting
-
-    @property
-    def statistic(self) -> float:
-        """PSI of the current window (over the values it holds, before it is full too)."""
-        if self.edges is None or self._n_w == 0:
-            return 0.0
-        if self._n_w == self.window_size:
-            return self._psi
-        return psi(self.reference_counts, self._counts, self.eps)
-
-    @property
-    def window_counts(self) -> np.ndarray:
-        return np.asarray(self._counts if self.edges is not None else [], dtype=np.int64)
-
-    def reading(self) -> Reading:
-        n_ref = self.n_ref if self.edges is not None else len(self._collect)
-        n_w = self._n_w if self.edges is not None else 0
-        return Reading(self.name, self.statistic, self.threshold, None, self._rejecting,
-                       (n_ref, n_w), self.n_detections)
-
     def _bin(self, x: float) -> int:
         return bisect_left(self._edges_list, x)
 
@@ -164,16 +157,11 @@ class PSI:
     def _verdict(self, value: float) -> None:
         self._psi = value
         rej = value >= self.threshold
-        self._drift = rej and not self._rejecting
-        if self._drift:
-            self.n_detections += 1
+        self._flag(rej and not self._rejecting)
         self._rejecting = rej
 
-    def update(self, x) -> None:
+    def _update(self, x: float) -> None:
         self._drift = False
-        if not is_finite(x):
-            return
-        x = float(x)
         if self.edges is None:
             self._collect.append(x)
             if len(self._collect) >= self.reference_size:
@@ -194,17 +182,9 @@ class PSI:
         if self._n_w == W:
             self._verdict(self._sum_terms())
 
-    def update_many(self, xs) -> np.ndarray:
-        """As ``update`` on each value; returns the positions where drift was detected."""
-        a = as_float_array(xs)
-        keep = finite_positions(a)
-        if keep is not None:
-            hits = self.update_many(a[keep])
-            if len(a) and not np.isfinite(a[-1]):
-                self._drift = False
-            return keep[hits]
+    def _update_many(self, a: np.ndarray) -> np.ndarray:
         if len(a) > _CHUNK:
-            parts = [self.update_many(a[i:i + _CHUNK]) + i for i in range(0, len(a), _CHUNK)]
+            parts = [self._update_many(a[i:i + _CHUNK]) + i for i in range(0, len(a), _CHUNK)]
             return np.concatenate(parts)
         pos, n = 0, len(a)
         if n:
@@ -253,34 +233,52 @@ class PSI:
         self._terms = [self._rows[b][c] for b, c in enumerate(self._counts)]
         return np.asarray(hits, dtype=np.int64)
 
-    def to_state(self) -> dict:
-        st = {"params": {"window_size": self.window_size, "reference_size": self.reference_size,
-                         "n_bins": self.n_bins, "threshold": self.threshold, "eps": self.eps,
-                         "edges": None if self._fixed_edges is None else self._fixed_edges.tolist()},
-              "n_detections": self.n_detections, "drift": self._drift, "rejecting": self._rejecting}
-        if self.edges is None:
-            st["collecting"] = list(self._collect)
-        else:
-            order = np.roll(self._ring, -self._head) if self._n_w == self.window_size else self._ring[:self._n_w]
-            st.update(bin_edges=self.edges.tolist(), reference_counts=self.reference_counts.tolist(),
-                      window_bins=order.tolist(), psi=self._psi)
-        return st
+    @property
+    def rejecting(self) -> bool:
+        return self._rejecting
 
-    @classmethod
-    def from_state(cls, state: dict) -> "PSI":
-        d = cls(**state["params"])
+    @property
+    def statistic(self) -> float:
+        """PSI of the current window (over the values it holds, before it is full too)."""
+        if self.edges is None or self._n_w == 0:
+            return 0.0
+        if self._n_w == self.window_size:
+            return self._psi
+        return psi(self.reference_counts, self._counts, self.eps)
+
+    @property
+    def window_counts(self) -> np.ndarray:
+        return np.asarray(self._counts if self.edges is not None else [], dtype=np.int64)
+
+    def reading(self) -> Reading:
+        n_ref = self.n_ref if self.edges is not None else len(self._collect)
+        n_w = self._n_w if self.edges is not None else 0
+        return Reading(self.name, self.statistic, self.threshold, None, self._rejecting,
+                       (n_ref, n_w), self.n_detections)
+
+    def _params(self) -> dict:
+        return {"window_size": self.window_size, "reference_size": self.reference_size, "n_bins": self.n_bins,
+                "threshold": self.threshold, "eps": self.eps,
+                "edges": None if self._fixed_edges is None else self._fixed_edges.tolist()}
+
+    def _state(self) -> dict:
+        if self.edges is None:
+            return {"rejecting": self._rejecting, "collecting": list(self._collect)}
+        order = np.roll(self._ring, -self._head) if self._n_w == self.window_size else self._ring[:self._n_w]
+        return {"rejecting": self._rejecting, "bin_edges": self.edges.tolist(),
+                "reference_counts": self.reference_counts.tolist(), "window_bins": order.tolist(), "psi": self._psi}
+
+    def _load(self, state: dict) -> None:
         if "bin_edges" in state:
-            d._set_reference_counts(np.asarray(state["bin_edges"], dtype=np.float64),
-                                    np.asarray(state["reference_counts"], dtype=np.int64))
+            self._set_reference_counts(np.asarray(state["bin_edges"], dtype=np.float64),
+                                       np.asarray(state["reference_counts"], dtype=np.int64))
             wb = np.asarray(state["window_bins"], dtype=np.int64)
-            d._n_w = len(wb)
-            d._ring[:len(wb)] = wb
-            d._head = d._n_w % d.window_size
-            d._counts = np.bincount(wb, minlength=len(d._counts)).tolist()
-            d._terms = [d._rows[b][c] for b, c in enumerate(d._counts)]
-            d._psi = float(state["psi"])
+            self._n_w = len(wb)
+            self._ring[:len(wb)] = wb
+            self._head = self._n_w % self.window_size
+            self._counts = np.bincount(wb, minlength=len(self._counts)).tolist()
+            self._terms = [self._rows[b][c] for b, c in enumerate(self._counts)]
+            self._psi = float(state["psi"])
         else:
-            d._collect = [float(v) for v in state["collecting"]]
-        d.n_detections = int(state["n_detections"])
-        d._drift, d._rejecting = bool(state["drift"]), bool(state["rejecting"])
-        return d
+            self._collect = [float(v) for v in state["collecting"]]
+        self._rejecting = bool(state["rejecting"])
