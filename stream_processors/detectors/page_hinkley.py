@@ -76,9 +76,10 @@ class PageHinkley(FloatDetector):
         self._sum_decrease = 0.0
         self._min_increase = float("inf")
         self._max_decrease = -1.0          # river starts it at -1, not -inf
+        self._reset_pending = False
 
     def _update(self, x: float) -> None:
-        if self._drift:
+        if self._reset_pending:
             self._clear()
         self._n += 1.0
         self._mean += (1.0 / self._n) * (x - self._mean)
@@ -100,6 +101,7 @@ class PageHinkley(FloatDetector):
             else:
                 drift = up > self.threshold or down > self.threshold
         self._flag(drift)
+        self._reset_pending = drift
 
     def _update_many(self, a: np.ndarray) -> np.ndarray:
         """``_update`` on each value, in one loop over local variables (the recursion is sequential)."""
@@ -108,7 +110,7 @@ class PageHinkley(FloatDetector):
         mi, md = self._min_increase, self._max_decrease
         alpha, delta, thr, mn = self.alpha, self.delta, self.threshold, self.min_instances
         up_on, down_on = self.mode in ("up", "both"), self.mode in ("down", "both")
-        drift = self._drift
+        drift = self._reset_pending
         hits = []
         for i, x in enumerate(a.tolist()):
             if drift:
@@ -128,6 +130,7 @@ class PageHinkley(FloatDetector):
         self._n, self._mean = n, mean
         self._sum_increase, self._sum_decrease = si, sd
         self._min_increase, self._max_decrease = mi, md
+        self._reset_pending = drift
         if len(a):
             self._drift = drift
         self.n_detections += len(hits)
@@ -178,3 +181,5 @@ class PageHinkley(FloatDetector):
         self._n, self._mean = float(state["n"]), float(state["mean"])
         self._sum_increase, self._sum_decrease = float(state["sum_increase"]), float(state["sum_decrease"])
         self._min_increase, self._max_decrease = float(state["min_increase"]), float(state["max_decrease"])
+        # A restart is due if the last value detected: the state still is the one that detected.
+        self._reset_pending = self._n >= self.min_instances and self.statistic > self.threshold
