@@ -3,8 +3,11 @@ one-by-one equivalence, checkpoints, and invariants (hypothesis)."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -25,9 +28,9 @@ def shifted_stream(seed: int, n: int = 12_000) -> np.ndarray:
     return x
 
 
-def detections(det, xs) -> list[int]:
+def detections(det, xs, start: int = 0) -> list[int]:
     out = []
-    for i, v in enumerate(xs):
+    for i, v in enumerate(xs, start):
         det.update(v)
         if det.drift_detected:
             out.append(i)
@@ -392,18 +395,6 @@ def test_chi_square_two_categories_uses_yates_and_new_categories():
     assert batched(det, more) == batched(b, more)
 
 
-@settings(max_examples=40, deadline=None)
-@given(ys=st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=600),
-       cuts=st.lists(st.integers(0, 600), max_size=6), window=st.integers(1, 60))
-def test_chi_square_batch_equals_one_by_one(ys, cuts, window):
-    one, many = ChiSquare(window_size=window, alpha=0.05), ChiSquare(window_size=window, alpha=0.05)
-    hits, bounds = [], sorted({0, len(ys), *[c for c in cuts if c < len(ys)]})
-    for lo, hi in zip(bounds, bounds[1:]):
-        hits += (many.update_many(ys[lo:hi]) + lo).tolist()
-    assert detections(one, ys) == hits
-    assert one.to_state() == many.to_state()
-
-
 def test_chi2_homogeneity_matches_scipy():
     rng = np.random.default_rng(18)
     for k in (2, 3, 5):
@@ -431,3 +422,78 @@ def test_common_interface(make):
     assert isinstance(r, Reading) and r.drifted in (True, False)
     assert json.dumps(r.as_dict()) and json.dumps(det.to_state())
     assert all(isinstance(n, int) for n in r.window_sizes)
+
+
+def with_non_finite(xs: np.ndarray, seed: int, rate: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    xs = xs.copy()
+    bad = rng.random(len(xs)) < rate
+    xs[bad] = rng.choice([np.nan, np.inf, -np.inf], int(bad.sum()))
+    return xs
+
+
+dirty_streams = st.builds(with_non_finite, xs=streams, seed=st.integers(0, 2**31),
+                          rate=st.sampled_from([0.0, 0.01, 0.3]))
+category_streams = st.lists(st.sampled_from(["a", "b", "c", "d", None]), max_size=600)
+
+DETECTORS = {
+    "adwin": (lambda: ADWIN(delta=0.1, clock=3), dirty_streams),
+    "page_hinkley": (lambda: PageHinkley(min_instances=5, threshold=5.0), dirty_streams),
+    "ks": (lambda: KSWindow(40, reference_size=60, alpha=0.01), dirty_streams),
+    "psi": (lambda: PSI(50, reference_size=80, threshold=0.1), dirty_streams),
+    "chi2": (lambda: ChiSquare(25, reference_size=40, alpha=0.05), category_streams),
+}
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_batch_equals_one_by_one_with_skipped_values(name, data):
+    # NaN and inf (None for categories) mixed in, the stream cut into random batches: after
+    # every batch, the detections, the flag, the reading and the checkpoint are those of
+    # update called on each value.
+    make, stream = DETECTORS[name]
+    xs = data.draw(stream)
+    cuts = data.draw(st.lists(st.integers(0, len(xs)), max_size=8))
+    one, many = make(), make()
+    bounds = sorted({0, len(xs), *cuts})
+    for lo, hi in zip(bounds, bounds[1:]):
+        assert (many.update_many(xs[lo:hi]) + lo).tolist() == detections(one, xs[lo:hi], lo)
+        assert many.drift_detected == one.drift_detected
+        assert many.reading() == one.reading()
+        assert many.to_state() == one.to_state()
+
+
+@pytest.mark.parametrize("name", ["adwin", "page_hinkley", "ks", "psi"])
+def test_a_value_that_is_not_a_finite_number_is_skipped_and_clears_the_flag(name):
+    make, _ = DETECTORS[name]
+    det = make()
+    for x in shifted_stream(19, 5000):
+        det.update(x)
+        if det.drift_detected:
+            break
+    assert det.drift_detected
+    state = det.to_state()
+    for x in (math.nan, math.inf, -math.inf, None, "1.0"):
+        det.update(x)
+        assert not det.drift_detected and det.to_state() == {**state, "drift": False}
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: ADWIN(delta=1.0), "delta must be in (0, 1), got 1.0"),
+    (lambda: ADWIN(clock=0), "clock must be >= 1, got 0"),
+    (lambda: ADWIN(grace_period=-1), "grace_period must be >= 0, got -1"),
+    (lambda: PageHinkley(mode="sideways"), "mode must be 'up', 'down' or 'both', got 'sideways'"),
+    (lambda: KSWindow(alpha=0.0), "alpha must be in (0, 1), got 0.0"),
+    (lambda: PSI(n_bins=1), "n_bins must be >= 2, got 1"),
+    (lambda: ChiSquare(window_size=0), "window_size must be >= 1, got 0"),
+])
+def test_a_bad_parameter_is_named_with_its_allowed_range(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+@pytest.mark.parametrize("module", ["adwin", "page_hinkley", "ks", "psi", "chi2"])
+def test_the_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(f"stream_processors.detectors.{module}"))
+    assert result.attempted and not result.failed
