@@ -3,7 +3,9 @@
 Each also has ``update_many(xs)`` (the same results as ``update`` on each value, returning
 the positions that detected a change), ``reading()`` (statistic, threshold, p-value,
 verdict, window sizes: what a signal carries) and ``to_state()`` / ``from_state()`` for
-checkpoints (plain JSON-able dicts).
+checkpoints (plain JSON-able dicts). What they share (parameter checks, the drift flag and
+its count, the checkpoint's shape, skipping values that are not finite numbers) is in
+``base.Detector``; each module shows the detector's one-value update, then the batch one.
 
 - ``ADWIN``: adaptive window over an exponential histogram; mean changes.
 - ``PageHinkley``: CUSUM of deviations from the running mean.

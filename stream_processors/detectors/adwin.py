@@ -75,7 +75,7 @@ class ADWIN(FloatDetector):
 
     def __init__(self, delta: float = 0.002, clock: int = 32, max_buckets: int = 5,
                  min_window_length: int = 5, grace_period: int = 10):
-        check("delta", delta, 0.0, 1.0, exclusive=True)
+        check("delta", delta, 0, 1)
         check("clock", clock, 1)
         check("max_buckets", max_buckets, 1)
         check("min_window_length", min_window_length, 1)

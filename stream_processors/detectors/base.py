@@ -34,15 +34,14 @@ class Reading:
         return asdict(self)
 
 
-def check(name: str, value, low: float, high: float = math.inf, *, exclusive: bool = False) -> None:
-    """Raise ValueError unless ``low <= value <= high`` (``low < value < high`` if ``exclusive``)."""
-    if low < value < high if exclusive else low <= value <= high:
-        return
-    if high == math.inf:
-        allowed = f"{'>' if exclusive else '>='} {low}"
-    else:
-        allowed = f"in ({low}, {high})" if exclusive else f"in [{low}, {high}]"
-    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+def check(name: str, value, low, high=None) -> None:
+    """Raise ValueError naming the parameter unless ``value >= low`` or, when ``high`` is given,
+    ``low < value < high``."""
+    if high is None:
+        if not value >= low:
+            raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    elif not low < value < high:
+        raise ValueError(f"{name} must be in ({low}, {high}), got {value!r}")
 
 
 def as_float_array(xs) -> np.ndarray:

@@ -103,7 +103,7 @@ class ChiSquare(Detector):
     def __init__(self, window_size: int = 1000, reference_size: int | None = None,
                  alpha: float = 1e-5, reference=None):
         check("window_size", window_size, 1)
-        check("alpha", alpha, 0.0, 1.0, exclusive=True)
+        check("alpha", alpha, 0, 1)
         super().__init__()
         self.window_size = int(window_size)
         self.reference_size = int(reference_size or window_size)
