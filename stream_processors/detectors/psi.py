@@ -145,21 +145,6 @@ class PSI(FloatDetector):
         self._drift = False
         self._psi = 0.0
 
-    def _bin(self, x: float) -> int:
-        return bisect_left(self._edges_list, x)
-
-    def _sum_terms(self) -> float:
-        s = 0.0
-        for t in self._terms:
-            s += t
-        return s
-
-    def _verdict(self, value: float) -> None:
-        self._psi = value
-        rej = value >= self.threshold
-        self._flag(rej and not self._rejecting)
-        self._rejecting = rej
-
     def _update(self, x: float) -> None:
         self._drift = False
         if self.edges is None:
@@ -181,6 +166,21 @@ class PSI(FloatDetector):
         self._terms[b] = self._rows[b][counts[b]]
         if self._n_w == W:
             self._verdict(self._sum_terms())
+
+    def _bin(self, x: float) -> int:
+        return bisect_left(self._edges_list, x)
+
+    def _sum_terms(self) -> float:
+        s = 0.0
+        for t in self._terms:
+            s += t
+        return s
+
+    def _verdict(self, value: float) -> None:
+        self._psi = value
+        rej = value >= self.threshold
+        self._flag(rej and not self._rejecting)
+        self._rejecting = rej
 
     def _update_many(self, a: np.ndarray) -> np.ndarray:
         if len(a) > _CHUNK:
