@@ -56,6 +56,7 @@ class Detector(StrEnum):
     BRIER = "brier"
     ECE = "ece"                          # expected calibration error, equal-width bins
     ECE_EQUAL_MASS = "ece_equal_mass"    # the same over equal-mass bins
+    TEMPERATURE = "temperature"          # a fitted temperature; field recalibration
 
 
 class Feature(StrEnum):
@@ -125,6 +126,7 @@ def _published() -> dict[tuple[str, str], Series]:
     add(SignalKind.CALIBRATION, Detector.BRIER, Feature.LABEL)
     add(SignalKind.CALIBRATION, Detector.ECE, Feature.LABEL)
     add(SignalKind.CALIBRATION, Detector.ECE_EQUAL_MASS, Feature.LABEL)
+    add(SignalKind.CALIBRATION, Detector.TEMPERATURE, Feature.LABEL)
     add(SignalKind.QUALITY, Detector.ADWIN, Feature.PREDICTION_ERROR)
     add(SignalKind.QUALITY, Detector.MEAN, Feature.SCORE)
     add(SignalKind.QUALITY, Detector.ADWIN, Feature.SCORE)

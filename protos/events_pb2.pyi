@@ -211,8 +211,24 @@ class Trend(_message.Message):
     slope: float
     def __init__(self, direction: _Optional[str] = ..., severity: _Optional[str] = ..., slope: _Optional[float] = ...) -> None: ...
 
+class Recalibration(_message.Message):
+    __slots__ = ("temperature", "ece_before", "ece_after", "accuracy", "fitted", "held_out")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    ECE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ECE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    FITTED_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    ece_before: float
+    ece_after: float
+    accuracy: float
+    fitted: int
+    held_out: int
+    def __init__(self, temperature: _Optional[float] = ..., ece_before: _Optional[float] = ..., ece_after: _Optional[float] = ..., accuracy: _Optional[float] = ..., fitted: _Optional[int] = ..., held_out: _Optional[int] = ...) -> None: ...
+
 class Signal(_message.Message):
-    __slots__ = ("event_id", "time", "source", "model", "version", "kind", "detector", "feature", "statistic", "threshold", "p_value", "drifted", "reference_size", "window_size", "window_start", "window_end", "labels", "detections", "events", "value", "window_index", "reliability", "trend")
+    __slots__ = ("event_id", "time", "source", "model", "version", "kind", "detector", "feature", "statistic", "threshold", "p_value", "drifted", "reference_size", "window_size", "window_start", "window_end", "labels", "detections", "events", "value", "window_index", "reliability", "trend", "recalibration")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +259,7 @@ class Signal(_message.Message):
     WINDOW_INDEX_FIELD_NUMBER: _ClassVar[int]
     RELIABILITY_FIELD_NUMBER: _ClassVar[int]
     TREND_FIELD_NUMBER: _ClassVar[int]
+    RECALIBRATION_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     time: _timestamp_pb2.Timestamp
     source: str
@@ -266,7 +283,8 @@ class Signal(_message.Message):
     window_index: int
     reliability: _containers.RepeatedCompositeFieldContainer[ReliabilityBin]
     trend: Trend
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[_Union[SignalKind, str]] = ..., detector: _Optional[str] = ..., feature: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., p_value: _Optional[float] = ..., drifted: bool = ..., reference_size: _Optional[int] = ..., window_size: _Optional[int] = ..., window_start: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., events: _Optional[int] = ..., value: _Optional[float] = ..., window_index: _Optional[int] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., trend: _Optional[_Union[Trend, _Mapping]] = ...) -> None: ...
+    recalibration: Recalibration
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[_Union[SignalKind, str]] = ..., detector: _Optional[str] = ..., feature: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., p_value: _Optional[float] = ..., drifted: bool = ..., reference_size: _Optional[int] = ..., window_size: _Optional[int] = ..., window_start: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., events: _Optional[int] = ..., value: _Optional[float] = ..., window_index: _Optional[int] = ..., reliability: _Optional[_Iterable[_Union[ReliabilityBin, _Mapping]]] = ..., trend: _Optional[_Union[Trend, _Mapping]] = ..., recalibration: _Optional[_Union[Recalibration, _Mapping]] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("event_id", "time", "source", "fingerprint", "rule", "state", "previous_state", "severity", "labels", "annotations", "starts_at", "ends_at", "value", "generator_url")

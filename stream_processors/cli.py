@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from eventbus import security as kafka_security
+from eventbus.ports import PortError, port_or_minus_one
 from stream_processors.processor import Settings
 
 
@@ -26,7 +27,8 @@ def add_parser(subparsers, option):
     option(g, "--max-records", type=int, default=d.max_records, help="records per fetch")
     option(g, "--session-timeout-ms", type=int, default=d.session_timeout_ms,
            help="consumer group session timeout: how soon a dead processor's partitions move")
-    option(g, "--metrics-port", type=int, default=d.metrics_port,
+    option(g, "--metrics-host", default=d.metrics_host, help="address of the Prometheus metrics endpoint")
+    option(g, "--metrics-port", type=port_or_minus_one, default=d.metrics_port,
            help="Prometheus metrics port; 0 picks a free port, -1 turns metrics off")
     kafka_security.add_options(p, option)  # --kafka-sasl-*, --kafka-ssl-*, --kafka-security-protocol
     g = p.add_argument_group("detectors")
@@ -43,6 +45,8 @@ def add_parser(subparsers, option):
            help="publish accuracy, Brier and ECE each this many joined feedbacks")
     option(g, "--calibration-bins", type=int, default=s.calibration_bins, help="ECE bins")
     option(g, "--calibration-window", type=int, default=s.calibration_window, help="joined feedbacks kept")
+    option(g, "--recalibration-min", type=int, default=s.recalibration_min,
+           help="joined feedbacks of a version before a temperature is fitted to its probabilities")
     option(g, "--score-every", type=int, default=s.score_every,
            help="publish the mean of the Feedback scores (and ADWIN's reading on them) each this many scores")
     option(g, "--score-window", type=int, default=s.score_window, help="latest Feedback scores the mean is over")
@@ -76,11 +80,11 @@ def options(args):
                  chi2_alpha=args.chi2_alpha, signal_every=args.signal_every,
                  calibration_every=args.calibration_every, calibration_bins=args.calibration_bins,
                  calibration_window=args.calibration_window, ece_threshold=args.ece_threshold,
-                 score_every=args.score_every, score_window=args.score_window, feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
+                 recalibration_min=args.recalibration_min, score_every=args.score_every, score_window=args.score_window, feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
                  trend_window=args.trend_window, compare_window=args.compare_window,
                  compare_every=args.compare_every, compare_alpha=args.compare_alpha, compare_min=args.compare_min)
     return RunnerOptions(bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
-                         metrics_port=args.metrics_port, checkpoint_interval=args.checkpoint_interval,
+                         metrics_host=args.metrics_host, metrics_port=args.metrics_port, checkpoint_interval=args.checkpoint_interval,
                          max_records=args.max_records, session_timeout_ms=args.session_timeout_ms, settings=s,
                          security=kafka_security.from_args(args))
 
@@ -92,5 +96,11 @@ def run(args) -> int:
     except ValueError as e:  # Kafka security settings; the message names the --kafka-* option
         print(f"vigil process: {e}", file=sys.stderr)
         return 2
-    asyncio.run(serve(o))
+    try:
+        asyncio.run(serve(o))
+    except PortError as e:
+        print(f"vigil process: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return 0

@@ -44,12 +44,13 @@ from stream_processors.calibration import Calibration
 from stream_processors.compare import VersionComparison
 from stream_processors.detectors import ADWIN, PSI, ChiSquare, KSWindow, PageHinkley
 from stream_processors.quality import QualityMonitor
+from stream_processors.recalibration import fit_temperature
 from stream_processors.sketch import QuantileSketch
 from stream_processors.trend import TrendMonitor
 
 log = logging.getLogger(__name__)
 NAN = float("nan")
-FORMAT = 3   # of a checkpoint's state: another format keeps its offsets and joins, not its detectors
+FORMAT = 4   # of a checkpoint's state: another format keeps its offsets and joins, not its detectors
 
 # The feature matrix has a row per continuous feature, in this order.
 COL = {name: i for i, name in enumerate(CONTINUOUS)}
@@ -77,6 +78,7 @@ class Settings:
     score_every: int = 100            # feedback-score signals every this many scores
     score_window: int = 500           # the latest scores their mean is taken over
     ece_threshold: float = 0.1
+    recalibration_min: int = 300      # joined feedbacks before a temperature is fitted
     feedback_ttl_s: float = 3600.0    # event time: an unmatched event or feedback is dropped after this
     max_pending: int = 200_000        # per partition, each way
     quality_window: int = 100
@@ -113,6 +115,7 @@ class Out:
     window_index: int = 0             # zscore: the window's index
     reliability: list = field(default_factory=list)   # ece: calibration.reliability()'s bins
     trend: tuple | None = None        # mann_kendall: (direction, severity, slope)
+    recalibration: object = None      # temperature: recalibration.Fit
 
     @property
     def kind(self) -> int:
@@ -147,6 +150,7 @@ class ModelState:
         self.sums = np.zeros(len(CONTINUOUS))     # of the current reading interval, for the trends
         self.counts = np.zeros(len(CONTINUOUS))
         self.calibration = Calibration(s.calibration_bins, s.calibration_window)
+        self.joined: collections.deque = collections.deque(maxlen=s.calibration_window)  # (probs, label), latest
         self.concept = ADWIN(s.adwin_delta)      # on 1 - correct of joined feedback
         self.scores: collections.deque = collections.deque(maxlen=s.score_window)   # Feedback.score, latest
         self.n_scores = 0
@@ -257,6 +261,7 @@ class ModelState:
         i = 0
         while i < len(pairs):
             j = min(len(pairs), i + every - self.calibration.n_seen % every)   # the next signal is due at j
+            self.joined.extend(pairs[i:j])
             for probs, labels in _same_length_runs(pairs[i:j]):
                 self.calibration.update_many(probs, labels)
                 wrong = (np.argmax(probs, axis=1) != labels).astype(np.float64)
@@ -275,6 +280,11 @@ class ModelState:
             e = c.ece(strategy)
             o = self._out(detector, F.LABEL, e, self.s.ece_threshold, None, e >= self.s.ece_threshold, 0, n)
             o.reliability = c.reliability(strategy)
+            out.append(o)
+        if len(self.joined) >= self.s.recalibration_min:
+            fit = fit_temperature(list(self.joined), bins=self.s.calibration_bins)
+            o = self._out(D.TEMPERATURE, F.LABEL, fit.temperature, None, None, False, 0, len(self.joined))
+            o.recalibration = fit
             out.append(o)
         concept = self._reading(self.concept, F.PREDICTION_ERROR)
         if concept is not None:
@@ -310,6 +320,7 @@ class ModelState:
             "trends": {f: t.to_state() for f, t in self.trends.items()},
             "sums": self.sums.tolist(), "counts": self.counts.tolist(),
             "calibration": self.calibration.to_state(), "concept": self.concept.to_state(),
+            "joined": [[p, y] for p, y in self.joined],
             "scores": list(self.scores), "n_scores": self.n_scores, "score_drift": self.score_drift.to_state(),
         }
 
@@ -327,6 +338,7 @@ class ModelState:
         m.sums, m.counts = np.asarray(st["sums"]), np.asarray(st["counts"])
         m.calibration = Calibration.from_state(st["calibration"])
         m.concept = ADWIN.from_state(st["concept"])
+        m.joined.extend((p, y) for p, y in st["joined"])
         m.scores.extend(st["scores"])
         m.n_scores = st["n_scores"]
         m.score_drift = ADWIN.from_state(st["score_drift"])

@@ -35,11 +35,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 from google.protobuf import descriptor_pb2, message_factory
 from google.protobuf.message import DecodeError
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 
 from eventbus import cloudevents, codec, compat, topics
 from eventbus.consumer import dead_letter, decode
+from eventbus.ports import serve_metrics
 from eventbus.security import KafkaSecurity
 from protos import events_pb2
 from stream_processors.processor import Out, PartitionState, Settings, unusable
@@ -130,6 +131,7 @@ class RunnerOptions:
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "vigil-processors"
     metrics_port: int = 8003          # 0: a free port, -1: none
+    metrics_host: str = "127.0.0.1"
     checkpoint_interval: float = 5.0  # seconds
     max_records: int = 5000           # per fetch
     session_timeout_ms: int = 10_000
@@ -212,8 +214,7 @@ class Runner:
     async def start(self) -> None:
         o = self.o
         if o.metrics_port >= 0:
-            server, _ = start_http_server(o.metrics_port, registry=self.metrics.registry)
-            self.metrics_port = server.server_port
+            self.metrics_port = serve_metrics(self.metrics.registry, o.metrics_host, o.metrics_port).server_port
         admin = AIOKafkaAdminClient(bootstrap_servers=o.bootstrap_servers, client_id="vigil-process",
                                     **o.security.client_kwargs())
         await admin.start()
@@ -436,6 +437,11 @@ def signal_message(o: Out, source: str) -> events_pb2.Signal:
         s.value = o.value
     if o.trend is not None:
         s.trend.direction, s.trend.severity, s.trend.slope = o.trend
+    if o.recalibration is not None:
+        f = o.recalibration
+        s.recalibration.CopyFrom(events_pb2.Recalibration(
+            temperature=f.temperature, ece_before=f.ece_before, ece_after=f.ece_after, accuracy=f.accuracy,
+            fitted=f.fitted, held_out=f.held_out))
     s.time.GetCurrentTime()
     if o.time_s:
         s.window_end.FromNanoseconds(int(o.time_s * 1e9))
@@ -451,8 +457,8 @@ async def serve(options: RunnerOptions, ready=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (_signal.SIGINT, _signal.SIGTERM):
         loop.add_signal_handler(sig, runner.stopping.set)
-    print(f"vigil process: group {options.group_id} on {options.bootstrap_servers}, "
-          f"metrics on http://0.0.0.0:{runner.metrics_port}/metrics", flush=True)
+    metrics = f"http://{options.metrics_host}:{runner.metrics_port}/metrics" if options.metrics_port >= 0 else "off"
+    print(f"vigil process: group {options.group_id} on {options.bootstrap_servers}, metrics {metrics}", flush=True)
     if ready is not None:
         ready(runner)
     try:
