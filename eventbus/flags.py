@@ -58,7 +58,7 @@ class Rule:
         if self.op == "matches":
             try:
                 rx = re.compile(str(v))
-            except re.error as e:
+            except (re.error, RecursionError, OverflowError) as e:  # the last two: nesting, repeat counts
                 raise FlagError(f"{where}.value", f"bad regular expression: {e}") from None
             return lambda at: a in at and rx.fullmatch(str(at[a])) is not None
         if self.op == "exists":

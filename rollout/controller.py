@@ -108,15 +108,22 @@ class Controller:
 
     # ---- operator commands ----------------------------------------------------------
 
-    def start(self, model: str, candidate: str, strategy: str | None = None,
-              steps: Iterable[float] | None = None, **settings) -> Decision:
-        m = self._model(model)
-        if m.phase in ACTIVE:
+    def start(self, model: str, candidate: str, strategy: str | None = None, steps: Iterable[float] | None = None,
+              stable: str = "", register: bool = False, **settings) -> Decision:
+        """`stable` registers a model not seen yet, with that stable version and the
+        candidate; `register` makes an unknown candidate of a known model known. Both
+        happen only once the whole request has been found good: a refused start changes
+        nothing."""
+        m = self.models.get(model)
+        if m is None and not stable:
+            raise RolloutError("model", f"unknown model {model!r}" + (
+                ": no event of it seen yet; name its stable version (--stable)" if register else ""))
+        if m is not None and m.phase in ACTIVE:
             raise RolloutError("model", f"{model} already has a rollout of {m.candidate} ({m.phase})")
-        if candidate not in m.versions:
+        if m is not None and not register and candidate not in m.versions:
             raise RolloutError("candidate", f"{model} has no version {candidate!r} "
                                f"(known: {', '.join(m.versions)})")
-        if candidate == m.stable:
+        if candidate == (m.stable if m is not None else stable):
             raise RolloutError("candidate", f"{candidate!r} is already the stable version")
         d = self.defaults.to_dict()
         if isinstance(settings.get("thresholds"), dict):
@@ -126,7 +133,13 @@ class Controller:
             d["strategy"] = strategy
         if steps is not None:
             d["steps"] = list(steps)
-        m.config = RolloutConfig.from_dict(d)
+        config = RolloutConfig.from_dict(d)
+        if m is None:
+            self.register(model, stable, candidate, stable=stable)
+            m = self.models[model]
+        elif candidate not in m.versions:
+            m.versions.append(candidate)
+        m.config = config
         m.candidate, m.phase, m.attention, m.baseline, m.keep_until = candidate, PROGRESSING, False, None, 0.0
         m.windows = {}
         return self._enter_step(m, 0, f"started {m.config.strategy} of {candidate} against {m.stable}")

@@ -16,14 +16,19 @@
   a step's window then restarts from what was recorded.
 - Admin API (aiohttp) on --admin-port: POST /api/<op> with the arguments as a JSON object
   (ops of rollout.cli.OPS; `start` also registers the candidate, and the model with
-  `stable` when no event of it has been seen); GET /healthz; GET /metrics. A standby
-  answers 503 naming itself.
+  `stable` when no event of it has been seen); GET /healthz; GET /metrics. A request is
+  checked whole before anything changes: a bad one answers 400 with the field it names,
+  and changes and publishes nothing. A standby answers 503 naming itself.
+- Tasks: the lease, the observer and the tick run under an eventbus.supervise.Supervisor;
+  while one waits to be restarted after a failure, /healthz answers 503 naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -38,9 +43,10 @@ from eventbus.consumer import decode
 from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.security import KafkaSecurity
 from eventbus.state import TopicReader, stop_consumer
+from eventbus.supervise import Supervisor
 
 from . import wire
-from .cli import OPS, LocalApi, _plain
+from .cli import LocalApi, _plain
 from .config import RolloutConfig
 from .controller import Controller
 from .records import PHASES, RolloutError
@@ -91,7 +97,7 @@ class RolloutService:
         self.publisher: Publisher | None = None
         self.lease: AIOKafkaConsumer | None = None
         self.observer: AIOKafkaConsumer | None = None
-        self.tasks: list[asyncio.Task] = []
+        self.tasks = Supervisor(self.metrics.registry)
         self.lock = asyncio.Lock()
         self.runner: web.AppRunner | None = None
         self.admin_port = 0
@@ -135,17 +141,14 @@ class RolloutService:
             max_poll_interval_ms=max(10000, o.session_timeout_ms * 2), **o.security.client_kwargs())
         self.lease.subscribe([LEASE_TOPIC], listener=_Lease(self))
         await self.lease.start()
-        self.tasks = [asyncio.create_task(self._poll_lease(), name="rollout-lease"),
-                      asyncio.create_task(self._observe(), name="rollout-observe"),
-                      asyncio.create_task(self._tick(), name="rollout-tick")]
+        self.tasks.start("rollout-lease", self._poll_lease)
+        self.tasks.start("rollout-observe", self._observe)
+        self.tasks.start("rollout-tick", self._tick)
         log.info("vigil rollout %s: admin API on http://%s:%d, waiting for the lease on %s",
                  self.instance, o.host, self.admin_port, LEASE_TOPIC)
 
     async def stop(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.tasks = []
+        await self.tasks.stop()
         await self._step_down("stopping")
         if self.lease is not None:
             await stop_consumer(self.lease)  # leaves the group: a standby takes over at once
@@ -280,13 +283,10 @@ class RolloutService:
     # ---- admin API ------------------------------------------------------------------
 
     async def command(self, op: str, kw: dict):
-        if op not in OPS:
-            raise RolloutError("op", f"{op!r} is not one of {', '.join(OPS)}")
         async with self.lock:
             if not self.leader:
                 raise NotLeader(self.instance)
-            c = self.controller
-            result = LocalApi(c, register_candidates=True).call(op, **kw)
+            result = LocalApi(self.controller, register_candidates=True).call(op, **kw)
             self._publish_changes()
             return _plain(result)
 
@@ -294,21 +294,17 @@ class RolloutService:
         app = web.Application()
 
         async def api(request: web.Request) -> web.Response:
-            op = request.match_info["op"]
             try:
-                kw = await request.json() if request.can_read_body else {}
-                if not isinstance(kw, dict):
-                    raise RolloutError("body", "must be a JSON object")
-                return web.json_response(await self.command(op, kw))
+                return web.json_response(await self.command(request.match_info["op"], body(await request.read())))
             except NotLeader as e:
                 return web.json_response({"error": str(e), "field": ""}, status=503)
             except RolloutError as e:
                 return web.json_response({"error": str(e), "field": e.field}, status=400)
-            except (TypeError, KeyError, ValueError) as e:
-                return web.json_response({"error": f"bad request: {e}", "field": ""}, status=400)
 
         async def healthz(request: web.Request) -> web.Response:
-            return web.json_response({"instance": self.instance, "leader": self.leader})
+            down = self.tasks.down()
+            return web.json_response({"instance": self.instance, "leader": self.leader, "ready": not down,
+                                      "down": down}, status=503 if down else 200)
 
         async def metrics(request: web.Request) -> web.Response:
             return web.Response(body=generate_latest(self.metrics.registry),
@@ -322,6 +318,34 @@ class RolloutService:
         site = web.TCPSite(self.runner, self.options.host, self.options.admin_port)
         await site.start()
         self.admin_port = site._server.sockets[0].getsockname()[1]
+
+
+def body(raw: bytes) -> dict:
+    """A request's body: UTF-8 JSON (whatever charset its headers claim), numbers finite;
+    empty for no arguments."""
+    def finite(text: str) -> float:
+        if not math.isfinite(v := float(text)):
+            raise RolloutError("body", f"{text[:20]} is not a finite number")
+        return v
+
+    def constant(text: str):
+        raise RolloutError("body", f"{text} is not a JSON number")
+
+    if not raw.strip():
+        return {}
+    try:
+        kw = json.loads(raw.decode("utf-8"), parse_float=finite, parse_constant=constant)
+    except RecursionError:
+        raise RolloutError("body", "is nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise RolloutError("body", f"is not UTF-8: {e.reason} at byte {e.start}") from None
+    except RolloutError:
+        raise
+    except ValueError as e:
+        raise RolloutError("body", f"is not JSON: {e}") from None
+    if not isinstance(kw, dict):
+        raise RolloutError("body", "must be a JSON object")
+    return kw
 
 
 class NotLeader(RuntimeError):
