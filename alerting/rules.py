@@ -366,7 +366,7 @@ def _parse_rule(ck: _Checker, r, rpath: str, line: int, gname: str, file: str) -
             ck.keys(m, METRIC_KEYS, mpath)
             aggregate = "last"
             if "name" in m:
-                spec = ck.vocab.metrics.get(m["name"])
+                spec = ck.vocab.metrics.get(m["name"]) if isinstance(m["name"], str) else None
                 if spec is None:
                     ck.err(m.line_of("name"), f"{mpath}.name", f"no processor publishes the metric {m['name']!r}"
                            + did_you_mean(str(m["name"]), sorted(ck.vocab.metrics)))
