@@ -1,7 +1,7 @@
 """The alerting service's HTTP admin API, shaped like Alertmanager's v2 API where the two
 overlap, so `amtool --alertmanager.url=` and scripts written for Alertmanager work on it:
 
-    GET  /-/healthy  /-/ready          health
+    GET  /-/healthy  /-/ready          health; ready answers 503 naming the tasks that are down
     POST /-/reload                     reload rules and configuration (keeps the last good on error)
     GET  /metrics                      Prometheus metrics
     GET  /api/v2/alerts                alerts with their silenced/inhibited status
@@ -31,13 +31,15 @@ def _json(data, status: int = 200) -> web.Response:
 
 
 class AdminServer:
-    def __init__(self, core, host: str = "127.0.0.1", port: int = 9095):
+    def __init__(self, core, host: str = "127.0.0.1", port: int = 9095, down=lambda: []):
+        """`down()`: the names of the service's tasks that are down (for /-/ready)."""
         self.core = core
+        self.down = down
         self.host, self.port = host, port
         self.app = web.Application()
         r = self.app.router
         r.add_get("/-/healthy", self.ok)
-        r.add_get("/-/ready", self.ok)
+        r.add_get("/-/ready", self.ready)
         r.add_post("/-/reload", self.reload)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/v2/alerts", self.alerts)
@@ -67,6 +69,11 @@ class AdminServer:
 
     async def ok(self, request):
         return web.Response(text="OK")
+
+    async def ready(self, request):
+        """503 while a task of the service waits to be restarted after a failure."""
+        down = self.down()
+        return web.Response(text=f"not ready: {', '.join(down)} down" if down else "OK", status=503 if down else 200)
 
     async def reload(self, request):
         errors = self.core.reload()

@@ -126,12 +126,15 @@ class AlertingCore:
         self.m_suppressed.labels(what, receiver).inc()
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, spawn: Callable[[str, Callable], asyncio.Task] | None = None) -> None:
+        """`spawn(name, factory)` starts the timer loop (the service passes its supervisor's
+        start); by default it runs as a plain task."""
         self._wake = asyncio.Event()
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
         self._build_sinks()
         self.started = True
-        self._task = asyncio.ensure_future(self._timer_loop())
+        self._task = (spawn or (lambda name, factory: asyncio.create_task(factory(), name=name)))(
+            "alerting-timers", self._timer_loop)
 
     def _build_sinks(self) -> None:
         session = lambda: self._session  # noqa: E731

@@ -35,6 +35,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from eventbus import cloudevents, codec, compat, topics
 from eventbus.security import KafkaSecurity
+from eventbus.state import stop_consumer
+from eventbus.supervise import Supervisor
 from protos import events_pb2
 
 from .admin import AdminServer
@@ -120,7 +122,8 @@ class AlertingService:
         self.admin: AdminServer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.out: asyncio.Queue = asyncio.Queue()
-        self.tasks: list[asyncio.Task] = []
+        self.tasks: Supervisor | None = None  # on the core's registry, made at start
+        self.consumers: list[AIOKafkaConsumer] = []
         self.signal_offsets: dict[int, int] = {}  # next offset to read, per vigil.signals partition
         self.snapshot_due = asyncio.Event()
         self.secret = read_secret(options.webhook_secret_file) if options.webhook_secret_file else None
@@ -139,12 +142,16 @@ class AlertingService:
                                           enable_auto_commit=False, client_id=f"{o.instance}-state",
                                           **o.security.client_kwargs())
         await state_consumer.start()
+        self.consumers.append(state_consumer)
         snapshot, nflog, silences, positions = await self._read_state(state_consumer)
+        for tp, off in positions.items():
+            state_consumer.seek(tp, off)
         self.core = AlertingCore(rules, config, state=snapshot.get("core") if snapshot else None,
                                  on_change=self._on_change, on_nflog=self._on_nflog,
                                  on_silence=self._on_silence, peer_position=o.peer_position,
                                  peer_timeout=o.peer_timeout)
         self.core.config_file = o.config_file
+        self.tasks = Supervisor(self.core.registry)
         self.restored = snapshot is not None
         for d in nflog:
             self.core.merge_nflog(d)
@@ -162,19 +169,19 @@ class AlertingService:
         self.producer = AIOKafkaProducer(bootstrap_servers=o.bootstrap_servers, acks="all",
                                          client_id=o.instance, linger_ms=2, **o.security.client_kwargs())
         await self.producer.start()
-        await self.core.start()
-        self.admin = AdminServer(self.core, o.admin_host, o.admin_port)
+        await self.core.start(self.tasks.start)
+        self.admin = AdminServer(self.core, o.admin_host, o.admin_port, down=self.tasks.down)
         await self.admin.start()
         signals_consumer = AIOKafkaConsumer(bootstrap_servers=o.bootstrap_servers, group_id=None,
                                             enable_auto_commit=False, client_id=f"{o.instance}-signals",
                                             **o.security.client_kwargs())
         await signals_consumer.start()
+        self.consumers.append(signals_consumer)
         await self._assign_signals(signals_consumer)
-        loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._send_loop()),
-                      loop.create_task(self._state_loop(state_consumer, positions)),
-                      loop.create_task(self._signals_loop(signals_consumer)),
-                      loop.create_task(self._snapshot_loop())]
+        self.tasks.start("alerting-send", self._send_loop)
+        self.tasks.start("alerting-state", lambda: self._state_loop(state_consumer))
+        self.tasks.start("alerting-signals", lambda: self._signals_loop(signals_consumer))
+        self.tasks.start("alerting-snapshot", self._snapshot_loop)
         log.info("vigil alerting %s (peer position %d): %d rules, %s; admin on %s",
                  o.instance, o.peer_position, len(rules), "state restored" if self.restored else "fresh state",
                  self.admin.url)
@@ -182,22 +189,22 @@ class AlertingService:
     async def stop(self) -> None:
         self.stopping = True
         self.snapshot_due.set()
-        for t in self.tasks[1:]:  # readers first, then what they produced
-            t.cancel()
-        await asyncio.gather(*self.tasks[1:], return_exceptions=True)
+        if self.tasks is not None:  # readers first, then what they produced
+            await self.tasks.stop("alerting-state", "alerting-signals", "alerting-snapshot")
+        for c in self.consumers:
+            await stop_consumer(c)
+        self.consumers = []
         if self.core is not None:
             await self.core.drain(timeout=5.0)
             self._persist_snapshot()
             await self.core.stop()
-        if self.tasks:
+        if self.tasks is not None:
             await self._flush_out()
-            self.tasks[0].cancel()
-            await asyncio.gather(self.tasks[0], return_exceptions=True)
+            await self.tasks.stop()
         if self.admin is not None:
             await self.admin.stop()
         if self.producer is not None:
             await self.producer.stop()
-        self.tasks = []
 
     async def _flush_out(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -256,18 +263,13 @@ class AlertingService:
                  "a snapshot" if snapshot else "no snapshot", len(nflog), len(silences))
         return snapshot, nflog, silences, positions
 
-    async def _state_loop(self, consumer: AIOKafkaConsumer, positions) -> None:
+    async def _state_loop(self, consumer: AIOKafkaConsumer) -> None:
         """Peers' log entries and silences, as they come."""
-        try:
-            for tp, off in positions.items():
-                consumer.seek(tp, off)
-            while True:
-                batches = await consumer.getmany(timeout_ms=200)
-                for records in batches.values():
-                    for r in records:
-                        self._merge_state(r)
-        finally:
-            await consumer.stop()
+        while True:
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for r in records:
+                    self._merge_state(r)
 
     def _merge_state(self, r) -> None:
         if r.value is None or r.key is None:
@@ -351,32 +353,28 @@ class AlertingService:
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         for tp in tps:
-            off = self.signal_offsets.get(tp.partition)
-            if off is None:  # a fresh instance starts at the end: old signals are history
-                off = ends[tp]
-            consumer.seek(tp, off)
-            self.signal_offsets[tp.partition] = off
-        self._signals_consumer = consumer
+            if tp.partition not in self.signal_offsets:  # a fresh instance starts at the end: old signals are history
+                self.signal_offsets[tp.partition] = ends[tp]
 
     async def _signals_loop(self, consumer: AIOKafkaConsumer) -> None:
-        try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=200, max_records=5000)
-                for tp, records in batches.items():
-                    sigs = []
-                    for r in records:
-                        try:
-                            msg = codec.decode(r.value, cloudevents.attributes(r.headers), r.topic)
-                            if isinstance(msg, events_pb2.Signal):
-                                sigs.append(signal_from_proto(msg))
-                        except codec.Undecodable as exc:
-                            log.warning("skipping undecodable signal %s@%d: %s", tp, r.offset, exc)
-                    if sigs:
-                        self.core.ingest_many(sigs)
-                    if records:
-                        self.signal_offsets[tp.partition] = records[-1].offset + 1
-        finally:
-            await consumer.stop()
+        """From the offsets taken in so far: a restart after a failure reads its batch again."""
+        for tp in consumer.assignment():
+            consumer.seek(tp, self.signal_offsets[tp.partition])
+        while True:
+            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+            for tp, records in batches.items():
+                sigs = []
+                for r in records:
+                    try:
+                        msg = codec.decode(r.value, cloudevents.attributes(r.headers), r.topic)
+                        if isinstance(msg, events_pb2.Signal):
+                            sigs.append(signal_from_proto(msg))
+                    except codec.Undecodable as exc:
+                        log.warning("skipping undecodable signal %s@%d: %s", tp, r.offset, exc)
+                if sigs:
+                    self.core.ingest_many(sigs)
+                if records:
+                    self.signal_offsets[tp.partition] = records[-1].offset + 1
 
     # -- reload ------------------------------------------------------------------------------
     def reload(self) -> list[RuleError]:

@@ -4,6 +4,7 @@ shown as down while the task waits for its restart, and the task goes on working
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 
 import pytest
@@ -12,12 +13,18 @@ from prometheus_client import CollectorRegistry
 from eventbus.supervise import Supervisor
 
 
-async def until(cond, timeout: float = 10.0, what: str = "a condition"):
+async def until(cond, timeout: float = 10.0, what: str = "a condition", every: float = 0.005):
+    """cond()'s first true value (cond may be a coroutine function)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
+    while True:
+        got = cond()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return got
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(every)
 
 
 def test_a_failing_task_is_logged_counted_down_then_restarted(caplog):
@@ -123,3 +130,62 @@ def test_a_cancel_from_inside_is_a_failure_not_an_end(caplog):
     with caplog.at_level(logging.ERROR, logger="eventbus.supervise"):
         asyncio.run(main())
     assert "task inner failed" in caplog.text
+
+
+# ---- the services' tasks under the supervisor, against the embedded broker ----------------
+
+from tests.test_alerting_service import files, options, produce, recorder, signal  # noqa: E402,F401
+
+
+async def http_get(url: str) -> tuple[int, str]:
+    import aiohttp
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.text()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_alerting_signals_task_failing_is_shown_and_reads_its_batch_again(kafka_broker, files, recorder,
+                                                                                caplog):
+    """The fault is injected where the signals task hands a batch to the core
+    (AlertingCore.ingest_many): it raises until the test has seen the task down."""
+    import uuid
+
+    from alerting.service import AlertingService
+
+    model = f"sup-{uuid.uuid4().hex[:6]}"
+    service = AlertingService(options(kafka_broker, files, f"t-{model}"))
+    await service.start()
+    try:
+        registry = service.core.registry
+
+        async def ready(want: int):
+            status, text = await http_get(f"{service.admin.url}/-/ready")
+            return status == want and text
+
+        assert await ready(200)
+        ingest, broken = service.core.ingest_many, asyncio.Event()
+
+        def faulty(sigs):
+            if broken.is_set():
+                raise RuntimeError("injected ingest fault")
+            return ingest(sigs)
+
+        service.core.ingest_many = faulty
+        taken = lambda: registry.get_sample_value("vigil_alerting_signals_total") or 0  # noqa: E731
+        before = taken()
+        with caplog.at_level(logging.ERROR, logger="eventbus.supervise"):
+            broken.set()
+            await produce(kafka_broker.bootstrap_servers, signal(model))
+            assert "alerting-signals down" in await until(lambda: ready(503), 30, "not ready")
+            assert registry.get_sample_value("vigil_task_failures_total", {"task": "alerting-signals"}) >= 1
+            broken.clear()
+            await until(lambda: ready(200), 60, "ready again")
+        assert "task alerting-signals failed" in caplog.text and "injected ingest fault" in caplog.text
+        await until(lambda: taken() > before, 30, "the failed batch taken in after the restart")
+
+        async def fired():  # the rule's `for` passes while signals keep coming
+            await produce(kafka_broker.bootstrap_servers, signal(model))
+            return recorder.received
+        await until(fired, 30, "the alert's webhook", every=0.2)
+    finally:
+        await service.stop()
