@@ -37,11 +37,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def start_server(options: list[str]) -> tuple[subprocess.Popen, str, str]:
+def start_server(options: list[str], tree: Path | None = None) -> tuple[subprocess.Popen, str, str]:
     """`vigil serve --port 0 OPTIONS`; the process, its gRPC address and its metrics URL
-    (empty with --metrics-port -1), once it listens."""
+    (empty with --metrics-port -1), once it listens. `tree`: run the code of that copy of
+    the repository instead (with this one's virtual environment)."""
     cmd = [str(REPO / ".venv/bin/vigil"), "serve", "--port", "0", *options]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in proc.stdout:
         match = re.search(r"gRPC on ([\d.]+:\d+)(?:.*metrics on (\S+))?", line)
         if match:

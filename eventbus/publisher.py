@@ -102,7 +102,7 @@ class Publisher:
         self.tasks: list[asyncio.Task] = []
         self.closing = False
         self.in_flight = 0
-        self.replay_acked: set[Position] = set()  # records after the cursor the broker has already
+        self.replay_acked: set[Position] = set()  # starts of records past the cursor already acknowledged
         self.broker_lost: asyncio.Event | None = None  # the producer's connection broke and no broker answers
         self.probing: asyncio.Task | None = None
         self.next_connect = 0.0
