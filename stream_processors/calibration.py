@@ -25,7 +25,20 @@ import math
 
 import numpy as np
 
-__all__ = ["Calibration"]
+__all__ = ["Calibration", "top_label_ece"]
+
+
+def top_label_ece(P: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[float, float]:
+    """(ECE over equal-width bins, accuracy) of probability rows taken together, as a
+    window of ``Calibration`` holding them would give them; rows may be padded with NaN."""
+    P = np.nan_to_num(np.asarray(P, dtype=np.float64), nan=-1.0)
+    y = np.asarray(labels, dtype=np.int64)
+    pred = np.argmax(P, axis=1)
+    conf = P[np.arange(len(y)), pred]
+    correct = (pred == y).astype(np.float64)
+    bins = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=conf, minlength=n_bins)
+    return float(np.abs(gap).sum() / len(y)), float(correct.mean())
 
 
 class Calibration:

@@ -47,6 +47,8 @@ def add_parser(subparsers, option):
     option(g, "--calibration-window", type=int, default=s.calibration_window, help="joined feedbacks kept")
     option(g, "--recalibration-min", type=int, default=s.recalibration_min,
            help="joined feedbacks of a version before a temperature is fitted to its probabilities")
+    option(g, "--recalibration-every", type=int, default=s.recalibration_every,
+           help="joined feedbacks between two temperature fits of a miscalibrated version")
     option(g, "--score-every", type=int, default=s.score_every,
            help="publish the mean of the Feedback scores (and ADWIN's reading on them) each this many scores")
     option(g, "--score-window", type=int, default=s.score_window, help="latest Feedback scores the mean is over")
@@ -80,7 +82,8 @@ def options(args):
                  chi2_alpha=args.chi2_alpha, signal_every=args.signal_every,
                  calibration_every=args.calibration_every, calibration_bins=args.calibration_bins,
                  calibration_window=args.calibration_window, ece_threshold=args.ece_threshold,
-                 recalibration_min=args.recalibration_min, score_every=args.score_every, score_window=args.score_window, feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
+                 recalibration_min=args.recalibration_min, recalibration_every=args.recalibration_every,
+                 score_every=args.score_every, score_window=args.score_window, feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
                  trend_window=args.trend_window, compare_window=args.compare_window,
                  compare_every=args.compare_every, compare_alpha=args.compare_alpha, compare_min=args.compare_min)
     return RunnerOptions(bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,

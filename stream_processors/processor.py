@@ -79,6 +79,7 @@ class Settings:
     score_window: int = 500           # the latest scores their mean is taken over
     ece_threshold: float = 0.1
     recalibration_min: int = 300      # joined feedbacks before a temperature is fitted
+    recalibration_every: int = 1000   # joined feedbacks between fits (while ECE is at its threshold)
     feedback_ttl_s: float = 3600.0    # event time: an unmatched event or feedback is dropped after this
     max_pending: int = 200_000        # per partition, each way
     quality_window: int = 100
@@ -151,6 +152,7 @@ class ModelState:
         self.counts = np.zeros(len(CONTINUOUS))
         self.calibration = Calibration(s.calibration_bins, s.calibration_window)
         self.joined: collections.deque = collections.deque(maxlen=s.calibration_window)  # (probs, label), latest
+        self.fitted_at: int | None = None        # n_joined at the last temperature fit
         self.concept = ADWIN(s.adwin_delta)      # on 1 - correct of joined feedback
         self.scores: collections.deque = collections.deque(maxlen=s.score_window)   # Feedback.score, latest
         self.n_scores = 0
@@ -272,6 +274,12 @@ class ModelState:
                 self._calibration(out)
             i = j
 
+    def _refit_due(self, ece: float) -> bool:
+        """A temperature is fitted only for a miscalibrated version, with enough feedback."""
+        s = self.s
+        return (ece >= s.ece_threshold and len(self.joined) >= s.recalibration_min
+                and (self.fitted_at is None or self.n_joined - self.fitted_at >= s.recalibration_every))
+
     def _calibration(self, out: list[Out]) -> None:
         c, n = self.calibration, self.calibration.n
         out.append(self._out(D.ACCURACY, F.LABEL, c.accuracy, None, None, False, 0, n))
@@ -281,7 +289,8 @@ class ModelState:
             o = self._out(detector, F.LABEL, e, self.s.ece_threshold, None, e >= self.s.ece_threshold, 0, n)
             o.reliability = c.reliability(strategy)
             out.append(o)
-        if len(self.joined) >= self.s.recalibration_min:
+        if self._refit_due(c.ece()):
+            self.fitted_at = self.n_joined
             fit = fit_temperature(list(self.joined), bins=self.s.calibration_bins)
             o = self._out(D.TEMPERATURE, F.LABEL, fit.temperature, None, None, False, 0, len(self.joined))
             o.recalibration = fit
@@ -320,7 +329,7 @@ class ModelState:
             "trends": {f: t.to_state() for f, t in self.trends.items()},
             "sums": self.sums.tolist(), "counts": self.counts.tolist(),
             "calibration": self.calibration.to_state(), "concept": self.concept.to_state(),
-            "joined": [[p, y] for p, y in self.joined],
+            "joined": [[p, y] for p, y in self.joined], "fitted_at": self.fitted_at,
             "scores": list(self.scores), "n_scores": self.n_scores, "score_drift": self.score_drift.to_state(),
         }
 
@@ -339,6 +348,7 @@ class ModelState:
         m.calibration = Calibration.from_state(st["calibration"])
         m.concept = ADWIN.from_state(st["concept"])
         m.joined.extend((p, y) for p, y in st["joined"])
+        m.fitted_at = st["fitted_at"]
         m.scores.extend(st["scores"])
         m.n_scores = st["n_scores"]
         m.score_drift = ADWIN.from_state(st["score_drift"])

@@ -27,7 +27,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from eventbus.temperature import log_probs, scale_rows
-from stream_processors.calibration import Calibration
+from stream_processors.calibration import top_label_ece
 
 __all__ = ["Fit", "fit_temperature"]
 
@@ -60,14 +60,6 @@ def _nll(L: np.ndarray, y: np.ndarray, log_t: float) -> float:
     return float(np.mean(lse - z[np.arange(len(y)), y]))
 
 
-def _ece_accuracy(P: np.ndarray, y: np.ndarray, bins: int) -> tuple[float, float]:
-    cal = Calibration(bins, len(y))
-    for k in sorted({int(n) for n in np.isfinite(P).sum(axis=1)}):   # rows offering k labels
-        rows = np.isfinite(P).sum(axis=1) == k
-        cal.update_many(P[rows, :k], y[rows])
-    return cal.ece(), cal.accuracy
-
-
 def fit_temperature(pairs, held_out: float = 1 / 3, bins: int = 10) -> Fit:
     """Fit on the older pairs, judge on the newer ``held_out`` share."""
     cut = len(pairs) - max(1, int(len(pairs) * held_out))
@@ -75,6 +67,6 @@ def fit_temperature(pairs, held_out: float = 1 / 3, bins: int = 10) -> Fit:
     L = log_probs(P)
     best = minimize_scalar(lambda t: _nll(L[:cut], y[:cut], t), bounds=LOG_T_BOUNDS, method="bounded")
     t = float(np.exp(best.x))
-    before, accuracy = _ece_accuracy(P[cut:], y[cut:], bins)
-    after, _ = _ece_accuracy(np.where(np.isnan(P[cut:]), np.nan, scale_rows(P[cut:], t)), y[cut:], bins)
+    before, accuracy = top_label_ece(P[cut:], y[cut:], bins)
+    after, _ = top_label_ece(scale_rows(P[cut:], t), y[cut:], bins)
     return Fit(t, before, after, accuracy, cut, len(pairs) - cut)

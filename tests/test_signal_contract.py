@@ -134,7 +134,7 @@ def test_an_over_confident_version_gets_a_temperature_that_cuts_its_ece():
         e.time.FromNanoseconds(int((1.7e9 + i) * 1e9))
         evs.append(e)
         fbs.append(feedback(e, top if rng.random() < 0.7 else rng.choice([k for k in labels if k != top])))
-    state, out = PartitionState(0, Settings(calibration_every=500, calibration_window=3000)), []
+    state, out = PartitionState(0, Settings(calibration_every=500, calibration_window=3000, recalibration_every=500)), []
     state.apply_events(evs, out)
     state.apply_feedback(fbs, out)
     fit = [o for o in out if o.detector == Detector.TEMPERATURE][-1].recalibration
