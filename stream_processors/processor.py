@@ -377,11 +377,11 @@ def unusable(message) -> str:
     """Why an event or feedback cannot be measured (it goes to the dead-letter topic), or ""."""
     if not message.model:
         return f"{message.DESCRIPTOR.full_name} without a model: no model version to measure it for"
-    probs = getattr(message, "label_probabilities", None)
+    if type(message) is events_pb2.FeedbackEvent:
+        return "" if math.isfinite(message.score) else "FeedbackEvent.score must be a finite number"
+    probs = message.label_probabilities
     if probs and not all(0.0 <= p <= 1.0 for p in probs.values()):
         return "InferenceEvent.label_probabilities: each must be a probability, from 0 to 1"
-    if getattr(message, "score", 0.0) and not math.isfinite(message.score):
-        return "FeedbackEvent.score must be a finite number"
     return ""
 
 
