@@ -25,6 +25,8 @@ import time
 import urllib.error
 import urllib.request
 
+from eventbus.ports import PortError, check_free, port
+
 from .config import load_config
 from .durations import parse_duration, parse_rfc3339, rfc3339
 from .labels import parse_matcher
@@ -206,7 +208,7 @@ def add_parser(subparsers, option) -> argparse.ArgumentParser:
     option(g, "--config", default=DEFAULT_CONFIG, metavar="FILE",
            help="routes, receivers (webhooks, Alertmanagers), inhibition rules")
     option(g, "--admin-host", default="127.0.0.1", help="address of the admin API and /metrics")
-    option(g, "--admin-port", type=int, default=9095,
+    option(g, "--admin-port", type=port, default=9095,
            help="port of the admin API (Alertmanager v2 silences and alerts, /-/reload) and /metrics; 0: any free")
     option(g, "--peer-position", type=int, default=0,
            help="position in an HA group: 0 sends at once; N waits N x --peer-timeout, then sends only what "
@@ -258,7 +260,11 @@ def run(args) -> int:
 
     try:
         security = kafka_security.from_args(args)
+        check_free("--admin-port", args.admin_host, args.admin_port)  # before any Kafka client is made
     except ValueError as e:  # names the --kafka-* option at fault
+        print(f"vigil alerting: {e}", file=sys.stderr)
+        return 2
+    except PortError as e:
         print(f"vigil alerting: {e}", file=sys.stderr)
         return 2
     options = ServiceOptions(

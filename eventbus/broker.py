@@ -17,9 +17,28 @@ import tempfile
 import time
 from pathlib import Path
 
+from eventbus.ports import PortError, check_free
+
 
 class BrokerError(RuntimeError):
     pass
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on TCP `port`, as /proc tells (True
+    where there is no /proc to ask)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return True
+    try:
+        sockets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:  # it exited
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state, inode = (row.split()[i] for i in (1, 3, 9))
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and f"socket:[{inode}]" in sockets:
+                return True
+    return False
 
 
 def tansu_binary() -> str:
@@ -89,40 +108,51 @@ class EmbeddedBroker:
         return f"{self.advertised_host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
+        """Start Tansu and wait until it answers on its port. A port another process holds
+        is refused before Tansu starts; one taken meanwhile is noticed by Tansu exiting, or
+        by the listener on the port not being Tansu's (another broker would answer for it)."""
         if self.process is not None:
             return self
         if not self.port:
             self.port = free_port(self.host)
+        try:
+            check_free("broker", self.host, self.port)
+        except PortError as e:
+            raise BrokerError(str(e)) from None
         listener = f"tcp://{self.host}:{self.port}"
         command = [tansu_binary(), "broker", "--listener-url", listener,
                    "--advertised-listener-url", f"tcp://{self.advertised_host}:{self.port}",
                    "--storage-engine", "memory://tansu/"]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            process_group=0)
         deadline = time.monotonic() + timeout
         probe = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        while not api_versions_ok(probe, self.port):
+        while not (api_versions_ok(probe, self.port) and listens(self.process.pid, self.port)):
             if self.process.poll() is not None:
                 code, self.process = self.process.returncode, None
-                raise BrokerError(f"Tansu exited with status {code} before answering on {listener}:\n{self.log_tail()}")
+                raise BrokerError(f"broker: Tansu exited with status {code} before listening on {listener}:\n"
+                                  f"{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise BrokerError(f"Tansu did not answer on {listener} within {timeout:.0f} s:\n{self.log_tail()}")
+                raise BrokerError(f"broker: Tansu did not answer on {listener} within {timeout:.0f} s:\n"
+                                  f"{self.log_tail()}")
             time.sleep(0.05)
         return self
 
-    def stop(self, timeout: float = 1.0) -> None:
+    def stop(self, timeout: float = 1.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`: Tansu waits 5 s for connected clients to
-        leave, and with memory storage it has nothing to save."""
+        leave, and with memory storage it has nothing to save. Returns its exit status
+        (None when it was not running)."""
         p, self.process = self.process, None
         if p is None or p.poll() is not None:
-            return
+            return None
         p.terminate()
         try:
-            p.wait(timeout)
+            return p.wait(timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+            return p.wait()
 
     def kill(self) -> None:
         """Stop at once (SIGKILL), as a crash would."""

