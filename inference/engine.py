@@ -3,13 +3,15 @@
 Requests join the running batch between decode steps (after their prefill) and leave
 it as soon as they finish, are cancelled or fail; each holds one slot of the bounded KV
 pool while it runs. The waiting queue is bounded too: when it is full, `submit` raises
-`Overloaded` at once. Results go back through each request's `emit` callback, which
+`Overloaded` at once. A request is taken while fewer than `max_waiting` requests wait beyond those the free
+slots will take at the next step. Results go back through each request's `emit` callback, which
 the gRPC layer points at its own event loop, so the engine never touches asyncio.
 Steps run on the process's compute thread (`inference.compute`).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import threading
@@ -141,7 +143,7 @@ class Engine:
         self.stats = EngineStats()
         self.stats.kv_tokens_total = kv_slots * max_seq_len
         self.on_token = on_token  # inter-token latency observer
-        self.lock = threading.Lock()  # guards waiting and stopping
+        self.lock = threading.Lock()  # guards waiting, taking a free slot, and stopping
         self.stopping = False
         self.stopped = threading.Event()
         self.compute = compute or ComputeThread.shared()
@@ -154,11 +156,17 @@ class Engine:
             if self.stopping:
                 raise Overloaded("the engine is shutting down")
             self.drop_cancelled_waiting()
-            if len(self.waiting) >= self.max_waiting:
-                raise Overloaded(f"{len(self.waiting)} requests already waiting (limit {self.max_waiting})")
+            if self.full():
+                raise Overloaded(f"{len(self.waiting)} requests already waiting for {len(self.free_slots)} free "
+                                 f"KV slots (limit {self.max_waiting} beyond them)")
             self.waiting.append(job)
             self.stats.waiting = len(self.waiting)
         self.compute.notify()
+
+    def full(self) -> bool:
+        """No room for another request. Exact under self.lock: a job leaves `waiting`
+        together with the slot it takes."""
+        return len(self.waiting) >= len(self.free_slots) + self.max_waiting
 
     def drop_cancelled_waiting(self) -> None:
         """Answer and forget waiting jobs whose callers are gone. Holds self.lock."""
@@ -221,23 +229,26 @@ class Engine:
                     return
                 job = self.waiting.popleft()
                 self.stats.waiting = len(self.waiting)
-            if job.cancelled:
-                job.emit(Finished("", [], len(job.prompt_ids), "cancelled", Confidence(),
-                                  Timing(queue_s=time.monotonic() - job.arrival)))
-                continue
-            slot = self.free_slots.pop(0)
+                if job.cancelled:
+                    job.emit(Finished("", [], len(job.prompt_ids), "cancelled", Confidence(),
+                                      Timing(queue_s=time.monotonic() - job.arrival)))
+                    continue
+                slot = self.free_slots.pop(0)
             try:
                 if job.label_ids is not None:
                     self.classify(job, slot)
-                    self.free_slots.append(slot)
+                    self.release(slot)
                 else:
                     self.prefill(job, slot)
             except Exception as exc:
                 log.exception("prefill failed")
-                self.free_slots.append(slot)
+                self.release(slot)
                 job.emit(Finished("", [], len(job.prompt_ids), "error", Confidence(), Timing(),
                                   error=f"internal error: {exc}"))
-            self.free_slots.sort()
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            bisect.insort(self.free_slots, slot)
 
     def forward(self, tokens: list[list[int]], start: list[int], slots: list[int]) -> torch.Tensor:
         """Logits of the last position of each row: rows of equal length only."""
@@ -299,8 +310,7 @@ class Engine:
     def finish(self, r: Running, reason: str, error: str = "") -> None:
         now = time.monotonic()
         self.running.remove(r)
-        self.free_slots.append(r.slot)
-        self.free_slots.sort()
+        self.release(r.slot)
         if r.job.stream and (r.emitted < len(r.text) or r.unsent):
             r.job.emit(TextChunk(r.text[r.emitted:], r.unsent))
         n = len(r.logprobs)

@@ -239,6 +239,28 @@ def test_overload_answers_resource_exhausted_at_once(tight_server):
     wait_idle(tight_server)
 
 
+def test_admits_exactly_slots_plus_waiting(start_server, slow_llama):
+    """A burst of requests, sent faster than the engine admits them: with 2 slots and 2
+    waiting places, 4 are taken (free slots count as room too), and a 5th is refused."""
+    server = serve(start_server, slow_llama, kv_slots=2, max_waiting=2)
+    engine = engine_of(server)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = llm_pb2_grpc.LLMStub(channel)
+        for burst in range(3):
+            calls = [stub.Generate.future(request(request_id=f"burst-{burst}-{i}"), timeout=60) for i in range(4)]
+            wait_for(lambda: len(engine.running) == 2 and len(engine.waiting) == 2 or any(c.done() for c in calls),
+                     timeout=10)
+            refused = [c.exception() for c in calls if c.done()]
+            assert not refused, [(e.code(), e.details()) for e in refused]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(request(max_tokens=4, request_id=f"burst-{burst}-over"), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert not any(c.done() for c in calls)  # refused while the four still ran or waited
+            for c in calls:
+                c.cancel()
+            wait_idle(server)
+
+
 def test_a_cancelled_waiter_leaves_the_queue(tight_server):
     engine = engine_of(tight_server)
     wait_idle(tight_server)
