@@ -17,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import struct
 
 import numpy as np
 
 from inference.engine import Finished, Overloaded
+from inference.limits import InvalidArgument, Limits, check_chars, shown
 from inference.llm_service import abort_on_error
 from inference.router import NotFound
 from inference.sampling import SamplingParams
-from inference.serving import InvalidArgument, Serving
+from inference.serving import Serving
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc
 
@@ -83,14 +85,15 @@ def read_inputs(request: pb.ModelInferRequest) -> dict[str, list]:
     for i, tensor in enumerate(request.inputs):
         name, dtype = tensor.name, tensor.datatype
         if name not in INPUTS:
-            raise InvalidArgument(f"inputs: unknown tensor {name!r} (expected {', '.join(INPUTS)})")
+            raise InvalidArgument(f"inputs: unknown tensor {shown(name)} (expected {', '.join(INPUTS)})")
         if name in values:
             raise InvalidArgument(f"inputs[{name}]: given twice")
         if dtype not in INPUTS[name]:
-            raise InvalidArgument(f"inputs[{name}].datatype: {dtype!r}, expected {' or '.join(INPUTS[name])}")
+            raise InvalidArgument(f"inputs[{name}].datatype: {shown(dtype)}, expected {' or '.join(INPUTS[name])}")
+        shape = shown(list(tensor.shape))
         if any(d < 0 for d in tensor.shape):
-            raise InvalidArgument(f"inputs[{name}].shape: {list(tensor.shape)} has a negative dimension")
-        count = int(np.prod(tensor.shape)) if tensor.shape else 0
+            raise InvalidArgument(f"inputs[{name}].shape: {shape} has a negative dimension")
+        count = math.prod(tensor.shape) if tensor.shape else 0
         if dtype == "BYTES":
             items = (decode_bytes_elements(request.raw_input_contents[i], name)
                      if request.raw_input_contents else list(tensor.contents.bytes_contents))
@@ -105,9 +108,9 @@ def read_inputs(request: pb.ModelInferRequest) -> dict[str, list]:
             else:
                 items = list(getattr(tensor.contents, field))
         if len(items) != count:
-            raise InvalidArgument(f"inputs[{name}]: shape {list(tensor.shape)} needs {count} elements, got {len(items)}")
+            raise InvalidArgument(f"inputs[{name}]: shape {shape} needs {count} elements, got {len(items)}")
         if name != "stop" and count != 1:
-            raise InvalidArgument(f"inputs[{name}].shape: {list(tensor.shape)}, expected one element ([1] or [1, 1])")
+            raise InvalidArgument(f"inputs[{name}].shape: {shape}, expected one element ([1] or [1, 1])")
         values[name] = items
     if "text_input" not in values:
         raise InvalidArgument("inputs: text_input is missing")
@@ -121,23 +124,47 @@ def text(value: bytes, name: str) -> str:
         raise InvalidArgument(f"inputs[{name}]: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def sampling_from_inputs(values: dict[str, list], default_max_tokens: int) -> tuple[SamplingParams, bool, bool]:
+def json_object(value: str, field: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{field}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InvalidArgument(f"{field}: nested too deeply") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument(f"{field}: must be a JSON object")
+    return parsed
+
+
+def json_sampling(raw: bytes, limits: Limits) -> dict:
+    """`sampling_parameters`, each value checked for its type; numbers may come as strings
+    (as the vLLM backend takes them), and `ignore_eos` as "true" or "false"."""
+    field = "inputs[sampling_parameters]"
+    value = text(raw, "sampling_parameters")
+    check_chars(field, value, limits.max_json_chars)
+    parsed = json_object(value, field)
+    unknown = set(parsed) - JSON_SAMPLING_KEYS
+    if unknown:
+        raise InvalidArgument(f"{field}: unknown keys {shown(sorted(unknown))}")
+    for key, value in parsed.items():
+        if key == "stop":
+            parsed[key] = stop = [value] if isinstance(value, str) else value
+            if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+                raise InvalidArgument(f"{field}.stop: must be a string or a list of strings")
+        elif key == "ignore_eos":
+            if not (isinstance(value, bool) or value in ("true", "false")):
+                raise InvalidArgument(f"{field}.ignore_eos: must be true or false")
+            parsed[key] = value in (True, "true")
+        elif isinstance(value, bool) or not isinstance(value, (int, float, str, type(None))):
+            raise InvalidArgument(f"{field}.{key}: must be a number")
+    return parsed
+
+
+def sampling_from_inputs(values: dict[str, list], limits: Limits) -> tuple[SamplingParams, bool, bool]:
     """The sampling parameters, `stream`, and `exclude_input_in_output`."""
-    params: dict = {"max_tokens": default_max_tokens}
+    params: dict = {"max_tokens": limits.default_max_tokens}
     if "sampling_parameters" in values:
-        raw = text(values["sampling_parameters"][0], "sampling_parameters")
-        try:
-            parsed = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"inputs[sampling_parameters]: not valid JSON ({exc.msg})") from None
-        if not isinstance(parsed, dict):
-            raise InvalidArgument("inputs[sampling_parameters]: must be a JSON object")
-        unknown = set(parsed) - JSON_SAMPLING_KEYS
-        if unknown:
-            raise InvalidArgument(f"inputs[sampling_parameters]: unknown keys {sorted(unknown)}")
-        params.update(parsed)
-        if isinstance(params.get("stop"), str):
-            params["stop"] = [params["stop"]]
+        params.update(json_sampling(values["sampling_parameters"][0], limits))
     for name in ("max_tokens", "top_k", "seed", "temperature", "top_p"):
         if name in values:
             params[name] = values[name][0]
@@ -192,7 +219,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return [self.serving.router.get(name, version)] if version else \
                 list(self.serving.router.versions[name].values())
         except KeyError:
-            raise NotFound(f"model: {name!r} is not loaded") from None
+            raise NotFound(f"model: {shown(name)} is not loaded") from None
 
     async def ModelMetadata(self, request, context):
         try:
@@ -245,18 +272,11 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             # tritonclient's load_model can only send `config` (a JSON string): it may carry
             # version, source, quantize and group_size too; explicit parameters win
-            config = {}
-            if "config" in p:
-                try:
-                    config = json.loads(p["config"].string_param or "{}")
-                except json.JSONDecodeError as exc:
-                    raise InvalidArgument(f"parameters[config]: not valid JSON ({exc.msg})") from None
-                if not isinstance(config, dict):
-                    raise InvalidArgument("parameters[config]: must be a JSON object")
+            config = json_object(p["config"].string_param or "{}", "parameters[config]") if "config" in p else {}
             try:
                 group_size = int(param("group_size", 32))
             except (TypeError, ValueError):
-                raise InvalidArgument(f"group_size: {param('group_size', 32)!r} is not an integer") from None
+                raise InvalidArgument(f"group_size: {shown(param('group_size', 32))} is not an integer") from None
             await self.versions.load(request.model_name, str(param("version", "1")), str(param("source", "demo")),
                                      str(param("quantize", "none")), group_size)
         except (InvalidArgument, NotFound) as exc:
@@ -279,20 +299,21 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def run(self, request, context, method: str):
         """Yields ModelInferResponse messages: one, or one per chunk when streaming."""
-        with self.serving.track(method, request.id, context) as out:
+        with self.serving.track(method, request.id, context, id_field="id") as out:
             values = read_inputs(request)
-            params, stream, exclude = sampling_from_inputs(values, self.serving.limits.default_max_tokens)
+            params, stream, exclude = sampling_from_inputs(values, self.serving.limits)
             if stream and method == "ModelInfer":
                 raise InvalidArgument("inputs[stream]: true needs ModelStreamInfer")
             for o in request.outputs:
                 if o.name not in OUTPUTS:
-                    raise InvalidArgument(f"outputs: unknown tensor {o.name!r} (expected {', '.join(OUTPUTS)})")
+                    raise InvalidArgument(f"outputs: unknown tensor {shown(o.name)} (expected {', '.join(OUTPUTS)})")
             wanted = [o.name for o in request.outputs] or ["text_output"]
             mv = self.serving.route(out, request.model_name, request.model_version,
                                     request.parameters["routing_key"].string_param
                                     if "routing_key" in request.parameters else "",
                                     {k.removeprefix("attribute."): parameter_text(v)
-                                     for k, v in request.parameters.items() if k.startswith("attribute.")})
+                                     for k, v in request.parameters.items() if k.startswith("attribute.")},
+                                    attribute_field="parameters[attribute.{}]")
             prompt = text(values["text_input"][0], "text_input")
             ids = self.serving.prompt_ids(out, mv, prompt, None, "text_input")
             params = self.serving.sampling(params)
@@ -340,24 +361,30 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 async for response in self.run(request, context, "ModelStreamInfer"):
                     await responses.put(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:  # answered in-band, whatever it is: the stream goes on
-                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                lim = self.serving.limits  # an oversized name or id is not sent back
+                failed = pb.ModelInferResponse(
+                    model_name=request.model_name if len(request.model_name) <= lim.max_name_chars else "",
+                    id=request.id if len(request.id) <= lim.max_id_chars else "")
                 failed.parameters["triton_final_response"].bool_param = True
                 await responses.put(pb.ModelStreamInferResponse(error_message=f"{code_name(exc)}: {exc}",
                                                                 infer_response=failed))
 
         async def read():
-            async for request in request_iterator:
-                task = asyncio.create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks))
-            await responses.put(None)
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                await responses.put(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await responses.get()) is not None:
                 yield item
+            await reader  # raises what ended the request stream early (a message that did not parse)
         finally:
             reader.cancel()
             for task in list(tasks):

@@ -10,9 +10,10 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from inference.engine import Finished, Overloaded, TextChunk
+from inference.limits import InvalidArgument, shown
 from inference.router import NotFound
 from inference.sampling import SamplingParams
-from inference.serving import InvalidArgument, Serving
+from inference.serving import Serving
 from protos import llm_pb2, llm_pb2_grpc
 
 FINISH_REASONS = {
@@ -164,7 +165,7 @@ class LLMService(llm_pb2_grpc.LLMServicer):
     async def ListVersions(self, request, context):
         versions = [mv for mv in self.serving.router.all() if not request.model or mv.model == request.model]
         if request.model and not versions:
-            raise NotFound(f"model: {request.model!r} is not loaded")
+            raise NotFound(f"model: {shown(request.model)} is not loaded")
         return llm_pb2.ListVersionsResponse(versions=[self.info(mv) for mv in versions])
 
     @grpc_errors

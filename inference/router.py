@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from inference.engine import Engine
+from inference.limits import shown
 from inference.tokenizer import Tokenizer
 from eventbus.flags import Flag, bucket, evaluate
 
@@ -51,7 +52,7 @@ class Router:
     def add(self, mv: ModelVersion) -> None:
         versions = self.versions.setdefault(mv.model, {})
         if mv.version in versions:
-            raise ValueError(f"version: {mv.model} {mv.version!r} is already loaded")
+            raise ValueError(f"version: {mv.model} {shown(mv.version)} is already loaded")
         versions[mv.version] = mv
         weights = self.weights.setdefault(mv.model, {})
         weights[mv.version] = 0.0 if weights else 1.0
@@ -73,16 +74,16 @@ class Router:
 
     def get(self, model: str, version: str) -> ModelVersion:
         if model not in self.versions:
-            raise NotFound(f"model: {model!r} is not loaded")
+            raise NotFound(f"model: {shown(model)} is not loaded")
         if version not in self.versions[model]:
-            raise NotFound(f"version: {model} has no version {version!r}")
+            raise NotFound(f"version: {model} has no version {shown(version)}")
         return self.versions[model][version]
 
     def pick(self, model: str, version: str = "", routing_key: str = "") -> ModelVersion:
         if version:
             return self.get(model, version)
         if model not in self.versions:
-            raise NotFound(f"model: {model!r} is not loaded")
+            raise NotFound(f"model: {shown(model)} is not loaded")
         weights = self.weights[model]
         total = sum(weights.values())
         point = (bucket(model, routing_key) if routing_key else random.random()) * total
@@ -94,12 +95,12 @@ class Router:
 
     def set_weights(self, model: str, weights: dict[str, float]) -> dict[str, float]:
         if model not in self.versions:
-            raise NotFound(f"model: {model!r} is not loaded")
+            raise NotFound(f"model: {shown(model)} is not loaded")
         for version, w in weights.items():
             if version not in self.versions[model]:
-                raise NotFound(f"weights: {model} has no version {version!r}")
+                raise NotFound(f"weights: {model} has no version {shown(version)}")
             if not (w >= 0.0 and w != float("inf")):
-                raise ValueError(f"weights[{version!r}]: {w} is not a finite non-negative number")
+                raise ValueError(f"weights[{shown(version)}]: {w} is not a finite non-negative number")
         if sum(weights.values()) <= 0:
             raise ValueError("weights: at least one version needs a positive weight")
         self.weights[model] = {v: float(weights.get(v, 0.0)) for v in self.versions[model]}

@@ -30,7 +30,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self, max_tokens_limit: int) -> None:
-        """Raise ValueError naming the first field out of range."""
+        """Raise ValueError naming the first field out of range (the stop strings' sizes are
+        input limits, checked by the serving layer)."""
         if not 1 <= self.max_tokens <= max_tokens_limit:
             raise ValueError(f"max_tokens: {self.max_tokens} is outside [1, {max_tokens_limit}]")
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
@@ -41,11 +42,6 @@ class SamplingParams:
             raise ValueError(f"top_p: {self.top_p} is outside (0, 1]")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: {self.seed} is outside [0, 2^63)")
-        if len(self.stop) > 16:
-            raise ValueError(f"stop: {len(self.stop)} stop strings, at most 16")
-        for s in self.stop:
-            if not s or len(s) > 256:
-                raise ValueError("stop: each stop string must have 1 to 256 characters")
 
 
 class Choice(NamedTuple):

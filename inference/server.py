@@ -22,6 +22,7 @@ from eventbus.security import KafkaSecurity
 from eventbus.topics import TopicOptions
 from inference.auth import AuthOptions
 from inference.compute import ComputeThread
+from inference.decoding import DecodeErrors
 from inference.demo import DEMO_MODEL_NAME, cache_dir
 from inference.edge import EdgeInterceptor
 from inference.events import EventSink, MemorySink, to_message
@@ -117,7 +118,7 @@ class InferenceServer:
         credentials = server_credentials(o.tls) if o.tls.enabled else None
         self.edge = EdgeInterceptor(o.auth, self.metrics.registry) if o.auth.keys_file else None
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)],
-                                 interceptors=[self.edge] if self.edge else None)
+                                 interceptors=[*([self.edge] if self.edge else []), DecodeErrors()])
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeService(self.serving, self.versions), server)
         llm_pb2_grpc.add_LLMServicer_to_server(LLMService(self.serving, self.versions), server)

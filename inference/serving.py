@@ -23,23 +23,11 @@ from eventbus import topics
 from inference import ratelimit
 from inference.engine import Finished, Job, Overloaded, Scored, Timing
 from inference.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink, TokenHasher
+from inference.limits import InvalidArgument, Limits, check_chars, shown
 from inference.requestlog import log_request
 from inference.router import NotFound, Router
 from inference.sampling import SamplingParams
 from inference.tracing import Tracing
-
-
-class InvalidArgument(ValueError):
-    """Bad input; the message starts with the name of the offending field."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_chars: int = 32_000
-    max_tokens: int = 1024
-    default_max_tokens: int = 128
-    max_labels: int = 32
-    max_label_chars: int = 256
 
 
 @dataclass
@@ -93,16 +81,19 @@ class Serving:
     # -- requests ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def track(self, method: str, request_id: str = "", context=None):
+    def track(self, method: str, request_id: str = "", context=None, id_field: str = "request_id"):
         """Yields the request's Outcome; on exit, records its event and metrics.
-        `context` (a grpc.aio context) tells a passed deadline from a cancellation."""
+        `context` (a grpc.aio context) tells a passed deadline from a cancellation;
+        `id_field` is how the request names its request_id."""
         ratelimit.check_refusal()  # a stream message over its key's limit: refused before it counts
         caller = ratelimit.current_caller()  # the API key behind the call, where keys are checked
-        out = Outcome(method, request_id or str(uuid.uuid4()))
+        fits = len(request_id) <= self.limits.max_id_chars  # one too long is not recorded, a UUID is
+        out = Outcome(method, (request_id if fits else "") or str(uuid.uuid4()))
         if caller is not None:
             out.tenant = caller.tenant
         self.tracing.begin(out, context)  # the request's span; out.trace_id
         try:
+            check_chars(id_field, request_id, self.limits.max_id_chars)
             yield out
         except InvalidArgument as exc:
             out.status, out.error = "invalid_argument", str(exc)
@@ -140,12 +131,25 @@ class Serving:
         return "deadline_exceeded" if remaining is not None and remaining <= self.DEADLINE_SLACK else "cancelled"
 
     def route(self, out: Outcome, model: str, version: str, routing_key: str,
-              attributes: dict[str, str] | None = None):
+              attributes: dict[str, str] | None = None, attribute_field: str = "attributes[{}]"):
+        """attribute_field: how the request names an attribute's field, {} standing for its name."""
         if not model:
             raise InvalidArgument("model: is empty")
+        lim = self.limits
+        check_chars("model", model, lim.max_name_chars)
+        check_chars("version", version, lim.max_name_chars)
+        check_chars("routing_key", routing_key, lim.max_id_chars)
+        attributes = dict(attributes or {})
+        if len(attributes) > lim.max_attributes:
+            raise InvalidArgument(f"attributes: {len(attributes)} given, the limit is {lim.max_attributes}")
+        for name, value in attributes.items():
+            field_name = attribute_field.format(name[:64])
+            if len(name) > lim.max_attribute_chars:
+                raise InvalidArgument(f"{field_name}: the name has {len(name)} characters, the limit is "
+                                      f"{lim.max_attribute_chars}")
+            check_chars(field_name, value, lim.max_attribute_chars)
         mv = self.router.pick(model, version, routing_key)
         out.model, out.version = mv.model, mv.version
-        attributes = dict(attributes or {})
         if out.tenant:
             attributes["tenant"] = out.tenant
         out.flags = self.router.flags_on(mv.model, routing_key, attributes)
@@ -167,7 +171,7 @@ class Serving:
             mv = self.router.versions.get(out.model, {}).get(version)
             if mv is None or version == out.version:
                 continue
-            if mv.engine.stats.waiting >= mv.engine.max_waiting:
+            if mv.engine.full():
                 self.metrics.shadow_skipped.labels(mv.model, mv.version).inc()
                 continue
             # a context of its own: the copy is not the caller's request, so it is not
@@ -193,9 +197,16 @@ class Serving:
         if messages is not None:
             if not messages:
                 raise InvalidArgument(f"{field_name}.messages: is empty")
+            if len(messages) > self.limits.max_messages:
+                raise InvalidArgument(f"{field_name}.messages: {len(messages)} messages, the limit is "
+                                      f"{self.limits.max_messages}")
+            chars = sum(len(m["content"]) for m in messages)
+            if chars > self.limits.max_prompt_chars:
+                raise InvalidArgument(f"{field_name}.messages: {chars} characters of content, the limit is "
+                                      f"{self.limits.max_prompt_chars}")
             for i, m in enumerate(messages):
-                if m.get("role") not in ("system", "user", "assistant", "tool"):
-                    raise InvalidArgument(f"{field_name}.messages[{i}].role: {m.get('role')!r} is not "
+                if m["role"] not in ("system", "user", "assistant", "tool"):
+                    raise InvalidArgument(f"{field_name}.messages[{i}].role: {shown(m['role'])} is not "
                                           "one of system, user, assistant, tool")
             if mv.system_prompt and not any(m.get("role") == "system" for m in messages):
                 messages = [{"role": "system", "content": mv.system_prompt}, *messages]
@@ -222,6 +233,13 @@ class Serving:
             params.validate(self.limits.max_tokens)
         except ValueError as exc:
             raise InvalidArgument(f"sampling.{exc}") from None
+        if len(params.stop) > self.limits.max_stop:
+            raise InvalidArgument(f"sampling.stop: {len(params.stop)} stop strings, the limit is "
+                                  f"{self.limits.max_stop}")
+        for i, stop in enumerate(params.stop):
+            if not stop:
+                raise InvalidArgument(f"sampling.stop[{i}]: is empty")
+            check_chars(f"sampling.stop[{i}]", stop, self.limits.max_stop_chars)
         return params
 
     async def generate(self, out: Outcome, mv, ids: list[int], params: SamplingParams, stream: bool = True):
@@ -294,13 +312,19 @@ class Serving:
             raise InvalidArgument(f"score: {score} is not finite")
         if label is not None and not label:
             raise InvalidArgument("label: is empty")
+        lim = self.limits
+        check_chars("request_id", request_id, lim.max_id_chars)
+        check_chars("model", model, lim.max_name_chars)
+        check_chars("version", version, lim.max_name_chars)
+        check_chars("label", label or "", lim.max_label_chars)
+        check_chars("comment", comment, lim.max_comment_chars)
         served = self.served_by.get(request_id)
         if not model:
             if served is None:
                 raise InvalidArgument("model: is empty and request_id is not one this server remembers")
             model = served[0]
         if model not in self.router.versions and served is None:
-            raise NotFound(f"model: {model!r} is not loaded")
+            raise NotFound(f"model: {shown(model)} is not loaded")
         if not version and served is not None and served[0] == model:
             version = served[1]
         feedback_id = str(uuid.uuid4())

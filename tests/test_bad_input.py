@@ -155,6 +155,13 @@ KSERVE_CASES = [
      INVALID, ("sampling_parameters",)),
     ("sampling_parameters temperature out of range",
      infer_request(HELLO, json_params(b'{"temperature": -1}')), INVALID, ("temperature",)),
+    ("sampling_parameters nested too deeply",
+     infer_request(HELLO, json_params(b'{"stop": ' + b"[" * 2000 + b"]" * 2000 + b"}")), INVALID,
+     ("sampling_parameters", "deep")),
+    ("sampling_parameters stop not strings", infer_request(HELLO, json_params(b'{"stop": [["a"]]}')), INVALID,
+     ("sampling_parameters", "stop")),
+    ("sampling_parameters ignore_eos not a boolean", infer_request(HELLO, json_params(b'{"ignore_eos": "no"}')),
+     INVALID, ("sampling_parameters", "ignore_eos")),
     ("sampling_parameters malformed UTF-8", infer_request(HELLO, json_params(b'{"stop": "\xff"}')), INVALID,
      ("sampling_parameters", "UTF-8")),
     ("temperature negative", infer_request(HELLO, scalar("temperature", -0.5, np.float32)), INVALID,
@@ -327,3 +334,171 @@ def test_feedback_bad_input(server, channel, case, request_, code, fields):
     check_error(err.value, code, fields)
     assert len(server.sink.events()) == before  # nothing published
     assert stub.Feedback(llm_pb2.FeedbackRequest(request_id="r1", model=MODEL, score=1.0), timeout=10).accepted
+
+
+# -- bytes that are no message ------------------------------------------------------------
+
+UNDECODABLE = [  # method, request message type, how the method streams
+    ("/vigil.v1.LLM/Generate", "vigil.v1.GenerateRequest", "unary_unary"),
+    ("/vigil.v1.LLM/GenerateStream", "vigil.v1.GenerateRequest", "unary_stream"),
+    ("/vigil.v1.LLM/Classify", "vigil.v1.ClassifyRequest", "unary_unary"),
+    ("/vigil.v1.LLM/Feedback", "vigil.v1.FeedbackRequest", "unary_unary"),
+    ("/vigil.v1.LLM/SetTraffic", "vigil.v1.SetTrafficRequest", "unary_unary"),
+    ("/inference.GRPCInferenceService/ModelInfer", "inference.ModelInferRequest", "unary_unary"),
+    ("/inference.GRPCInferenceService/ModelStreamInfer", "inference.ModelInferRequest", "stream_stream"),
+    ("/inference.GRPCInferenceService/ModelMetadata", "inference.ModelMetadataRequest", "unary_unary"),
+    ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest", "unary_unary"),
+    ("/grpc.health.v1.Health/Watch", "grpc.health.v1.HealthCheckRequest", "unary_stream"),
+]
+
+
+def raw_call(channel, method: str, kind: str, payload: bytes, timeout: float = 10):
+    """Send `payload` as the request message's bytes; returns the responses' bytes."""
+    call = getattr(channel, kind)(method)  # no serializers: bytes in, bytes out
+    if kind == "unary_unary":
+        return [call(payload, timeout=timeout)]
+    if kind == "unary_stream":
+        return list(call(payload, timeout=timeout))
+    return list(call(iter([payload]), timeout=timeout))
+
+
+@pytest.mark.parametrize("method,message,kind", UNDECODABLE, ids=[u[0].rsplit("/", 1)[1] for u in UNDECODABLE])
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff", b"\x0a\xff", b"\x0a\x03\xff\xfe\xfd"],
+                         ids=["corrupt", "truncated", "bad-utf8"])
+def test_undecodable_request(server, channel, method, message, kind, payload):
+    with pytest.raises(grpc.RpcError) as err:
+        raw_call(channel, method, kind, payload)
+    check_error(err.value, INVALID, ("request", message, method))
+    stub = llm_pb2_grpc.LLMStub(channel)
+    assert stub.Generate(gen({"max_tokens": 2}), timeout=30).completion_tokens >= 1
+
+
+def test_undecodable_message_ends_a_kserve_stream(server, channel):
+    """A request stream whose second message does not parse: the first is answered,
+    then the call ends with INVALID_ARGUMENT (and the server does not hang on it)."""
+    good = infer_request(HELLO, scalar("max_tokens", 2, np.int32))
+    good.id = "before-the-bad-one"
+    call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                 response_deserializer=pb.ModelStreamInferResponse.FromString)
+    answers = []
+    with pytest.raises(grpc.RpcError) as err:
+        for answer in call(iter([good.SerializeToString(), b"\xff\xff\xff"]), timeout=30):
+            answers.append(answer)
+    check_error(err.value, INVALID, ("request", "inference.ModelInferRequest"))
+    assert len(events_for(server.sink, "before-the-bad-one")) <= 1
+
+
+# -- sizes of free-form inputs ------------------------------------------------------------
+
+L = Limits()
+LONG_ID = "i" * (L.max_id_chars + 1)
+LONG_NAME = "n" * (L.max_name_chars + 1)
+MANY_ATTRIBUTES = {f"a{i}": "x" for i in range(L.max_attributes + 1)}
+LONG_KEY, LONG_VALUE = "k" * (L.max_attribute_chars + 1), "v" * (L.max_attribute_chars + 1)
+SIZE_CASES = [  # case, method, request, the field and the limit the message names
+    ("request_id", "Generate", gen(request_id=LONG_ID), ("request_id", str(L.max_id_chars))),
+    ("routing_key", "Generate", gen(routing_key=LONG_ID), ("routing_key", str(L.max_id_chars))),
+    ("model", "Generate", gen(model=LONG_NAME), ("model", str(L.max_name_chars))),
+    ("version", "Generate", gen(version=LONG_NAME), ("version", str(L.max_name_chars))),
+    ("attributes count", "Generate", gen(attributes=MANY_ATTRIBUTES), ("attributes", str(L.max_attributes))),
+    ("attribute name", "Generate", gen(attributes={LONG_KEY: "x"}), ("attributes[", str(L.max_attribute_chars))),
+    ("attribute value", "Generate", gen(attributes={"plan": LONG_VALUE}),
+     ("attributes[plan]", str(L.max_attribute_chars))),
+    ("stop count", "Generate", gen({"stop": [f"s{i}" for i in range(L.max_stop + 1)]}), ("stop", str(L.max_stop))),
+    ("stop length", "Generate", gen({"stop": ["s" * (L.max_stop_chars + 1)]}), ("stop", str(L.max_stop_chars))),
+    ("chat messages", "Generate", gen(chat=chat(*[("user", "a")] * (L.max_messages + 1))),
+     ("chat.messages", str(L.max_messages))),
+    ("chat content", "Generate", gen(chat=chat(("user", "a" * 150), ("user", "b" * 150))),
+     ("chat.messages", str(MAX_PROMPT_CHARS))),
+    ("stream: request_id", "GenerateStream", gen(request_id=LONG_ID), ("request_id", str(L.max_id_chars))),
+    ("classify: request_id", "Classify", cls(LABELS, request_id=LONG_ID), ("request_id", str(L.max_id_chars))),
+    ("classify: routing_key", "Classify", cls(LABELS, routing_key=LONG_ID), ("routing_key", str(L.max_id_chars))),
+    ("classify: attributes", "Classify", cls(LABELS, attributes=MANY_ATTRIBUTES),
+     ("attributes", str(L.max_attributes))),
+    ("feedback: request_id", "Feedback", llm_pb2.FeedbackRequest(request_id=LONG_ID, model=MODEL, label="x"),
+     ("request_id", str(L.max_id_chars))),
+    ("feedback: model", "Feedback", llm_pb2.FeedbackRequest(request_id="r1", model=LONG_NAME, label="x"),
+     ("model", str(L.max_name_chars))),
+    ("feedback: version", "Feedback",
+     llm_pb2.FeedbackRequest(request_id="r1", model=MODEL, version=LONG_NAME, label="x"),
+     ("version", str(L.max_name_chars))),
+    ("feedback: label", "Feedback",
+     llm_pb2.FeedbackRequest(request_id="r1", model=MODEL, label="l" * (L.max_label_chars + 1)),
+     ("label", str(L.max_label_chars))),
+    ("feedback: comment", "Feedback",
+     llm_pb2.FeedbackRequest(request_id="r1", model=MODEL, score=1.0, comment="c" * (L.max_comment_chars + 1)),
+     ("comment", str(L.max_comment_chars))),
+]
+
+
+def kserve_params(request: pb.ModelInferRequest, **params: str) -> pb.ModelInferRequest:
+    for name, value in params.items():
+        request.parameters[name].string_param = value
+    return request
+
+
+KSERVE_SIZE_CASES = [
+    ("id", pb.ModelInferRequest(model_name=MODEL, id=LONG_ID), ("id", str(L.max_id_chars))),
+    ("routing_key", kserve_params(pb.ModelInferRequest(model_name=MODEL), routing_key=LONG_ID),
+     ("routing_key", str(L.max_id_chars))),
+    ("model_name", pb.ModelInferRequest(model_name=LONG_NAME), ("model", str(L.max_name_chars))),
+    ("attributes count", kserve_params(pb.ModelInferRequest(model_name=MODEL),
+                                       **{f"attribute.{k}": v for k, v in MANY_ATTRIBUTES.items()}),
+     ("attribute", str(L.max_attributes))),
+    ("attribute value", kserve_params(pb.ModelInferRequest(model_name=MODEL), **{"attribute.plan": LONG_VALUE}),
+     ("parameters[attribute.plan]", str(L.max_attribute_chars))),
+    ("stop count", infer_request(HELLO, tensor("stop", "BYTES", [L.max_stop + 1],
+                                               el(*[b"s%d" % i for i in range(L.max_stop + 1)]))),
+     ("stop", str(L.max_stop))),
+    ("sampling_parameters length", infer_request(HELLO, json_params(b'{"stop": "%s"}' % (b"s" * L.max_json_chars))),
+     ("sampling_parameters", str(L.max_json_chars))),
+]
+
+
+def check_size_error(server, err: grpc.RpcError, fields, request: bool) -> None:
+    check_error(err, INVALID, fields)
+    assert len(err.details()) < 500, err.details()  # the message never carries the oversized input
+    if request:  # one event, without the oversized input either
+        deadline = time.monotonic() + 5
+        while not (found := [e for e in server.sink.events(INFERENCE_TOPIC) if e["error"] == err.details()]):
+            assert time.monotonic() < deadline, "no event"
+            time.sleep(0.01)
+        assert found[-1]["status"] == "invalid_argument"
+        assert len(str(found[-1])) < 4000
+
+
+@pytest.mark.parametrize("case,method,request_,fields", SIZE_CASES, ids=[c[0] for c in SIZE_CASES])
+def test_llm_input_sizes(server, channel, case, method, request_, fields):
+    stub = llm_pb2_grpc.LLMStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        result = getattr(stub, method)(request_, timeout=30)
+        if method == "GenerateStream":
+            list(result)
+    check_size_error(server, err.value, fields, request=method != "Feedback")
+    assert stub.Generate(gen({"max_tokens": 2}, request_id="i" * L.max_id_chars, routing_key="k" * L.max_id_chars,
+                             attributes={f"a{i}": "v" * L.max_attribute_chars for i in range(L.max_attributes)}),
+                         timeout=30).completion_tokens >= 1
+
+
+@pytest.mark.parametrize("case,request_,fields", KSERVE_SIZE_CASES, ids=[c[0] for c in KSERVE_SIZE_CASES])
+def test_kserve_input_sizes(server, channel, case, request_, fields):
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest()
+    request.CopyFrom(request_)
+    if not request.inputs:
+        request.MergeFrom(infer_request(HELLO, model=request.model_name))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, timeout=30)
+    check_size_error(server, err.value, fields, request=True)
+    good = kserve_params(infer_request(HELLO, scalar("max_tokens", 2, np.int32)), routing_key="k" * L.max_id_chars)
+    good.id = "i" * L.max_id_chars
+    assert stub.ModelInfer(good, timeout=30).model_name == MODEL
+
+
+def test_repository_load_config_nested_too_deeply(server, channel):
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.RepositoryModelLoadRequest(model_name="another")
+    request.parameters["config"].string_param = '{"version": ' + "[" * 3000 + "]" * 3000 + "}"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RepositoryModelLoad(request, timeout=30)
+    check_error(err.value, INVALID, ("parameters[config]", "deep"))
