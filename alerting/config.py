@@ -27,6 +27,9 @@ and `alertmanagers:` (real Alertmanagers fed through their v2 API).
             max_attempts: 5
             backoff: 500ms
             max_backoff: 30s
+      - name: pager
+        webhook_configs:
+          - url: http://pager:8080/hook
     inhibit_rules:
       - source_matchers: ['alertname="RollbackFiring"']
         target_matchers: ['severity="warning"']
@@ -40,6 +43,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .labels import LABEL_NAME, Matcher, matchers_string, parse_matcher
 from .rules import RuleError, RuleLoadError, _Checker
@@ -213,6 +217,24 @@ def _route(ck: _Checker, m, path: str, parent: Route | None, line: int) -> Route
     return r
 
 
+def url_problem(url) -> str:
+    """What makes `url` no http(s) address a notification can be sent to; empty when nothing."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return f"needs an http(s) url, not {url!r}"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return f"{url!r} holds a space or a control character"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:  # a port that is no number, or beyond 65535
+        return f"{url!r}: {str(e).lower()}"
+    if not parts.hostname:
+        return f"{url!r} has no host"
+    if port == 0:
+        return f"{url!r}: port 0 cannot be connected to"
+    return ""
+
+
 def _read_secret(ck, w: Map, path: str, key: str, base: Path | None) -> bytes | None:
     if key == "hmac_secret":
         v = w[key]
@@ -241,8 +263,10 @@ def _webhook(ck: _Checker, w, path: str, line: int, base: Path | None) -> Webhoo
             url = Path(str(w["url_file"])).read_text().strip()
         except OSError as e:
             ck.err(w.line_of("url_file"), f"{path}.url_file", f"cannot read: {e.strerror or e}")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        ck.err(w.line_of("url"), f"{path}.url", f"a webhook needs an http(s) url, not {url!r}")
+    problem = url_problem(url)
+    if problem:
+        key = "url_file" if "url_file" in w else "url"
+        ck.err(w.line_of(key), f"{path}.{key}", problem)
         return None
     cfg = WebhookConfig(url=url)
     if "send_resolved" in w:
@@ -398,8 +422,9 @@ def parse_config(text: str, file: str = "<config>", base: Path | None = None) ->
             continue
         ck.keys(a, {"url": "", "timeout": "", "resend_interval": "", "max_attempts": "", "backoff": ""}, path)
         url = a.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            ck.err(a.line_of("url"), f"{path}.url", f"an http(s) url, not {url!r}")
+        problem = url_problem(url)
+        if problem:
+            ck.err(a.line_of("url"), f"{path}.url", problem)
             continue
         t = AlertmanagerTarget(url.rstrip("/"))
         t.timeout = ck.duration(a, "timeout", path, t.timeout)
@@ -420,9 +445,14 @@ def parse_config(text: str, file: str = "<config>", base: Path | None = None) ->
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     try:
-        text = p.read_text()
+        data = p.read_bytes()
     except OSError as e:
         raise RuleLoadError([RuleError(str(p), 0, "file", f"cannot read: {e.strerror or e}")]) from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RuleLoadError([RuleError(str(p), line, "file", f"not UTF-8 text: byte {data[e.start]:#04x}")]) from None
     cfg, errors = parse_config(text, str(p), p.parent)
     if errors:
         raise RuleLoadError(errors)
