@@ -71,8 +71,8 @@ def listening(args) -> tuple[str, set[int], int]:
     """(address, ports, metrics port) of a parsed service command."""
     if args.command in ("serve", "up"):
         return args.host, {args.port, args.metrics_port}, args.metrics_port
-    if args.command == "process":  # prometheus_client's start_http_server: every interface
-        return "0.0.0.0", {args.metrics_port}, args.metrics_port
+    if args.command == "process":
+        return args.metrics_host, {args.metrics_port}, args.metrics_port
     if args.command == "alerting":
         return args.admin_host, {args.admin_port}, args.admin_port
     if args.command == "rollout":
