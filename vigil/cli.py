@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from alerting import cli as alerting_cli
+from console import cli as console_cli
 from eventbus import security as kafka_security
 from eventbus import topics
 from eventbus.broker import BrokerError, EmbeddedBroker
@@ -387,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     processor_cli.add_parser(sub, option)  # vigil process
     rollout_cli.add_parser(sub, option)  # vigil rollout [start|status|pause|...]
     demo.add_parser(sub, option)  # vigil demo
+    console_cli.add_parser(sub, option)  # vigil ui
     keys.add_parser(sub, option)  # vigil keys add|check
     sub.add_parser("fetch-demo", help="download the demo model into the cache folder",
                    description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into $VIGIL_CACHE_DIR or ~/.cache/vigil.")
@@ -422,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return processor_cli.run(args)
     if args.command == "rollout":
         return rollout_cli.run(args)
+    if args.command == "ui":
+        return console_cli.run(args)
     if args.command == "keys":
         return keys.run(args)
     if args.command == "demo":

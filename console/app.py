@@ -1,0 +1,109 @@
+"""The page's HTTP side (aiohttp): the page at `/`, its assets (plotly.js from the
+installed plotly package), the state as JSON at `/api/state`, and the changes as
+server-sent events at `/api/events`: first the whole state (event `state`), then each
+change (events `signal`, `alert`, `rollout`, `traffic`). A page that cannot keep up is
+cut off; its EventSource reconnects and starts again from a fresh state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from importlib import resources
+
+from aiohttp import web
+
+ASSETS = resources.files("console") / "assets"
+PLOTLY_JS = resources.files("plotly") / "package_data" / "plotly.min.js"
+FILES = {"page.js": (ASSETS / "page.js", "text/javascript"), "page.css": (ASSETS / "page.css", "text/css"),
+         "plotly.min.js": (PLOTLY_JS, "text/javascript")}
+# Plotly sets style attributes; nothing else runs but these files.
+SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                               "img-src 'self' data:; object-src 'none'; base-uri 'none'",
+                    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+KEEPALIVE_S = 15.0
+
+
+def dumps(data) -> str:
+    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+
+
+class Hub:
+    """The changes, fanned out to every open stream; each stream holds at most `cap`."""
+
+    def __init__(self, cap: int = 1000):
+        self.cap = cap
+        self.queues: set[asyncio.Queue] = set()
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(maxsize=self.cap + 1)
+        self.queues.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self.queues.discard(q)
+
+    def publish(self, change: dict) -> None:
+        for q in list(self.queues):
+            if q.qsize() >= self.cap:
+                q.put_nowait(None)  # the one place left: the stream ends there
+                self.queues.discard(q)
+            else:
+                q.put_nowait(change)
+
+    def close(self) -> None:
+        """Ends every stream."""
+        for q in self.queues:
+            q.put_nowait(None)
+        self.queues.clear()
+
+
+def make_app(state: Callable[[], dict], hub: Hub) -> web.Application:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=(ASSETS / "index.html").read_bytes(), content_type="text/html",
+                            charset="utf-8", headers=SECURITY_HEADERS)
+
+    async def asset(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in FILES:
+            raise web.HTTPNotFound(text=f"no asset {name}")
+        path, content_type = FILES[name]
+        return web.Response(body=path.read_bytes(), content_type=content_type, charset="utf-8",
+                            headers={**SECURITY_HEADERS, "Cache-Control": "max-age=3600"})
+
+    async def api_state(request: web.Request) -> web.Response:
+        return web.Response(text=dumps(state()), content_type="application/json", headers=SECURITY_HEADERS)
+
+    async def api_events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **SECURITY_HEADERS})
+        await response.prepare(request)
+        first, q = state(), hub.subscribe()  # nothing in between: no change is missed or sent twice
+        try:
+            await send(response, "state", first)
+            while True:
+                try:
+                    change = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                if change is None:
+                    break
+                await send(response, change["type"], change)
+        except ConnectionResetError:
+            pass
+        finally:
+            hub.unsubscribe(q)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/assets/{name}", asset)
+    app.router.add_get("/api/state", api_state)
+    app.router.add_get("/api/events", api_events)
+    return app
+
+
+async def send(response: web.StreamResponse, event: str, data: dict) -> None:
+    await response.write(f"event: {event}\ndata: {dumps(data)}\n\n".encode())
