@@ -27,14 +27,18 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$sta
     touch "$stamp"
 fi
 
-# Test tools from Debian: promtool and amtool check deploy/ (prometheus, prometheus-alertmanager).
-if [[ -n "$extras" ]] && ! { command -v promtool && command -v amtool; } >/dev/null 2>&1; then
+# Test tools from Debian: promtool and amtool check deploy/ (prometheus, prometheus-alertmanager);
+# the page's browser test drives headless Chromium through its chromedriver (chromium, chromium-driver).
+if [[ -n "$extras" ]] && ! { command -v promtool && command -v amtool && command -v chromium \
+                               && command -v chromedriver; } >/dev/null 2>&1; then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get -qq update >/dev/null
-        apt-get -qq install -y --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+        apt-get -qq install -y --no-install-recommends prometheus prometheus-alertmanager \
+            chromium chromium-driver >/dev/null
     else
-        echo "setup: promtool/amtool missing; as root: apt-get install prometheus prometheus-alertmanager" >&2
+        echo "setup: promtool/amtool/chromium missing; as root: apt-get install prometheus" \
+             "prometheus-alertmanager chromium chromium-driver" >&2
     fi
 fi
 
