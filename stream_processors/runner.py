@@ -18,6 +18,10 @@ there is none), so a crash replays what came after the last checkpoint into the 
 that checkpoint: no event lost, none counted twice. Signals published between the last
 checkpoint and a crash may be published again (at least once). The group's committed
 offsets follow the checkpoints, for lag tools; the runner itself never reads them.
+
+The consumer loop and the checkpoints run under eventbus.supervise (tasks process-consume
+and process-checkpoint, in vigil_task_up and vigil_task_failures_total): a failure is
+logged and counted, and the consumer loop restarts from the offsets its state holds.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from eventbus import cloudevents, codec, compat, topics
 from eventbus.consumer import dead_letter, decode
 from eventbus.ports import serve_metrics
 from eventbus.security import KafkaSecurity
+from eventbus.supervise import Supervisor
 from protos import events_pb2
 from stream_processors.processor import Out, PartitionState, Settings, unusable
 
@@ -206,7 +211,7 @@ class Runner:
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        self.last_checkpoint = time.monotonic()
+        self.tasks = Supervisor(self.metrics.registry)
         self.stopping = asyncio.Event()
         self.metrics_port = 0
 
@@ -248,6 +253,19 @@ class Runner:
             await self.producer.stop()
 
     async def run(self) -> None:
+        """The consumer loop and the checkpoints, supervised, until `stopping` is set."""
+        consume = self.tasks.start("process-consume", self.consume)
+        self.tasks.start("process-checkpoint", self.checkpoints)
+        try:
+            await consume
+        finally:
+            await self.tasks.stop()
+
+    async def consume(self) -> None:
+        """From the offsets the state holds, so a restart after a failure reads its fetch again;
+        until `stopping` is set, with every fetch taken in sent."""
+        async with self.lock:
+            await self.resume(self.consumer.assignment())
         while not self.stopping.is_set():
             batches = await self.consumer.getmany(timeout_ms=200, max_records=self.o.max_records)
             async with self.lock:
@@ -256,9 +274,13 @@ class Runner:
                     self.process(tp, records, outs)
                 for item in outs:
                     await self.send(item)
-                if time.monotonic() - self.last_checkpoint >= self.o.checkpoint_interval:
-                    await self.checkpoint(list(self.states))
-                    self.update_lag()
+
+    async def checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.o.checkpoint_interval)
+            async with self.lock:
+                await self.checkpoint(list(self.states))
+                self.update_lag()
 
     # -- records --------------------------------------------------------------------------
     def process(self, tp: TopicPartition, records, outs: list) -> None:
@@ -315,7 +337,6 @@ class Runner:
 
     async def checkpoint(self, partitions: list[int]) -> None:
         """Signals and dead letters first, then the state that accounts for them."""
-        self.last_checkpoint = time.monotonic()
         if not partitions:
             return
         await self.producer.flush()
@@ -402,13 +423,19 @@ class Runner:
                 else:
                     self.states[p] = PartitionState(p, self.o.settings)
                     log.info("partition %d: no checkpoint, from the beginning", p)
-            for tp in assigned:
-                offset = self.states[tp.partition].offsets.get(tp.topic)
-                if offset is None:
-                    await self.consumer.seek_to_beginning(tp)
-                else:
-                    self.consumer.seek(tp, offset)
+            await self.resume(assigned)
             self.metrics.partitions.set(len(self.states))
+
+    async def resume(self, tps) -> None:
+        """Each partition from the next offset its state has not taken in."""
+        for tp in tps:
+            if tp.partition not in self.states:  # assigned, but assigned() has not run yet: it seeks
+                continue
+            offset = self.states[tp.partition].offsets.get(tp.topic)
+            if offset is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, offset)
 
     def update_lag(self) -> None:
         lag: dict[str, int] = {}

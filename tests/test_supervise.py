@@ -189,3 +189,46 @@ async def test_alerting_signals_task_failing_is_shown_and_reads_its_batch_again(
         await until(fired, 30, "the alert's webhook", every=0.2)
     finally:
         await service.stop()
+
+
+def test_processor_consume_task_failing_is_shown_and_reads_its_fetch_again(caplog):
+    """The fault is injected where the consumer loop hands a fetch to Runner.process: it
+    raises until the test has seen the task down; then every event is counted once."""
+    from stream_processors.processor import Settings
+    from stream_processors.runner import Runner, RunnerOptions
+    from tests.test_processor import SMALL, counted, event, own_broker, produce, record
+
+    async def main(bootstrap: str):
+        await produce(bootstrap, [record(event(i, "sup", "v1"), "vigil.inference.events") for i in range(300)])
+        runner = Runner(RunnerOptions(bootstrap_servers=bootstrap, group_id="sup", metrics_port=-1,
+                                      checkpoint_interval=0.3, session_timeout_ms=6000, settings=Settings(**SMALL)))
+        runner.tasks.min_backoff = 0.05
+        process, broken = runner.process, asyncio.Event()
+
+        def faulty(tp, records, outs):
+            if broken.is_set() and records:
+                raise RuntimeError("injected process fault")
+            return process(tp, records, outs)
+
+        runner.process = faulty
+        value = lambda name: runner.metrics.registry.get_sample_value(name, {"task": "process-consume"})  # noqa: E731
+        broken.set()
+        await runner.start()
+        task = asyncio.create_task(runner.run())
+        try:
+            await until(lambda: value("vigil_task_up") == 0, 60, "the consumer task down")
+            assert value("vigil_task_failures_total") >= 1 and runner.tasks.down() == ["process-consume"]
+            broken.clear()
+            await until(lambda: counted(runner)[0] == 300, 60, "every event counted")
+            assert runner.tasks.ready and value("vigil_task_up") == 1
+            await produce(bootstrap, [record(event(i, "sup", "v1"), "vigil.inference.events")
+                                      for i in range(300, 400)])
+            await until(lambda: counted(runner)[0] == 400, 60, "the events after the restart")
+        finally:
+            runner.stopping.set()
+            await task
+            await runner.stop()
+
+    with caplog.at_level(logging.ERROR, logger="eventbus.supervise"), own_broker() as broker:
+        asyncio.run(main(broker.bootstrap_servers))
+    assert "task process-consume failed" in caplog.text and "injected process fault" in caplog.text
