@@ -102,6 +102,7 @@ def make_app(state: Callable[[], dict], hub: Hub) -> web.Application:
     app.router.add_get("/assets/{name}", asset)
     app.router.add_get("/api/state", api_state)
     app.router.add_get("/api/events", api_events)
+    app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))  # none, and no error for it
     return app
 
 

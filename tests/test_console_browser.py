@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from protos import events_pb2
-from test_console import alert, drift, ensure_topics, produce, request, rollout
+from test_console import alert, drift, ece, ensure_topics, produce, request, rollout
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -50,6 +50,7 @@ def browser(tmp_path):
                     "(apt-get install chromium chromium-driver)")
     o = webdriver.ChromeOptions()
     o.binary_location = CHROMIUM
+    o.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                  "--window-size=1400,2600", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         o.add_argument(flag)
@@ -85,7 +86,8 @@ def test_the_page_shows_drift_alerts_and_decisions_live(kafka_broker, ui, browse
         rollout(model, 2, events_pb2.ROLLOUT_PHASE_CANARY, {"1": 0.75, "2": 0.25}, "canary: step 1, 25 percent", step=1),
         *readings, drift(model, "2", statistic=0.41, t=now),
         alert(model, "2", events_pb2.ALERT_STATE_FIRING, label=SCRIPT),
-        *[request(model, "2", total=0.2, t=now) for _ in range(12)]))
+        *[request(model, "2", total=0.2, t=now) for _ in range(12)],
+        ece(model, "2", 0.15), drift(model, "2", detector="ks_vs_stable", feature="mean_entropy", statistic=0.5)))
 
     def drifted_chart(d):
         return [f for f in d.find_elements(By.CSS_SELECTOR, "#drift-charts figure[data-drifted='true']")
@@ -103,9 +105,15 @@ def test_the_page_shows_drift_alerts_and_decisions_live(kafka_broker, ui, browse
     wait(browser, lambda d: any(r.startswith(f"{model} 2 ") and " 12 0 " in r for r in texts(d, "#traffic tr.version")),
          "the request figures")
 
+    wait(browser, lambda d: any(f"{model}/2: reliability" in t and "ECE 0.150" in t
+                                for t in texts(d, "#calibration-charts figure")), "the reliability diagram")
+    wait(browser, lambda d: any(f"{model}/2 ks_vs_stable mean_entropy" in t and "drifted" in t
+                                for t in texts(d, "#candidate-charts figure")), "the candidate against stable")
+
     row.find_element(By.CSS_SELECTOR, "a.signals-link").click()
     wait(browser, lambda d: any(f"{model}/2 ks mean_logprob" in t for t in texts(d, "#selected figure")),
          "the alert's signals")
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     browser.execute_script("window.scrollTo(0, 0)")
     shot = tmp_path / "vigil-page.png"
     assert browser.save_screenshot(str(shot))
