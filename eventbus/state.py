@@ -22,8 +22,9 @@ compat.install()
 
 class TopicReader:
     """`await start()` reads `topic` to its end and returns those records, decoded, in
-    log order per partition; `follow(handler)` then hands each newer record to handler
-    until `stop()`."""
+    log order per partition; `await follow(handler)` then hands each newer record to
+    handler until it is cancelled (a failure of the handler is logged, the record skipped).
+    `stop()` closes the consumer."""
 
     def __init__(self, bootstrap_servers: str, topic: str, client_id: str = "vigil-state",
                  wait_for_topic: float = 30.0, security: KafkaSecurity = NO_SECURITY):
@@ -31,7 +32,6 @@ class TopicReader:
         self.security = security
         self.client_id, self.wait_for_topic = client_id, wait_for_topic
         self.consumer: AIOKafkaConsumer | None = None
-        self.task: asyncio.Task | None = None
 
     async def start(self) -> list[Received]:
         c = self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None,
@@ -65,29 +65,19 @@ class TopicReader:
                     c.seek(tp, end[tp])
         return out
 
-    def follow(self, handler: Callable[[Received], Awaitable[None] | None]) -> asyncio.Task:
-        async def run():
-            while True:
-                batches = await self.consumer.getmany(timeout_ms=200)
-                for records in batches.values():
-                    for r in records:
-                        try:
-                            result = handler(decode(r))
-                            if asyncio.iscoroutine(result):
-                                await result
-                        except Exception:
-                            log.exception("handling %s/%d@%d", r.topic, r.partition, r.offset)
-        self.task = asyncio.create_task(run(), name=f"follow-{self.topic}")
-        return self.task
+    async def follow(self, handler: Callable[[Received], Awaitable[None] | None]) -> None:
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for r in records:
+                    try:
+                        result = handler(decode(r))
+                        if asyncio.iscoroutine(result):
+                            await result
+                    except Exception:
+                        log.exception("handling %s/%d@%d", r.topic, r.partition, r.offset)
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self.task = None
         if self.consumer is not None:
             await stop_consumer(self.consumer)
             self.consumer = None

@@ -15,6 +15,10 @@ loaded versions changes (a version loaded later through the admin API gets its s
 The record's stable version, its shadow versions (those loaded here) and its feature
 flags are applied in the same call as the weights; a record the router refuses (a
 negative or infinite weight) is logged and skipped.
+
+Its tasks (following the topic, watching the loaded versions, retrying an unreadable
+broker) run under the server's eventbus.supervise.Supervisor, which the server's health
+follows.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from eventbus.publisher import describe
 from eventbus.flags import Flag, FlagError
 from eventbus.security import NONE as NO_SECURITY, KafkaSecurity
 from eventbus.state import TopicReader
+from eventbus.supervise import Supervisor
 from inference.router import Router
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,7 @@ log = logging.getLogger(__name__)
 
 class RolloutFollower:
     def __init__(self, router: Router, bootstrap_servers: str, topic: str = topics.ROLLOUT,
-                 recheck: float = 0.5, security: KafkaSecurity = NO_SECURITY):
+                 recheck: float = 0.5, security: KafkaSecurity = NO_SECURITY, tasks: Supervisor | None = None):
         self.router = router
         self.reader = TopicReader(bootstrap_servers, topic, client_id="vigil-inference-rollout",
                                   security=security)
@@ -46,7 +51,7 @@ class RolloutFollower:
         self.desired: dict[str, object] = {}      # model -> latest RolloutState
         self.applied: dict[str, tuple] = {}       # model -> (generation, loaded versions) last applied
         self.warned: set[tuple[str, str]] = set()
-        self.tasks: list[asyncio.Task] = []
+        self.tasks = tasks if tasks is not None else Supervisor()
 
     async def start(self, timeout: float = 10.0) -> None:
         """Apply the latest state before the server takes requests, if the broker answers
@@ -58,7 +63,7 @@ class RolloutFollower:
             log.warning("%s not readable (%s): serving with local weights until it is", self.reader.topic,
                         describe(exc))
             await self.reader.stop()
-            self.tasks = [asyncio.create_task(self.retry())]
+            self.tasks.start("rollout-retry", self.retry)
             return
         self.begin(records)
 
@@ -81,14 +86,12 @@ class RolloutFollower:
                 latest[r.message.model] = r.message  # log order: later records win
         for msg in latest.values():
             self.take(msg)
-        self.reader.follow(self.on_record)
-        self.tasks.append(asyncio.create_task(self.watch_versions()))
+        self.tasks.start("rollout-follow", lambda: self.reader.follow(self.on_record))
+        self.tasks.start("rollout-versions", self.watch_versions)
 
     async def stop(self) -> None:
-        for t in self.tasks:
-            t.cancel()
+        await self.tasks.stop("rollout-retry", "rollout-follow", "rollout-versions")
         await self.reader.stop()
-        self.tasks = []
 
     def on_record(self, r: Received) -> None:
         if r.message is None:

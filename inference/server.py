@@ -19,6 +19,7 @@ from eventbus.metrics import PublisherMetrics
 from eventbus.ports import cannot_listen, serve_metrics
 from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.security import KafkaSecurity
+from eventbus.supervise import Supervisor
 from eventbus.topics import TopicOptions
 from inference.auth import AuthOptions
 from inference.compute import ComputeThread
@@ -103,6 +104,7 @@ class InferenceServer:
         self.versions = VersionManager(self.router, options.engine,
                                        on_token=lambda m, v: itl.labels(m, v).observe)
         self.health = health.aio.HealthServicer()
+        self.tasks = Supervisor(self.metrics.registry, on_change=self._tasks_changed)  # background tasks
         self.grpc: grpc.aio.Server | None = None
         self.edge: EdgeInterceptor | None = None  # API keys and limits, with a key file
         self.metrics_http = None
@@ -158,11 +160,18 @@ class InferenceServer:
                     self.publisher.options, outbox_dir=str(cache_dir() / "outbox" / f"{o.host}-{self.port}"))
             await self.publisher.start()
         if o.events.bootstrap_servers:  # the latest rollout state is applied before serving
-            self.follower = RolloutFollower(self.router, o.events.bootstrap_servers, security=o.events.security)
+            self.follower = RolloutFollower(self.router, o.events.bootstrap_servers, security=o.events.security,
+                                            tasks=self.tasks)
             await self.follower.start()
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _tasks_changed(self, tasks: Supervisor) -> None:
+        """gRPC health says NOT_SERVING while a background task waits to be restarted."""
+        status = health_pb2.HealthCheckResponse.SERVING if tasks.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            asyncio.ensure_future(self.health.set(name, status))
 
     async def _close_listeners(self) -> None:
         await self.grpc.stop(None)

@@ -232,3 +232,69 @@ def test_processor_consume_task_failing_is_shown_and_reads_its_fetch_again(caplo
     with caplog.at_level(logging.ERROR, logger="eventbus.supervise"), own_broker() as broker:
         asyncio.run(main(broker.bootstrap_servers))
     assert "task process-consume failed" in caplog.text and "injected process fault" in caplog.text
+
+
+def test_server_follower_task_failing_turns_grpc_health_not_serving(start_server, tiny_llama, kafka_broker,
+                                                                    tmp_path, caplog):
+    """The fault is injected where the follower's version watch asks which versions are
+    loaded (RolloutFollower.loaded): it raises until the test has seen the server not serving."""
+    import re
+    import threading
+    import time
+    import urllib.request
+    import uuid
+
+    import grpc
+    from confluent_kafka import Producer
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from eventbus import topics
+    from inference.server import EventOptions
+    from protos import events_pb2
+
+    def wait(cond, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not (got := cond()):
+            assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+            time.sleep(0.02)
+        return got
+
+    model = f"follow-{uuid.uuid4().hex[:6]}"
+    s = start_server(model=str(tiny_llama), model_name=model, version="1", quantize="none",
+                     events=EventOptions(bootstrap_servers=kafka_broker.bootstrap_servers,
+                                         outbox_dir=str(tmp_path / "outbox")))
+    follower = s.server.follower
+    state = events_pb2.RolloutState(event_id=f"{model}:1", model=model, stable_version="1", generation=1)
+    state.weights.add(version="1", weight=1.0)
+    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap_servers, "log_level": 3})
+    producer.produce(topics.ROLLOUT, value=state.SerializeToString(), key=model)
+    producer.flush(10)
+    wait(lambda: model in follower.desired, 30, "the follower to take the record")
+
+    loaded, broken, calls = follower.loaded, threading.Event(), []
+
+    def faulty(m):
+        calls.append(m)
+        if broken.is_set():
+            raise RuntimeError("injected follower fault")
+        return loaded(m)
+
+    def failures():
+        text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
+        m = re.search(r'^vigil_task_failures_total\{task="rollout-versions"\} (\S+)$', text, re.M)
+        return float(m.group(1))
+
+    follower.loaded = faulty
+    with grpc.insecure_channel(s.address) as channel, \
+            caplog.at_level(logging.ERROR, logger="eventbus.supervise"):
+        check = lambda: health_pb2_grpc.HealthStub(channel).Check(  # noqa: E731
+            health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert check() == health_pb2.HealthCheckResponse.SERVING and failures() == 0
+        broken.set()
+        wait(lambda: check() == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
+        assert failures() >= 1
+        broken.clear()
+        wait(lambda: check() == health_pb2.HealthCheckResponse.SERVING, 60, "SERVING again")
+    assert "task rollout-versions failed" in caplog.text and "injected follower fault" in caplog.text
+    seen = len(calls)
+    wait(lambda: len(calls) > seen + 2, 30, "the version watch to go on")
