@@ -72,6 +72,9 @@ def make_app(state: Callable[[], dict], hub: Hub) -> web.Application:
         return web.Response(body=path.read_bytes(), content_type=content_type, charset="utf-8",
                             headers={**SECURITY_HEADERS, "Cache-Control": "max-age=3600"})
 
+    async def no_icon(request: web.Request) -> web.Response:  # none, and no error in the browser's log
+        return web.Response(status=204)
+
     async def api_state(request: web.Request) -> web.Response:
         return web.Response(text=dumps(state()), content_type="application/json", headers=SECURITY_HEADERS)
 
@@ -102,7 +105,7 @@ def make_app(state: Callable[[], dict], hub: Hub) -> web.Application:
     app.router.add_get("/assets/{name}", asset)
     app.router.add_get("/api/state", api_state)
     app.router.add_get("/api/events", api_events)
-    app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))  # none, and no error for it
+    app.router.add_get("/favicon.ico", no_icon)
     return app
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -61,7 +61,8 @@ def browser(tmp_path):
 
 def wait(driver, condition, what: str, timeout: float = 30.0):
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+        return WebDriverWait(driver, timeout, poll_frequency=0.1,  # the page redraws what it shows as changes come
+                             ignored_exceptions=[StaleElementReferenceException]).until(condition)
     except TimeoutException:
         page = driver.find_element(By.TAG_NAME, "main").text
         raise AssertionError(f"the page did not show {what} within {timeout} s; it shows:\n{page}") from None
@@ -89,15 +90,13 @@ def test_the_page_shows_drift_alerts_and_decisions_live(kafka_broker, ui, browse
         *[request(model, "2", total=0.2, t=now) for _ in range(12)],
         ece(model, "2", 0.15), drift(model, "2", detector="ks_vs_stable", feature="mean_entropy", statistic=0.5)))
 
-    def drifted_chart(d):
-        return [f for f in d.find_elements(By.CSS_SELECTOR, "#drift-charts figure[data-drifted='true']")
-                if f"{model}/2 ks mean_logprob" in f.text]
-    chart = wait(browser, drifted_chart, "the drifted signal")[0]
-    assert "0.410 vs 0.200" in chart.text and "drifted" in chart.text and "1 detections" in chart.text
-    row = wait(browser, lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "tr.alert[data-state='firing']")
-                                   if f"model={model}" in r.text], "the firing alert")[0]
+    chart = wait(browser, lambda d: [t for t in texts(d, "#drift-charts figure[data-drifted='true']")
+                                     if f"{model}/2 ks mean_logprob" in t], "the drifted signal")[0]
+    assert "0.410 vs 0.200" in chart and "drifted" in chart and "1 detections" in chart
+    row = wait(browser, lambda d: [t for t in texts(d, "tr.alert[data-state='firing']") if f"model={model}" in t],
+               "the firing alert")[0]
     shown = time.monotonic() - began
-    assert f"team={SCRIPT}" in row.text and "<b>bold</b>" in row.text
+    assert f"team={SCRIPT}" in row and "<b>bold</b>" in row
     assert browser.execute_script("return window.injected") is None
     assert not browser.find_elements(By.CSS_SELECTOR, "#alert-list script, #alert-list b b")
     wait(browser, lambda d: "canary: step 1, 25 percent" in d.find_element(By.ID, "models").text, "the decision")
@@ -110,7 +109,12 @@ def test_the_page_shows_drift_alerts_and_decisions_live(kafka_broker, ui, browse
     wait(browser, lambda d: any(f"{model}/2 ks_vs_stable mean_entropy" in t and "drifted" in t
                                 for t in texts(d, "#candidate-charts figure")), "the candidate against stable")
 
-    row.find_element(By.CSS_SELECTOR, "a.signals-link").click()
+    def follow_link(d):
+        for r in d.find_elements(By.CSS_SELECTOR, "tr.alert[data-state='firing']"):
+            if f"model={model}" in r.text:
+                r.find_element(By.CSS_SELECTOR, "a.signals-link").click()
+                return True
+    wait(browser, follow_link, "the alert's link")
     wait(browser, lambda d: any(f"{model}/2 ks mean_logprob" in t for t in texts(d, "#selected figure")),
          "the alert's signals")
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
