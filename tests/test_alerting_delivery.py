@@ -234,7 +234,7 @@ async def test_reload_keeps_last_good_rules(tmp_path, recorder):
         core.ingest(drift_signal(model="m1"))
         good.write_text(RULES.replace("detector: ks", "detector: kss"))
         errors = core.reload()
-        assert errors and "unknown detector 'kss'" in str(errors[0])
+        assert errors and "no processor publishes the detector 'kss' (did you mean ks" in str(errors[0])
         assert [r.name for r in core.engine.rules.rules] == ["FeatureDrift"]
         assert [i.state for i in core.engine.instances.values()] == ["firing"]
         import urllib.error
