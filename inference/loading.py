@@ -3,12 +3,16 @@
 Both sources become the same `Checkpoint`: a `ModelConfig`, float32 tensors named
 after the modules of `inference.model.Llama`, the tokenizer of the same source, and,
 for GGUF tensors stored as Q4_0/Q4_1 blocks, their integer codes, so that INT4
-serving can take them over exactly instead of requantising.
+serving can take them over exactly instead of requantising. Tensors are read from the
+memory-mapped file when asked for, and `build_model` builds and quantises one layer at
+a time, so a quantised model is never held in fp32 whole.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +21,8 @@ import torch
 from torch import nn
 
 from inference.model import Llama, ModelConfig, rope_inv_freq
-from inference.quantize import CastLinear, Int4Linear, q4_blocks_to_groups, quantize_model
+from inference.quantize import (CastLinear, Int4Linear, Int8GroupEmbedding, q4_blocks_to_groups,
+                                q8_blocks_to_groups, quantize_model)
 from inference.tokenizer import Tokenizer
 
 QUANTIZE_MODES = ("none", "int8", "int4")
@@ -39,6 +44,27 @@ GGUF_LAYER_NAMES = {
     "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
 }
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+class LazyTensors(Mapping):
+    """name -> value, each made by its function when asked for (and not kept)."""
+
+    def __init__(self, makers: dict[str, Callable[[], object]]):
+        self.makers = makers
+
+    def __getitem__(self, name: str):
+        return self.makers[name]()
+
+    def __contains__(self, name) -> bool:  # without making the value
+        return name in self.makers
+
+    def __iter__(self):
+        return iter(self.makers)
+
+    def __len__(self) -> int:
+        return len(self.makers)
 
 
 @dataclass
@@ -47,9 +73,11 @@ class Checkpoint:
     tokenizer: Tokenizer
     source: str
     # model parameter name -> float32 tensor; layer projections still unfused here
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
     # same names -> (codes uint8 [N, K], scale [N, K/32], zero [N, K/32]) for Q4 blocks
-    q4_groups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    q4_groups: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # same names -> (codes int8 [N, K], scale [N, K/32]) for Q8_0 blocks
+    q8_groups: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # the source's own storage type per tensor ("F32", "Q4_1", "bf16", ...)
     storage: dict[str, str] = field(default_factory=dict)
 
@@ -66,7 +94,7 @@ def load_checkpoint(source: str | Path) -> Checkpoint:
 
 
 def load_hf_folder(folder: Path) -> Checkpoint:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -75,18 +103,19 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model: {folder} has no *.safetensors files")
-    tensors, storage = {}, {}
+    makers, storage = {}, {}
     for f in files:
-        for name, t in load_file(f).items():
-            name = name.removeprefix("model.")
-            tensors[name] = t.float()
-            storage[name] = str(t.dtype).removeprefix("torch.")
-    return Checkpoint(config, Tokenizer.from_hf_folder(folder), str(folder), tensors, {}, storage)
+        handle = safe_open(f, framework="pt")
+        for key in handle.keys():
+            name = key.removeprefix("model.")
+            makers[name] = lambda handle=handle, key=key: handle.get_tensor(key).float()
+            kind = handle.get_slice(key).get_dtype()
+            storage[name] = SAFETENSORS_DTYPES.get(kind, kind.lower())
+    return Checkpoint(config, Tokenizer.from_hf_folder(folder), str(folder), LazyTensors(makers), storage=storage)
 
 
 def load_gguf(path: Path) -> Checkpoint:
     from gguf import GGMLQuantizationType, GGUFReader
-    from gguf.quants import dequantize
 
     reader = GGUFReader(path)
     meta = {name: f.contents() for name, f in reader.fields.items()
@@ -97,25 +126,44 @@ def load_gguf(path: Path) -> Checkpoint:
                          f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
     config = gguf_config(meta, arch, reader)
 
-    tensors, q4_groups, storage = {}, {}, {}
+    tensors, q4_groups, q8_groups, storage = {}, {}, {}, {}
     for t in reader.tensors:
         name = gguf_tensor_name(t.name)
-        kind = t.tensor_type.name
-        values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-        codes = None
-        if t.tensor_type in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
-            codes = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in q4_blocks_to_groups(t.data, kind))
         # llama.cpp interleaves the rotary halves of Q and K for "llama"; undo it.
+        heads = None
         if arch != "qwen2" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-            values = unpermute_rotary(values, heads)
-            if codes is not None:
-                codes = tuple(unpermute_rotary(c, heads) for c in codes)
-        tensors[name] = values
-        storage[name] = kind
-        if codes is not None:
-            q4_groups[name] = codes
-    return Checkpoint(config, Tokenizer.from_gguf(reader), str(path), tensors, q4_groups, storage)
+        tensors[name] = lambda t=t, heads=heads: unpermute_rotary(gguf_dequantized(path, t), heads)
+        storage[name] = t.tensor_type.name
+        if t.tensor_type in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+            q4_groups[name] = lambda t=t, heads=heads: tuple(
+                unpermute_rotary(c, heads) for c in q4_blocks_to_groups(gguf_raw(path, t), t.tensor_type.name))
+        if t.tensor_type == GGMLQuantizationType.Q8_0:
+            q8_groups[name] = lambda t=t, heads=heads: tuple(
+                unpermute_rotary(c, heads) for c in q8_blocks_to_groups(gguf_raw(path, t)))
+    return Checkpoint(config, Tokenizer.from_gguf(reader), str(path), LazyTensors(tensors),
+                      LazyTensors(q4_groups), LazyTensors(q8_groups), storage)
+
+
+def gguf_raw(path: Path, t) -> np.ndarray:
+    """A tensor's stored bytes, read from the file rather than through the reader's
+    memory map, whose pages would stay resident while the checkpoint lives."""
+    return np.fromfile(path, dtype=t.data.dtype, count=t.data.size, offset=t.data_offset).reshape(t.data.shape)
+
+
+def gguf_dequantized(path: Path, t, rows: int = 2048) -> torch.Tensor:
+    """fp32 values of a GGUF tensor, dequantised a block of rows at a time (gguf's
+    dequantiser holds several temporaries the size of its output)."""
+    from gguf.quants import dequantize
+
+    raw = gguf_raw(path, t)
+    out = None
+    for i in range(0, len(raw), rows):
+        part = dequantize(raw[i:i + rows], t.tensor_type)
+        if out is None:
+            out = torch.empty((len(raw), *part.shape[1:]), dtype=torch.float32)
+        out[i:i + len(part)] = torch.from_numpy(np.asarray(part, dtype=np.float32))
+    return out
 
 
 def gguf_config(meta: dict, arch: str, reader) -> ModelConfig:
@@ -168,14 +216,23 @@ def layer_module_name(short: str) -> str:
     return HF_LAYER_NAMES.get(short, short)
 
 
-def unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
+def unpermute_rotary(w: torch.Tensor, heads: int | None) -> torch.Tensor:
+    if heads is None:
+        return w
     rows = w.shape[0]
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def build_model(ckpt: Checkpoint, quantize: str = "none", group_size: int = 32,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
-    """The model of `ckpt`, its projections in the chosen weight-only precision."""
+    """The model of `ckpt`, its projections in the chosen weight-only precision, built
+    one layer at a time: a layer's float weights are gone once it is quantised.
+
+    The quantised matmuls take and give bf16 activations (torch's CPU kernels for
+    packed int4 and int8 weights are fast only in bf16); norms, rotary embeddings,
+    attention and the residual stream stay fp32. The lm_head of a quantised model is
+    bf16; its embedding table is kept in its GGUF Q8_0 codes when it has them (exact,
+    a quarter of fp32)."""
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize: {quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
     if quantize == "int4" and group_size not in INT4_GROUP_SIZES:
@@ -187,42 +244,69 @@ def build_model(ckpt: Checkpoint, quantize: str = "none", group_size: int = 32,
                 raise ValueError(f"group_size: {group_size} does not divide the model's {name} {k}")
     with torch.device("meta"):
         model = Llama(cfg)
-    tensors = dict(ckpt.tensors)
-    if cfg.tie_word_embeddings or "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-    for i in range(cfg.num_layers):
-        for fused, parts in FUSED.items():
-            for suffix in ("weight", "bias"):
-                names = [f"layers.{i}.{layer_module_name(p)}.{suffix}" for p in parts]
-                if all(n in tensors for n in names):
-                    tensors[f"layers.{i}.{fused}.{suffix}"] = torch.cat([tensors.pop(n) for n in names])
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    sources = source_names(model, ckpt)
+    used = {n for names in sources.values() for n in names}
+    missing = sorted(n for n in used if n not in ckpt.tensors)
+    unexpected = sorted(set(ckpt.tensors) - used)
     if missing or unexpected:
         raise ValueError(f"model: {ckpt.source}: missing tensors {missing}, unexpected {unexpected}")
+
+    load_floats(model.norm, "norm", ckpt, sources, dtype)
+    tied = sources["lm_head.weight"] == ["embed_tokens.weight"]
+    if quantize != "none" and "embed_tokens.weight" in ckpt.q8_groups:
+        model.embed_tokens = Int8GroupEmbedding(*ckpt.q8_groups["embed_tokens.weight"])
+        if tied:
+            model.lm_head = CastLinear(model.embed_tokens.dequantize(torch.bfloat16), torch.bfloat16)
+    else:
+        load_floats(model.embed_tokens, "embed_tokens", ckpt, sources, dtype)
+        if tied:
+            model.lm_head.weight = model.embed_tokens.weight
+    if not tied:
+        load_floats(model.lm_head, "lm_head", ckpt, sources, dtype)
+    if quantize != "none" and not isinstance(model.lm_head, CastLinear):
+        model.lm_head = CastLinear.from_float(model.lm_head, torch.bfloat16)
+    for i, layer in enumerate(model.layers):
+        if quantize == "int4" and group_size == 32:
+            for name in PROJECTIONS:
+                codes = exact_q4_codes(ckpt, f"layers.{i}", name)
+                if codes is not None:
+                    parent, _, child = name.rpartition(".")
+                    setattr(layer.get_submodule(parent), child,
+                            Int4Linear.from_groups(*codes, group_size=32, compute_dtype=torch.bfloat16))
+        load_floats(layer, f"layers.{i}", ckpt, sources, dtype)
+        if quantize != "none":
+            biased = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+            quantize_model(layer, quantize, group_size, skip=biased, compute_dtype=torch.bfloat16)
+        release_freed_memory()
     model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-    if quantize != "none":
-        quantize_projections(model, ckpt, quantize, group_size)
     return model.to(device).eval()
 
 
-def quantize_projections(model: Llama, ckpt: Checkpoint, mode: str, group_size: int) -> None:
-    """Weight-only quantisation of the layer projections; the lm_head goes to bf16.
+def source_names(model: Llama, ckpt: Checkpoint) -> dict[str, list[str]]:
+    """Each tensor of `model` -> the checkpoint tensors it is made of (concatenated)."""
+    sources = {}
+    for key in model.state_dict():
+        module, _, suffix = key.rpartition(".")
+        names = [key]
+        for fused, parts in FUSED.items():
+            if module.endswith(fused):
+                layer = module.removesuffix(fused)
+                names = [f"{layer}{layer_module_name(p)}.{suffix}" for p in parts]
+        if key == "lm_head.weight" and (ckpt.config.tie_word_embeddings or key not in ckpt.tensors):
+            names = ["embed_tokens.weight"]
+        sources[key] = names
+    return sources
 
-    The quantised matmuls take and give bf16 activations (torch's CPU kernels for
-    packed int4 and int8 weights are fast only in bf16); norms, rotary embeddings,
-    attention and the residual stream stay fp32."""
-    if mode == "int4" and group_size == 32:
-        for i in range(ckpt.config.num_layers):
-            for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
-                codes = exact_q4_codes(ckpt, f"layers.{i}", name)
-                if codes is not None:
-                    parent, _, child = f"layers.{i}.{name}".rpartition(".")
-                    setattr(model.get_submodule(parent), child,
-                            Int4Linear.from_groups(*codes, group_size=32, compute_dtype=torch.bfloat16))
-    biased = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
-    quantize_model(model, mode, group_size, skip=("lm_head", *biased), compute_dtype=torch.bfloat16)
-    model.lm_head = CastLinear.from_float(model.lm_head, torch.bfloat16)
+
+def load_floats(module: nn.Module, prefix: str, ckpt: Checkpoint, sources: dict[str, list[str]],
+                dtype: torch.dtype) -> None:
+    """Give every parameter of `module` still on the meta device its checkpoint values."""
+    for path, leaf in module.named_modules():
+        for name, param in list(leaf.named_parameters(recurse=False)):
+            if param.is_meta:
+                names = sources[".".join(p for p in (prefix, path, name) if p)]
+                value = torch.cat([ckpt.tensors[n] for n in names]) if len(names) > 1 else ckpt.tensors[names[0]]
+                setattr(leaf, name, nn.Parameter(value.to(dtype), requires_grad=False))
 
 
 def exact_q4_codes(ckpt: Checkpoint, layer: str, module_name: str):
@@ -231,4 +315,14 @@ def exact_q4_codes(ckpt: Checkpoint, layer: str, module_name: str):
     names = [f"{layer}.{layer_module_name(p)}.weight" for p in parts]
     if not all(n in ckpt.q4_groups for n in names):
         return None
-    return tuple(torch.cat([ckpt.q4_groups[n][i] for n in names]) for i in range(3))
+    groups = [ckpt.q4_groups[n] for n in names]
+    return tuple(torch.cat([g[i] for g in groups]) for i in range(3))
+
+
+def release_freed_memory() -> None:
+    """Hand the pages that loading freed back to the OS: glibc keeps freed heap memory
+    mapped, and a load frees several times the size of the model it builds."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -13,6 +13,7 @@ over a batch of sequences of different lengths.
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -69,18 +70,27 @@ class ModelConfig:
 
 
 class KVCache:
-    """A bounded pool of KV slots: `slots` sequences of up to `max_seq_len` tokens each."""
+    """A bounded pool of KV slots: `slots` sequences of up to `max_seq_len` tokens each.
+
+    On CPU the pool is an anonymous memory map: its pages are zeros that the kernel maps
+    in on first write, so the pool costs memory in proportion to the tokens held, not
+    to its size."""
 
     def __init__(self, cfg: ModelConfig, slots: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (zeros_on_demand(shape, dtype) if torch.device(device).type == "cpu"
+                          else torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
         self.slots = slots
         self.max_seq_len = max_seq_len
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    size = math.prod(shape) * dtype.itemsize
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -9,13 +9,15 @@ it is the model's first.
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 
 from inference.compute import single_threaded_torch
 from inference.demo import demo_model_path
-from inference.engine import Engine
+from inference.engine import Engine, Finished, Job
 from inference.loading import INT4_GROUP_SIZES, QUANTIZE_MODES, build_model, load_checkpoint
 from inference.router import ModelVersion, Router
+from inference.sampling import SamplingParams
 from inference.serving import InvalidArgument
 
 
@@ -54,6 +56,7 @@ class VersionManager:
                         max_seq_len=min(self.options.max_seq_len, ckpt.config.max_position_embeddings),
                         max_waiting=self.options.max_waiting,
                         on_token=self.on_token(model, version) if self.on_token else None)
+        warm_up(engine, ckpt.tokenizer.encode("Hello"))
         mv = ModelVersion(model, version, source, quantize, engine, ckpt.tokenizer, group_size=group_size,
                           system_prompt=system_prompt)
         try:
@@ -81,6 +84,15 @@ class VersionManager:
     def stop(self) -> None:
         for mv in self.router.all():
             mv.engine.stop()
+
+
+def warm_up(engine: Engine, prompt_ids: list[int]) -> None:
+    """A short request through the engine before the version takes traffic, so that the
+    first real request does not pay for the first calls of its kernels."""
+    done = threading.Event()
+    engine.submit(Job(prompt_ids, lambda out: isinstance(out, Finished) and done.set(),
+                      params=SamplingParams(max_tokens=8, ignore_eos=True)))
+    done.wait()
 
 
 def validate_version(model: str, version: str, source: str, quantize: str, group_size: int) -> None:
