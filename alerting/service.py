@@ -35,7 +35,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from eventbus import cloudevents, codec, compat, topics
 from eventbus.security import KafkaSecurity
-from eventbus.state import stop_consumer
+from eventbus.state import read_to_end, stop_consumer
 from eventbus.supervise import Supervisor
 from protos import events_pb2
 
@@ -237,25 +237,19 @@ class AlertingService:
         tps = await self._partitions(consumer, topics.ALERTING_STATE)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
         latest: dict[str, dict] = {}
-        positions = {tp: 0 for tp in tps}
-        while any(positions[tp] < ends[tp] for tp in tps):
-            batches = await consumer.getmany(timeout_ms=500)
-            for tp, records in batches.items():
-                for r in records:
-                    positions[tp] = r.offset + 1
-                    key = r.key.decode() if r.key else ""
-                    if r.value is None:
-                        latest.pop(key, None)  # a tombstone
-                        continue
-                    try:
-                        latest[key] = json.loads(r.value)
-                    except ValueError:
-                        log.warning("undecodable state record %s at %s@%d", key, tp, r.offset)
-            for tp in tps:  # a compacted partition may end on offsets that no longer hold records
-                if positions[tp] < ends[tp] and not batches:
-                    positions[tp] = await consumer.position(tp)
+
+        def keep(r):
+            key = r.key.decode() if r.key else ""
+            if r.value is None:
+                latest.pop(key, None)  # a tombstone
+                return
+            try:
+                latest[key] = json.loads(r.value)
+            except ValueError:
+                log.warning("undecodable state record %s at %s:%d@%d", key, r.topic, r.partition, r.offset)
+        await read_to_end(consumer, tps, keep)
+        positions = {tp: await consumer.position(tp) for tp in tps}
         snapshot = latest.get(f"snapshot/{self.options.instance}")
         nflog = [v for k, v in latest.items() if k.startswith("nflog/")]
         silences = [v for k, v in latest.items() if k.startswith("silence/")]

@@ -1,7 +1,8 @@
-"""Reading a compacted topic as state: every partition from the beginning to its end
-offset (what was there when reading began), then following new records. No consumer
-group, so nothing is committed and every reader sees every record. The inference
-servers and the rollout controller read vigil.rollout this way."""
+"""Reading a compacted topic as state: every partition from the beginning to its end,
+then following new records. No consumer group, so nothing is committed and every reader
+sees every record. The inference servers and the rollout controller read vigil.rollout
+this way; `read_to_end` is the one way every service reads a topic to its end (alerting
+its state, the processors their checkpoints)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,34 @@ from eventbus.security import KafkaSecurity
 
 log = logging.getLogger(__name__)
 compat.install()
+
+
+async def read_to_end(consumer, tps: list[TopicPartition], on_record: Callable, timeout: float = 60.0) -> None:
+    """Hand every record of `tps`, from where `consumer` stands to the partitions' end, to
+    `on_record`, in log order per partition.
+
+    The end is the high watermark of a fetch response, not what ListOffsets answers: Tansu
+    may answer it with the base offset of a partition's last batch, which would leave that
+    batch unread (a checkpoint or a snapshot missed, and then overwritten)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        batches = await consumer.getmany(*tps, timeout_ms=200)
+        for records in batches.values():
+            for r in records:
+                on_record(r)
+        if await _at_end(consumer, tps):
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"{tps[0].topic} was not read to its end within {timeout:g}s")
+
+
+async def _at_end(consumer, tps) -> bool:
+    for tp in tps:
+        high = consumer.highwater(tp)
+        if high is None or await consumer.position(tp) < high:
+            return False
+    return True
 
 
 class TopicReader:
@@ -49,20 +78,8 @@ class TopicReader:
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
-        end = await c.end_offsets(tps)
         out: list[Received] = []
-        async def behind() -> bool:
-            for tp in tps:
-                if await c.position(tp) < end[tp]:
-                    return True
-            return False
-
-        while await behind():
-            batches = await c.getmany(*tps, timeout_ms=200)
-            for tp, records in batches.items():
-                out.extend(decode(r) for r in records if r.offset < end[tp])
-                if records and records[-1].offset >= end[tp]:  # past the end: keep them for follow()
-                    c.seek(tp, end[tp])
+        await read_to_end(c, tps, lambda r: out.append(decode(r)))
         return out
 
     async def follow(self, handler: Callable[[Received], Awaitable[None] | None]) -> None:

@@ -46,6 +46,7 @@ from eventbus import cloudevents, codec, compat, topics
 from eventbus.consumer import dead_letter, decode
 from eventbus.ports import serve_metrics
 from eventbus.security import KafkaSecurity
+from eventbus.state import read_to_end
 from eventbus.supervise import Supervisor
 from protos import events_pb2
 from stream_processors.processor import Out, PartitionState, Settings, unusable
@@ -376,19 +377,12 @@ class Runner:
                 await asyncio.sleep(0.1)
             tps = [TopicPartition(topics.CHECKPOINTS, p) for p in parts]
             reader.assign(tps)
-            ends = await reader.end_offsets(tps)
             await reader.seek_to_beginning(*tps)
-            # Tansu may report a partition's end as its last batch's base offset (0 for a
-            # partition holding one batch), so the end offsets are only a lower bound: read
-            # every partition past them until fetches come back empty several times running
-            empty = 0
-            while empty < 3 or any([await reader.position(tp) < ends[tp] for tp in tps]):
-                batches = await reader.getmany(*tps, timeout_ms=200)
-                empty = 0 if batches else empty + 1
-                for records in batches.values():
-                    for r in records:
-                        if r.key in wanted and r.value is not None:
-                            found[wanted[r.key]] = r.value
+
+            def keep(r):
+                if r.key in wanted and r.value is not None:
+                    found[wanted[r.key]] = r.value
+            await read_to_end(reader, tps, keep)
         finally:
             await reader.stop()
         return found
