@@ -279,7 +279,10 @@ def build_model(ckpt: Checkpoint, quantize: str = "none", group_size: int = 32,
             quantize_model(layer, quantize, group_size, skip=biased, compute_dtype=torch.bfloat16)
         release_freed_memory()
     model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if isinstance(model.lm_head, CastLinear):
+        model.lm_head.pack()
+    return model
 
 
 def source_names(model: Llama, ckpt: Checkpoint) -> dict[str, list[str]]:

@@ -54,9 +54,9 @@ class VersionManager:
             raise InvalidArgument(str(exc)) from None
         engine = Engine(net, ckpt.tokenizer, kv_slots=self.options.kv_slots,
                         max_seq_len=min(self.options.max_seq_len, ckpt.config.max_position_embeddings),
-                        max_waiting=self.options.max_waiting,
-                        on_token=self.on_token(model, version) if self.on_token else None)
+                        max_waiting=self.options.max_waiting)
         warm_up(engine, ckpt.tokenizer.encode("Hello"))
+        engine.on_token = self.on_token(model, version) if self.on_token else None
         mv = ModelVersion(model, version, source, quantize, engine, ckpt.tokenizer, group_size=group_size,
                           system_prompt=system_prompt)
         try:
