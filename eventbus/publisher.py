@@ -52,6 +52,7 @@ from eventbus import cloudevents, codec, compat, topics
 from eventbus.metrics import PublisherMetrics
 from eventbus.outbox import Outbox, OutboxFull, Position, Record
 from eventbus.security import KafkaSecurity
+from eventbus.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 compat.install()
@@ -83,7 +84,7 @@ class PublisherOptions:
 
 class Publisher:
     def __init__(self, options: PublisherOptions, metrics: PublisherMetrics | None = None,
-                 to_message: Callable[[str, dict], Message] | None = None):
+                 to_message: Callable[[str, dict], Message] | None = None, tasks: Supervisor | None = None):
         """to_message turns a dict given to publish() into the topic's message; by
         default the dict is read as the message's JSON mapping."""
         self.options = options
@@ -99,6 +100,9 @@ class Publisher:
         self.producer: AIOKafkaProducer | None = None
         self.outbox: Outbox | None = None
         self.io = ThreadPoolExecutor(1, thread_name_prefix="vigil-outbox")
+        # the pump and the outbox's fsync run supervised (the owner's supervisor, so that its
+        # health says when one is down), or under one of the publisher's own
+        self.supervisor = tasks if tasks is not None else Supervisor(self.metrics.registry)
         self.tasks: list[asyncio.Task] = []
         self.closing = False
         self.in_flight = 0
@@ -130,9 +134,10 @@ class Publisher:
         if not await self.connect(timeout=min(2.0, o.publish_timeout_ms / 1000)):
             self.next_connect = time.monotonic() + self.backoff
         self.caught_up = self.producer is not None and not pending
-        self.tasks.append(asyncio.create_task(self.pump(), name="vigil-publisher"))
+        self.tasks.append(self.supervisor.start("vigil-publisher", self.pump))
         if o.outbox_fsync_ms > 0:
-            self.tasks.append(asyncio.create_task(self.sync_outbox(o.outbox_fsync_ms / 1000)))
+            self.tasks.append(self.supervisor.start("vigil-publisher-fsync",
+                                                    lambda: self.sync_outbox(o.outbox_fsync_ms / 1000)))
 
     async def stop(self) -> None:
         """Sends what the broker takes within one publish timeout; the rest stays in the
@@ -211,13 +216,8 @@ class Publisher:
     # -- the pump --------------------------------------------------------------------------
 
     async def pump(self) -> None:
-        while True:
-            try:
-                if await self.step():
-                    return
-            except Exception:  # a bug or an unreadable disk must not end publishing
-                self.complain("the publisher's pump failed; retrying in 1 s", exc_info=True)
-                await asyncio.sleep(1)
+        while not await self.step():
+            pass
 
     async def step(self) -> bool:
         """One move of records; True once closing has nothing left to do."""
@@ -498,12 +498,12 @@ class Publisher:
             settle(r.done, reason)
             r.done = None
 
-    def complain(self, message: str, exc_info: bool = False) -> None:
+    def complain(self, message: str) -> None:
         """Log an error, at most once in 10 s: a full disk must not also fill the log."""
         now = time.monotonic()
         if now - self.last_complaint > 10:
             self.last_complaint = now
-            log.error(message, exc_info=exc_info)
+            log.error(message)
 
 
 async def acknowledged(futures: list[asyncio.Future], lost: asyncio.Event) -> None:

@@ -90,10 +90,11 @@ class InferenceServer:
         self.tracing = Tracing(tracer_provider)
         self.router = Router()
         self.metrics = ServerMetrics(self.router)
+        self.tasks = Supervisor(self.metrics.registry, on_change=self._tasks_changed)  # background tasks
         self.publisher: Publisher | None = None
         if sink is None and options.events.bootstrap_servers:
             self.publisher = Publisher(publisher_options(options), PublisherMetrics(self.metrics.registry),
-                                       to_message=to_message)
+                                       to_message=to_message, tasks=self.tasks)
             sink = self.publisher
         self.sink = sink if sink is not None else MemorySink()
         self.serving = Serving(self.router, self.sink, self.metrics, options.limits,
@@ -104,7 +105,6 @@ class InferenceServer:
         self.versions = VersionManager(self.router, options.engine,
                                        on_token=lambda m, v: itl.labels(m, v).observe)
         self.health = health.aio.HealthServicer()
-        self.tasks = Supervisor(self.metrics.registry, on_change=self._tasks_changed)  # background tasks
         self.grpc: grpc.aio.Server | None = None
         self.edge: EdgeInterceptor | None = None  # API keys and limits, with a key file
         self.metrics_http = None

@@ -298,3 +298,81 @@ def test_server_follower_task_failing_turns_grpc_health_not_serving(start_server
     assert "task rollout-versions failed" in caplog.text and "injected follower fault" in caplog.text
     seen = len(calls)
     wait(lambda: len(calls) > seen + 2, 30, "the version watch to go on")
+
+
+def test_server_publisher_pump_failing_is_shown_and_loses_nothing(start_server, tiny_llama, kafka_broker,
+                                                                   tmp_path, caplog):
+    """The fault is injected in the pump's step (Publisher.step) while requests are served:
+    the failure is logged and counted, gRPC health says NOT_SERVING until the pump runs
+    again, and every event of every answered request reaches the topic."""
+    import asyncio
+    import re
+    import threading
+    import time
+    import urllib.request
+    import uuid
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from eventbus import topics
+    from eventbus.consumer import tail
+    from inference.server import EventOptions
+    from protos import llm_pb2, llm_pb2_grpc
+
+    def wait(cond, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not (got := cond()):
+            assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+            time.sleep(0.02)
+        return got
+
+    model = f"pump-{uuid.uuid4().hex[:6]}"
+    s = start_server(model=str(tiny_llama), model_name=model, version="1", quantize="none",
+                     events=EventOptions(bootstrap_servers=kafka_broker.bootstrap_servers,
+                                         outbox_dir=str(tmp_path / "outbox")))
+    publisher = s.server.publisher
+    step, broken = publisher.step, threading.Event()
+
+    async def faulty():
+        if broken.is_set():
+            raise RuntimeError("injected pump fault")
+        return await step()
+
+    def failures():
+        text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
+        m = re.search(r'^vigil_task_failures_total\{task="vigil-publisher"\} (\S+)$', text, re.M)
+        return float(m.group(1))
+
+    publisher.step = faulty
+    ids = []
+    with grpc.insecure_channel(s.address) as channel, caplog.at_level(logging.ERROR, logger="eventbus.supervise"):
+        llm = llm_pb2_grpc.LLMStub(channel)
+        check = lambda: health_pb2_grpc.HealthStub(channel).Check(  # noqa: E731
+            health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+        def ask():
+            ids.append(f"{model}-{len(ids)}")
+            llm.Generate(llm_pb2.GenerateRequest(model=model, prompt="hi", request_id=ids[-1],
+                                                 sampling=llm_pb2.SamplingParams(max_tokens=2)), timeout=60)
+        ask()
+        broken.set()
+        ask()  # its event wakes the pump, which fails
+        wait(lambda: check() == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
+        for _ in range(2):
+            ask()  # answered while the pump is down: their events wait in the outbox
+        assert failures() >= 1
+        broken.clear()
+        wait(lambda: check() == health_pb2.HealthCheckResponse.SERVING, 60, "SERVING again")
+        ask()
+    assert "task vigil-publisher failed" in caplog.text and "injected pump fault" in caplog.text
+
+    async def delivered() -> set:
+        seen = set()
+        async for r in tail(kafka_broker.bootstrap_servers, topics.INFERENCE, from_beginning=True, idle_timeout=3):
+            if r.message is not None and r.message.model == model:
+                seen.add(r.message.request_id)
+                if seen == set(ids):
+                    break
+        return seen
+    assert asyncio.run(delivered()) == set(ids)
