@@ -275,11 +275,15 @@ class AlertmanagerSink:
             batch = list(self.pending.values())[:self.BATCH]
             for a in batch:
                 del self.pending[a.fingerprint]
-            body = json.dumps(self.payload(batch, self.clock.now())).encode()
             t = self.target
-            out = await post_with_retries(self.session(), f"{t.url}/api/v2/alerts", body,
-                                          {"Content-Type": "application/json", "User-Agent": USER_AGENT},
-                                          t.timeout, t.max_attempts, t.backoff, 4 * t.backoff)
+            try:
+                body = json.dumps(self.payload(batch, self.clock.now())).encode()
+                out = await post_with_retries(self.session(), f"{t.url}/api/v2/alerts", body,
+                                              {"Content-Type": "application/json", "User-Agent": USER_AGENT},
+                                              t.timeout, t.max_attempts, t.backoff, 4 * t.backoff)
+            except Exception as exc:  # a bug must not end the feed: counted as a failed post
+                log.exception("posting to the Alertmanager at %s failed", t.url)
+                out = Outcome(False, 0, f"{type(exc).__name__}: {exc}")
             self.on_result(out.ok, len(batch), out.error)
             if not out.ok:
                 # firing alerts come back with the next resend; resolutions are kept until

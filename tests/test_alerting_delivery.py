@@ -307,3 +307,53 @@ async def test_restarted_core_neither_resends_nor_forgets(recorder):
         assert recorder.received[1].json["status"] == "resolved"
     finally:
         await b.stop()
+
+
+async def test_a_failure_building_an_alertmanager_post_is_counted_and_the_feed_goes_on():
+    """The Alertmanager feed is one long-lived task: a fault while it builds a post (here
+    injected in `payload`) is logged and counted as a failed post, and the next post goes."""
+    import aiohttp
+    from aiohttp import web
+
+    from alerting.clock import SystemClock
+    from alerting.config import AlertmanagerTarget
+    from alerting.signals import Alert
+    from alerting.sinks import AlertmanagerSink
+
+    posts, results = [], []
+    app = web.Application()
+
+    async def receive(request):
+        posts.append(await request.json())
+        return web.Response()
+    app.router.add_post("/api/v2/alerts", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    session = aiohttp.ClientSession()
+    sink = AlertmanagerSink(AlertmanagerTarget(url, backoff=0.01), lambda: session, SystemClock(), lambda: [],
+                            on_result=lambda ok, n, err: results.append((ok, n, err)))
+    build, calls = sink.payload, []
+
+    def faulty(alerts, now):
+        calls.append(len(alerts))
+        if len(calls) == 1:
+            raise RuntimeError("injected payload fault")
+        return build(alerts, now)
+    sink.payload = faulty
+    try:
+        sink.put(Alert({"alertname": "A"}, {}, time.time(), None, 1))
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert results[0][:2] == (False, 1) and "injected payload fault" in results[0][2]
+        sink.put(Alert({"alertname": "B"}, {}, time.time(), None, 2))
+        while not posts and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [a["labels"]["alertname"] for a in posts[0]] == ["B"] and results[-1][0]
+    finally:
+        await sink.close()
+        await session.close()
+        await runner.cleanup()
