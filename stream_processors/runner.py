@@ -474,10 +474,10 @@ async def serve(options: RunnerOptions, ready=None) -> None:
     import signal as _signal
 
     runner = Runner(options)
-    await runner.start()
     loop = asyncio.get_running_loop()
-    for sig in (_signal.SIGINT, _signal.SIGTERM):
+    for sig in (_signal.SIGINT, _signal.SIGTERM):  # before start: a stop asked for meanwhile is not lost
         loop.add_signal_handler(sig, runner.stopping.set)
+    await runner.start()
     metrics = f"on http://{options.metrics_host}:{runner.metrics_port}/metrics" if options.metrics_port >= 0 else "off"
     print(f"vigil process: group {options.group_id} on {options.bootstrap_servers}, metrics {metrics}", flush=True)
     if ready is not None:
