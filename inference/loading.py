@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.model import Llama, ModelConfig, rope_inv_freq
+from inference.model import Llama, ModelConfig
 from inference.quantize import (CastLinear, Int4Linear, Int8GroupEmbedding, q4_blocks_to_groups,
                                 q8_blocks_to_groups, quantize_model)
 from inference.tokenizer import Tokenizer
@@ -263,8 +263,11 @@ def build_model(ckpt: Checkpoint, quantize: str = "none", group_size: int = 32,
             model.lm_head.weight = model.embed_tokens.weight
     if not tied:
         load_floats(model.lm_head, "lm_head", ckpt, sources, dtype)
-    if quantize != "none" and not isinstance(model.lm_head, CastLinear):
-        model.lm_head = CastLinear.from_float(model.lm_head, torch.bfloat16)
+    if quantize != "none":
+        if not isinstance(model.lm_head, CastLinear):
+            model.lm_head = CastLinear.from_float(model.lm_head, torch.bfloat16)
+        if torch.device(device).type == "cpu":
+            model.lm_head.pack()
     for i, layer in enumerate(model.layers):
         if quantize == "int4" and group_size == 32:
             for name in PROJECTIONS:
@@ -278,11 +281,7 @@ def build_model(ckpt: Checkpoint, quantize: str = "none", group_size: int = 32,
             biased = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
             quantize_model(layer, quantize, group_size, skip=biased, compute_dtype=torch.bfloat16)
         release_freed_memory()
-    model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-    model = model.to(device).eval()
-    if isinstance(model.lm_head, CastLinear):
-        model.lm_head.pack()
-    return model
+    return model.to(device).eval()
 
 
 def source_names(model: Llama, ckpt: Checkpoint) -> dict[str, list[str]]:
