@@ -142,19 +142,18 @@ class Attention(nn.Module):
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
-        self.split = (q_out, kv_out, kv_out)
+        self.split = (q_out + kv_out, kv_out)
 
     def forward(self, x, cos, sin, cache: KVCache, slots, kv_rows, positions, mask):
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        qk, v = self.qkv_proj(x).split(self.split, dim=-1)
+        qk = qk.view(b, t, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim)
         if dispatch.active:
-            q, k = kernels.apply_rotary(q, k, cos[:, 0], sin[:, 0])
+            q, k = kernels.apply_rotary(qk[:, :self.n_heads], qk[:, self.n_heads:], cos[:, 0], sin[:, 0])
         else:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            qk = qk * cos + rotate_half(qk) * sin  # the q and k heads in one go
+            q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
 
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
         rows = slots[:, None]
