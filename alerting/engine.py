@@ -254,9 +254,16 @@ class RuleEngine:
                 if now >= inst.false_since + rule.keep_firing_for:
                     self._resolve(inst, now)
             if inst.state == INACTIVE and inst.window is None:
-                self.instances.pop(inst.key, None)
+                self._forget(inst)
                 return
         self._reschedule(inst)
+
+    def _forget(self, inst: Instance) -> None:
+        """Drop an instance: its timers go with it, and a newer instance of the same series
+        (one that came back within the same instant) is left alone."""
+        inst.deadline = None
+        if self.instances.get(inst.key) is inst:
+            del self.instances[inst.key]
 
     # -- transitions ----------------------------------------------------------------
     def _render(self, inst: Instance) -> dict[str, str]:
@@ -349,13 +356,13 @@ class RuleEngine:
         elif st == RESOLVED:
             if t >= inst.resolved_at + self.resolved_retention:
                 self._transition(inst, INACTIVE, t)
-                self.instances.pop(inst.key, None)
+                self._forget(inst)
                 return
         elif inst.window is not None and inst.last_signal + max(r.window, r.stale_after) <= t:
-            self.instances.pop(inst.key, None)
+            self._forget(inst)
             return
         if inst.state == INACTIVE and inst.window is None:
-            self.instances.pop(inst.key, None)
+            self._forget(inst)
             return
         self._reschedule(inst)
 

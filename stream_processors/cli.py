@@ -56,6 +56,8 @@ def add_parser(subparsers, option):
     option(g, "--feedback-ttl", type=float, default=s.feedback_ttl_s,
            help="seconds (event time) an event waits for its feedback, and feedback for its event")
     option(g, "--quality-window", type=int, default=s.quality_window, help="completions per quality window")
+    option(g, "--quality-baseline", type=int, default=s.quality_baseline,
+           help="a version's first quality windows, that later ones are compared with")
     option(g, "--trend-window", type=int, default=s.trend_window, help="windows in the Mann-Kendall test")
     g = p.add_argument_group("candidate against stable")
     option(g, "--compare-window", type=int, default=s.compare_window,
@@ -77,17 +79,10 @@ class RunnerDefaults:
 
 def options(args):
     from stream_processors.runner import RunnerOptions
-    s = Settings(ks_window=args.ks_window, ks_alpha=args.ks_alpha, psi_window=args.psi_window,
-                 psi_threshold=args.psi_threshold, adwin_delta=args.adwin_delta, chi2_window=args.chi2_window,
-                 chi2_alpha=args.chi2_alpha, signal_every=args.signal_every,
-                 calibration_every=args.calibration_every, calibration_bins=args.calibration_bins,
-                 calibration_window=args.calibration_window, ece_threshold=args.ece_threshold,
-                 recalibration_min=args.recalibration_min, recalibration_every=args.recalibration_every,
-                 score_every=args.score_every, score_window=args.score_window, feedback_ttl_s=args.feedback_ttl, quality_window=args.quality_window,
-                 trend_window=args.trend_window, compare_window=args.compare_window,
-                 compare_every=args.compare_every, compare_alpha=args.compare_alpha, compare_min=args.compare_min)
+    s = Settings.from_dict({**vars(args), "feedback_ttl_s": args.feedback_ttl})  # options are named as the fields
     return RunnerOptions(bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
-                         metrics_host=args.metrics_host, metrics_port=args.metrics_port, checkpoint_interval=args.checkpoint_interval,
+                         metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+                         checkpoint_interval=args.checkpoint_interval,
                          max_records=args.max_records, session_timeout_ms=args.session_timeout_ms, settings=s,
                          security=kafka_security.from_args(args))
 

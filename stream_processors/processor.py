@@ -83,6 +83,8 @@ class Settings:
     feedback_ttl_s: float = 3600.0    # event time: an unmatched event or feedback is dropped after this
     max_pending: int = 200_000        # per partition, each way
     quality_window: int = 100
+    quality_baseline: int = 20        # a version's first windows, the z-scores' mean and sd (fewer make
+                                      # the sd too uncertain: one normal window in a few scores past 3)
     trend_window: int = 30
     compare_window: int = 500         # events of a candidate (and stable partners) compared
     compare_every: int = 100          # a candidate's events between comparisons with stable
@@ -146,7 +148,7 @@ class ModelState:
         self.interval_errors = 0
         self.finish = ChiSquare(s.chi2_window, alpha=s.chi2_alpha)
         self.sketches = {f: QuantileSketch() for f in LATENCY}
-        self.quality = QualityMonitor(s.quality_window)
+        self.quality = QualityMonitor(s.quality_window, s.quality_baseline)
         self.trends = {f: TrendMonitor(s.trend_window) for f in CONTINUOUS}
         self.sums = np.zeros(len(CONTINUOUS))     # of the current reading interval, for the trends
         self.counts = np.zeros(len(CONTINUOUS))

@@ -363,3 +363,18 @@ def test_labels_outside_the_series_never_split_an_alert():
     assert len({c.fingerprint for c in h.changes}) == 1
     assert [s for s, _ in h.states()] == ["pending", "firing", "resolved", "inactive"]  # then forgotten
     assert h.changes[-2].labels["route"] == "stable" and "events" not in h.changes[-2].labels
+
+
+def test_a_series_that_clears_and_comes_back_in_one_instant_keeps_one_alert():
+    """Pending, cleared and pending again at the same time: the cleared instance's timer
+    must not take the new one with it (the new one fired, was forgotten, and never resolved)."""
+    h = Harness()
+    h.sig()
+    h.sig(drifted=False)
+    h.sig()
+    h.run_until(T0 + 60)
+    assert [s for s, _ in h.states()] == ["pending", "inactive", "pending", "firing"]
+    assert len(h.eng.instances) == 1
+    h.sig(drifted=False)
+    h.run_until(T0 + 3600)
+    assert [s for s, _ in h.states()][-2:] == ["resolved", "inactive"]

@@ -205,3 +205,23 @@ def test_the_server_puts_token_hashes_not_text_in_its_events(start_server, tiny_
     assert len(ids) == 8 and ev["completion_token_hashes"] == TokenHasher()(ids)
     assert "completion_text" not in ev
     assert list(inference_event(ev).completion_token_hashes) == ev["completion_token_hashes"]
+
+
+def test_every_detector_option_of_vigil_process_reaches_its_setting():
+    from dataclasses import asdict, fields
+
+    from stream_processors import cli
+    from vigil.cli import build_parser
+
+    parser = build_parser()
+    process = next(a for a in parser._subparsers._group_actions).choices["process"]
+    named = {f.name for f in fields(Settings)} | {"feedback_ttl"}
+    argv, want = ["process"], {}
+    for action in process._actions:
+        if action.dest in named:
+            value = action.default * 2 + 1 if isinstance(action.default, int) else action.default / 2
+            argv += [action.option_strings[0], str(value)]
+            want["feedback_ttl_s" if action.dest == "feedback_ttl" else action.dest] = value
+    assert len(want) >= 20
+    got = asdict(cli.options(parser.parse_args(argv)).settings)
+    assert {k: got[k] for k in want} == want
