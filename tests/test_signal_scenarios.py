@@ -25,9 +25,11 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from eventbus import cloudevents, codec, topics
+from eventbus import cloudevents, codec, compat, topics
 from eventbus.broker import EmbeddedBroker
 from protos import events_pb2
+
+compat.install()  # the test's own idempotent producer, against Tansu
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = b"scenario-secret"
