@@ -5,7 +5,8 @@ installed), all in one run on this machine.
     .venv/bin/python bench/bench_decode.py [--tokens 128] [--quantize int4] [--threads 2]
 
 Vigil runs as a real `vigil serve` subprocess and is driven over gRPC: one stream,
-then 4 and 16 concurrent streams (aggregate tokens/s). Every figure is decode
+then 4 and 16 concurrent streams (aggregate tokens/s), after timing the first and the
+tenth request the server answers (warm-up at load). Every figure is decode
 throughput: completion tokens after the first, over the time after the first token
 (single stream), or all completion tokens over the wall time (concurrent). Peak RSS is
 read from /proc (VmHWM) for the server and for this process.
@@ -70,6 +71,18 @@ async def vigil_streams(address: str, streams: int, tokens: int) -> float:
         return sum(r.completion_tokens for r in replies) / (time.perf_counter() - start)
 
 
+async def first_and_tenth(address: str, tokens: int = 16) -> tuple[float, float]:
+    """Latencies of the first and the tenth request after the server starts listening."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = llm_pb2_grpc.LLMStub(channel)
+        latencies = []
+        for i in range(10):
+            start = time.perf_counter()
+            await stub.Generate(request(tokens, i))
+            latencies.append(time.perf_counter() - start)
+    return latencies[0], latencies[9]
+
+
 def transformers_single(gguf: Path, tokens: int, threads: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,6 +104,14 @@ def transformers_single(gguf: Path, tokens: int, threads: int) -> float:
 
 
 def llama_cpp_single(gguf: Path, tokens: int, threads: int) -> float | None:
+    """In a process of its own, so that a crash of llama.cpp (or of its OpenMP runtime next to
+    torch's) costs only its figure."""
+    out = subprocess.run([sys.executable, __file__, "--llama-cpp-child", "--tokens", str(tokens),
+                          "--threads", str(threads)], capture_output=True, text=True)
+    return float(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def llama_cpp_child(gguf: Path, tokens: int, threads: int) -> float | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -112,11 +133,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--quantize", default="int4", choices=("none", "int8", "int4"))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--llama-cpp-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     gguf = demo_model_path()
+    if args.llama_cpp_child:
+        value = llama_cpp_child(gguf, args.tokens, args.threads)
+        return print(value if value is not None else "")
 
     proc, address = start_server(args)
     try:
+        first, tenth = asyncio.run(first_and_tenth(address))
         ours = {n: asyncio.run(vigil_streams(address, n, args.tokens)) for n in (1, 4, 16)}
         server_rss = peak_rss_mb(proc.pid)
     finally:
@@ -136,7 +162,8 @@ def main() -> None:
         print(f"{name:<34}{value:>10.1f}{value / hf:>16.2f}x{vs_cpp:>14}")
     print(f"vigil 16 streams / vigil 1 stream: {ours[16] / ours[1]:.2f}x")
     if cpp is None:
-        print("llama.cpp: not measured (pip install llama-cpp-python, about 10 minutes to build)")
+        print("llama.cpp: not measured (not installed, or it crashed; pip install llama-cpp-python builds it)")
+    print(f"vigil, 16-token requests after start: first {first * 1e3:.0f} ms, tenth {tenth * 1e3:.0f} ms")
     print(f"peak RSS: vigil server {server_rss:.0f} MB, this process (transformers) {peak_rss_mb():.0f} MB")
 
 
