@@ -81,7 +81,7 @@ def test_serve_rejects_a_port_beyond_65535_naming_the_option():
 PORT_OPTIONS = [
     ("serve", "--port"), ("serve", "--metrics-port"),
     ("up", "--port"), ("up", "--metrics-port"), ("up", "--broker-port"), ("up", "--processor-metrics-port"),
-    ("up", "--alerting-port"), ("up", "--rollout-port"),
+    ("up", "--alerting-port"), ("up", "--rollout-port"), ("up", "--ui-port"), ("ui", "--port"),
     ("broker", "--port"), ("process", "--metrics-port"), ("alerting", "--admin-port"), ("rollout", "--admin-port"),
 ]
 MINUS_ONE_MEANS_SOMETHING = {("serve", "--metrics-port"), ("up", "--metrics-port"), ("up", "--broker-port"),
@@ -180,10 +180,10 @@ def test_up_refuses_a_busy_broker_port_at_once(busy):
 
 
 @pytest.mark.parametrize("option", ["--port", "--metrics-port", "--processor-metrics-port", "--alerting-port",
-                                    "--rollout-port"])
+                                    "--rollout-port", "--ui-port"])
 def test_up_refuses_a_busy_port_of_any_service_naming_its_option(option, busy):
     ports = {"--port": "0", "--metrics-port": "0", "--broker-port": "0", "--processor-metrics-port": "0",
-             "--alerting-port": "0", "--rollout-port": "0", option: str(busy)}
+             "--alerting-port": "0", "--rollout-port": "0", "--ui-port": "0", option: str(busy)}
     result = vigil("up", *[x for pair in ports.items() for x in pair])
     refused(result, f"127.0.0.1:{busy}", option)
 

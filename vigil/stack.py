@@ -17,7 +17,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-SERVICES = ("process", "alerting", "rollout")
+SERVICES = ("process", "alerting", "rollout", "ui")
 HOST = "127.0.0.1"  # where the children listen
 
 
@@ -40,9 +40,10 @@ class Service:
 
 
 def services(bootstrap: str, processor_metrics_port: int, alerting_port: int, rollout_port: int,
-             skip: set[str], extra: dict[str, list[str]] | None = None) -> list[Service]:
+             skip: set[str], extra: dict[str, list[str]] | None = None, ui_port: int = -1) -> list[Service]:
     """The child services, each with its own port; `extra` adds options per service name
-    (e.g. {"process": ["--ks-window", "60"]}), after the defaults so they win."""
+    (e.g. {"process": ["--ks-window", "60"]}), after the defaults so they win. The page
+    (`vigil ui`) runs only where a `ui_port` is given."""
     known = {
         "process": Service("process", ["--metrics-host", HOST, "--metrics-port", str(processor_metrics_port)],
                            f"http://{HOST}:{processor_metrics_port}/metrics"),
@@ -51,6 +52,8 @@ def services(bootstrap: str, processor_metrics_port: int, alerting_port: int, ro
         "rollout": Service("rollout", ["--host", HOST, "--admin-port", str(rollout_port)],
                            f"http://{HOST}:{rollout_port}"),
     }
+    if ui_port >= 0:
+        known["ui"] = Service("ui", ["--host", HOST, "--port", str(ui_port)], f"http://{HOST}:{ui_port}/")
     chosen = [s for name, s in known.items() if name not in skip]
     for s in chosen:
         s.args = [s.name, "--bootstrap-servers", bootstrap, *s.args, *(extra or {}).get(s.name, [])]
