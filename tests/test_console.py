@@ -105,7 +105,7 @@ async def ensure_topics(bootstrap: str) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await topics.ensure_topics(admin, TOPICS, topics.TopicOptions(partitions=2))
+        await topics.ensure_topics(admin, TOPICS, topics.TopicOptions(partitions=3))  # as test_events makes them on the shared broker
     finally:
         await admin.close()
 
