@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
+import time
+import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -25,6 +28,21 @@ async def until(cond, timeout: float = 10.0, what: str = "a condition", every: f
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(every)
+
+
+def wait(cond, timeout: float, what: str):
+    """cond()'s first true value, from a thread of the test's own."""
+    deadline = time.monotonic() + timeout
+    while not (got := cond()):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.02)
+    return got
+
+
+def task_failures(metrics_url: str, task: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    m = re.search(rf'^vigil_task_failures_total\{{task="{task}"\}} (\S+)$', text, re.M)
+    return float(m.group(1))
 
 
 def test_a_failing_task_is_logged_counted_down_then_restarted(caplog):
@@ -238,10 +256,7 @@ def test_server_follower_task_failing_turns_grpc_health_not_serving(start_server
                                                                     tmp_path, caplog):
     """The fault is injected where the follower's version watch asks which versions are
     loaded (RolloutFollower.loaded): it raises until the test has seen the server not serving."""
-    import re
     import threading
-    import time
-    import urllib.request
     import uuid
 
     import grpc
@@ -251,13 +266,6 @@ def test_server_follower_task_failing_turns_grpc_health_not_serving(start_server
     from eventbus import topics
     from inference.server import EventOptions
     from protos import events_pb2
-
-    def wait(cond, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while not (got := cond()):
-            assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-            time.sleep(0.02)
-        return got
 
     model = f"follow-{uuid.uuid4().hex[:6]}"
     s = start_server(model=str(tiny_llama), model_name=model, version="1", quantize="none",
@@ -279,10 +287,7 @@ def test_server_follower_task_failing_turns_grpc_health_not_serving(start_server
             raise RuntimeError("injected follower fault")
         return loaded(m)
 
-    def failures():
-        text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
-        m = re.search(r'^vigil_task_failures_total\{task="rollout-versions"\} (\S+)$', text, re.M)
-        return float(m.group(1))
+    failures = lambda: task_failures(s.metrics_url, "rollout-versions")  # noqa: E731
 
     follower.loaded = faulty
     with grpc.insecure_channel(s.address) as channel, \
@@ -306,10 +311,7 @@ def test_server_publisher_pump_failing_is_shown_and_loses_nothing(start_server, 
     the failure is logged and counted, gRPC health says NOT_SERVING until the pump runs
     again, and every event of every answered request reaches the topic."""
     import asyncio
-    import re
     import threading
-    import time
-    import urllib.request
     import uuid
 
     import grpc
@@ -319,13 +321,6 @@ def test_server_publisher_pump_failing_is_shown_and_loses_nothing(start_server, 
     from eventbus.consumer import tail
     from inference.server import EventOptions
     from protos import llm_pb2, llm_pb2_grpc
-
-    def wait(cond, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while not (got := cond()):
-            assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-            time.sleep(0.02)
-        return got
 
     model = f"pump-{uuid.uuid4().hex[:6]}"
     s = start_server(model=str(tiny_llama), model_name=model, version="1", quantize="none",
@@ -339,10 +334,7 @@ def test_server_publisher_pump_failing_is_shown_and_loses_nothing(start_server, 
             raise RuntimeError("injected pump fault")
         return await step()
 
-    def failures():
-        text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
-        m = re.search(r'^vigil_task_failures_total\{task="vigil-publisher"\} (\S+)$', text, re.M)
-        return float(m.group(1))
+    failures = lambda: task_failures(s.metrics_url, "vigil-publisher")  # noqa: E731
 
     publisher.step = faulty
     ids = []
