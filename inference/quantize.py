@@ -209,7 +209,8 @@ class Int4Linear(nn.Module):
         cd = self.compute_dtype
         x = x if cd is None else x.to(cd)
         sz = self._cpu_scales_zeros
-        if sz is not None and x.dtype == sz.dtype and x.is_contiguous() and not self.out_features % 16:
+        if (sz is not None and x.dtype == sz.dtype and x.dtype in _CPU_FAST_DTYPES and x.is_contiguous()
+                and not self.out_features % 16):
             # the common CPU case, without int4_matmul's checks (~15 us a call, 120 calls a token)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(-1, self.in_features), self._cpu_qweight,
                                                            self.group_size, sz)
