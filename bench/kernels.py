@@ -12,7 +12,7 @@ cache rows (decode_attention_reference).
     .venv/bin/python bench/kernels.py [--peak-gbs 3350]
 
 Without CUDA it says so and exits 0: the kernels are checked on the CPU, under
-TRITON_INTERPRET=1, by tests/test_kernels.py.
+TRITON_INTERPRET=1, by tests/inference/test_kernels.py.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device here: nothing to measure. The kernels are checked on the CPU, under "
-              "TRITON_INTERPRET=1, by tests/test_kernels.py.")
+              "TRITON_INTERPRET=1, by tests/inference/test_kernels.py.")
         return 0
     if not dispatch.AVAILABLE:
         print("triton is not installed: pip install triton")

@@ -4,68 +4,21 @@ and inference servers running on loopback in a thread of their own."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from inference.demo import demo_model_path
 from inference.events import MemorySink
 from inference.server import InferenceServer, ServerOptions
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def require_tool(*names: str) -> str:
-    """Path of the first of `names` on PATH. `scripts/setup.sh --test` installs every tool
-    the tests use, so a missing one fails the test instead of skipping it."""
-    for name in names:
-        if path := shutil.which(name):
-            return path
-    pytest.fail(f"{' or '.join(names)} is not installed (scripts/setup.sh --test installs it)")
+from tests.helpers.models import make_tiny_llama
 
 
 @pytest.fixture(scope="session")
 def demo_gguf() -> Path:
     return demo_model_path()
-
-
-def make_tiny_llama(folder: Path, *, vocab_size: int = 320, hidden: int = 64, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, intermediate: int = 128, seed: int = 0) -> Path:
-    """A randomly initialised LlamaForCausalLM with a small byte-level BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["The quick brown fox jumps over the lazy dog. " * 4,
-              "What is the capital of France? Paris is the capital of France.",
-              "Once upon a time there was a small model that answered questions."]
-    tok.train_from_iterator(corpus * 20, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": CHAT_TEMPLATE, "bos_token": None, "eos_token": "<|im_end|>",
-        "add_bos_token": False}))
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture(scope="session")
