@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import random
 import socket
 import sys
@@ -293,7 +294,10 @@ class Demo:
             await asyncio.sleep(2)  # a little stable traffic first
             body = {"model": self.model, "candidate": cand_version, "stable": self.stable, "strategy": "canary",
                     "steps": [float(x) for x in sp.steps.split(",")], "min_requests": sp.min_requests,
-                    "interval": sp.interval, "thresholds": {"min_samples": sp.min_samples, "latency_ratio": sp.latency_ratio}}
+                    "interval": sp.interval, "thresholds": {"min_samples": sp.min_samples, "latency_ratio": sp.latency_ratio},
+                    # a slow or busy machine serves the step's sample later, not never: the canary
+                    # waits for it up to the demo's own timeout instead of pausing as inconclusive
+                    "inconclusive_limit": math.ceil(a.timeout / sp.interval) + 1}
             r = await http("POST", f"{url}/api/start", body)
             self.started = True
             log("rollout", f"started a canary of {cand_version} (steps {sp.steps} percent, at least "
