@@ -28,6 +28,14 @@ def set_rollout(server, shadows, flags):
     return server.call(apply())
 
 
+def after_shadow_copies(server) -> None:
+    """Returns once the copies of every request sent before have been served: a request
+    sent now is copied behind them to the same shadow version, and its copy's event is in."""
+    barrier = f"barrier-{time.monotonic_ns()}"
+    generate(server, prompt="barrier", request_id=barrier)
+    events_for(server, barrier)
+
+
 def events_for(server, request_id: str, timeout: float = 30.0) -> list[dict]:
     """The primary event of request_id and the events of its shadow copies, once all are in."""
     want = 1 + len(server.server.router.shadows.get(MODEL, ()))
@@ -64,7 +72,7 @@ def test_a_shadow_version_gets_a_copy_whose_answer_is_not_returned(server):
         # a pinned request is not copied
         pinned = generate(server, prompt="pinned", version="1", request_id="pinned-1")
         assert pinned.version == "1"
-        time.sleep(0.5)
+        after_shadow_copies(server)
         assert not [e for e in server.sink.events() if e.get("shadow_of") == "pinned-1"]
     finally:
         set_rollout(server, [], {})
@@ -77,7 +85,7 @@ def test_a_bad_request_is_not_copied(server):
             generate(server, prompt="x", request_id="bad-1",
                      sampling=llm_pb2.SamplingParams(max_tokens=3, temperature=-1))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        time.sleep(0.5)
+        after_shadow_copies(server)
         assert not [e for e in server.sink.events() if e.get("shadow_of") == "bad-1"]
     finally:
         set_rollout(server, [], {})
