@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import urllib.request
 import uuid
@@ -24,6 +25,7 @@ from inference.events import INFERENCE_TOPIC
 from inference.server import InferenceServer, ServerOptions
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
+from tests.helpers.waiting import wait_until
 
 USER_SECRET = "vgk_user-" + "u" * 40
 ADMIN_SECRET = "vgk_admin-" + "a" * 40
@@ -309,36 +311,31 @@ def test_secrets_stay_out_of_logs_events_and_metrics(server, llm, caplog):
 
 
 def test_key_file_reload_adds_keys_and_a_bad_file_keeps_the_keys(server, llm, keys_file, caplog):
-    assert code_of(lambda: llm.Generate(gen_request(), metadata=bearer(LATE_SECRET)))[0] \
-        == grpc.StatusCode.UNAUTHENTICATED
-    keys_file.write_text(KEYS + entry("late", "newco", LATE_SECRET))
-    deadline = time.monotonic() + 10
-    while True:  # the file is looked at every 0.05 s, on the call path
+    def accepted(secret: str) -> bool:  # the file is looked at every 0.05 s, on the call path
         try:
-            llm.Generate(gen_request(), metadata=bearer(LATE_SECRET), timeout=30)
-            break
-        except grpc.RpcError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            llm.Generate(gen_request(), metadata=bearer(secret), timeout=30)
+            return True
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+            return False
+
+    def refused_reloads() -> float:
+        text = urllib.request.urlopen(server.metrics_url).read().decode()
+        m = re.search(r'^vigil_auth_key_file_reloads_total\{result="error"\} (\S+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    assert not accepted(LATE_SECRET)
+    keys_file.write_text(KEYS + entry("late", "newco", LATE_SECRET))
+    wait_until(lambda: accepted(LATE_SECRET), 10, "the added key accepted")
+    before = refused_reloads()
     with caplog.at_level(logging.ERROR, logger="inference.auth"):
         keys_file.write_text(KEYS + entry("late", "newco", LATE_SECRET) + entry("late", "dup", "vgk_" + "d" * 40))
-        time.sleep(0.2)
-        llm.Generate(gen_request(), metadata=bearer(USER_SECRET), timeout=30)
-        llm.Generate(gen_request(), metadata=bearer(LATE_SECRET), timeout=30)  # still in force
+        wait_until(lambda: accepted(USER_SECRET) and refused_reloads() > before, 10, "the bad file refused")
+        assert accepted(LATE_SECRET)  # still in force
     assert any("not reloaded" in r.getMessage() and "'late' is already the name" in r.getMessage()
                for r in caplog.records)
-    text = urllib.request.urlopen(server.metrics_url).read().decode()
-    assert 'vigil_auth_key_file_reloads_total{result="error"}' in text
     keys_file.write_text(KEYS)  # a removed key is refused from the next check on
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            llm.Generate(gen_request(), metadata=bearer(LATE_SECRET), timeout=30)
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAUTHENTICATED
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: not accepted(LATE_SECRET), 10, "the removed key refused")
 
 
 def test_no_key_file_means_open_with_an_empty_tenant(start_server, tiny_llama):

@@ -20,6 +20,7 @@ from inference.events import INFERENCE_TOPIC
 from inference.ratelimit import Limiter, Refused, TokenBucket
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
+from tests.helpers.waiting import wait_until
 
 SECRETS = {name: f"vgk_{name}-" + "s" * 40 for name in ("noisy", "quiet", "thrifty", "streamer", "paced")}
 LIMITS = {
@@ -210,7 +211,7 @@ def test_a_flood_from_one_key_leaves_the_other_key_served(server, channel):
     for t in flooders:
         t.start()
     try:
-        time.sleep(0.2)
+        wait_until(lambda: outcomes, 30, "the flood's first answers")
         flooded, quiet = quiet_calls()
     finally:
         stop.set()
