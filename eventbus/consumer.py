@@ -11,10 +11,10 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import Message
 
 from eventbus import cloudevents, codec
+from eventbus.kafka import Kafka, TopicMissing  # noqa: F401  (TopicMissing: where callers of tail look for it)
 from eventbus.security import NONE as NO_SECURITY
 from eventbus.security import KafkaSecurity
 from protos import events_pb2
@@ -67,31 +67,23 @@ def dead_letter(r: Received, source: str) -> events_pb2.DeadLetter:
     return letter
 
 
-class TopicMissing(LookupError):
-    pass
-
-
 async def tail(bootstrap_servers: str, topic: str, *, from_beginning: bool = False,
                idle_timeout: float | None = None, wait_for_topic: float = 10.0,
                security: KafkaSecurity = NO_SECURITY) -> AsyncIterator[Received]:
     """Yields the topic's records as they come, from the end (or the beginning); stops
     after idle_timeout seconds without a record, if given."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-                                client_id="vigil-events-tail", **security.client_kwargs())
+    from eventbus.state import seek_to_end  # eventbus.state decodes with this module
+
+    kafka = Kafka(bootstrap_servers, security)
+    consumer = kafka.consumer("vigil-events-tail")
     await consumer.start()
     try:
-        deadline = asyncio.get_running_loop().time() + wait_for_topic
-        while not (partitions := consumer.partitions_for_topic(topic)):
-            if asyncio.get_running_loop().time() > deadline:
-                raise TopicMissing(f"topic {topic} does not exist on {bootstrap_servers}")
-            await consumer.topics()  # refreshes the metadata
-            await asyncio.sleep(0.2)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await kafka.partitions(consumer, topic, wait_for_topic)
         consumer.assign(tps)
         if from_beginning:
             await consumer.seek_to_beginning(*tps)
         else:
-            await consumer.seek_to_end(*tps)
+            await seek_to_end(consumer, tps)
         idle_since = asyncio.get_running_loop().time()
         while True:
             batches = await consumer.getmany(timeout_ms=200)
