@@ -30,12 +30,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from eventbus import cloudevents, codec, compat, topics
+from eventbus import cloudevents, codec, compat, service, topics
+from eventbus.kafka import Kafka
 from eventbus.security import KafkaSecurity
-from eventbus.state import read_to_end, stop_consumer
+from eventbus.state import read_compacted, seek_to_end, stop_consumer
 from eventbus.supervise import Supervisor
 from protos import events_pb2
 
@@ -118,6 +118,7 @@ def read_secret(path: str) -> bytes:
 class AlertingService:
     def __init__(self, options: ServiceOptions):
         self.options = options
+        self.kafka = Kafka(options.bootstrap_servers, options.security)
         self.core: AlertingCore | None = None
         self.admin: AdminServer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -137,15 +138,12 @@ class AlertingService:
         # refuse to start on invalid rules or configuration (RuleLoadError names file, line, field)
         rules = load_rules(o.rule_files, DEFAULT)
         config = load_config(o.config_file)
-        await self._ensure_topics()
-        state_consumer = AIOKafkaConsumer(bootstrap_servers=o.bootstrap_servers, group_id=None,
-                                          enable_auto_commit=False, client_id=f"{o.instance}-state",
-                                          **o.security.client_kwargs())
-        await state_consumer.start()
+        await self.kafka.ensure_topics(f"{o.instance}-admin", (topics.SIGNALS, topics.ALERTS, topics.ALERTING_STATE),
+                                       topics.TopicOptions(partitions=o.topic_partitions))
+        state_consumer = self.kafka.consumer(f"{o.instance}-state")
         self.consumers.append(state_consumer)
-        snapshot, nflog, silences, positions = await self._read_state(state_consumer)
-        for tp, off in positions.items():
-            state_consumer.seek(tp, off)
+        await state_consumer.start()
+        snapshot, nflog, silences = await self._read_state(state_consumer)
         self.core = AlertingCore(rules, config, state=snapshot.get("core") if snapshot else None,
                                  on_change=self._on_change, on_nflog=self._on_nflog,
                                  on_silence=self._on_silence, peer_position=o.peer_position,
@@ -166,17 +164,14 @@ class AlertingService:
             return errors
         self.core.reload = reload
         self.signal_offsets = {int(p): int(off) for p, off in (snapshot or {}).get("signals", {}).items()}
-        self.producer = AIOKafkaProducer(bootstrap_servers=o.bootstrap_servers, acks="all",
-                                         client_id=o.instance, linger_ms=2, **o.security.client_kwargs())
+        self.producer = self.kafka.producer(o.instance, acks="all", linger_ms=2)
         await self.producer.start()
         await self.core.start(self.tasks.start)
         self.admin = AdminServer(self.core, o.admin_host, o.admin_port, down=self.tasks.down)
         await self.admin.start()
-        signals_consumer = AIOKafkaConsumer(bootstrap_servers=o.bootstrap_servers, group_id=None,
-                                            enable_auto_commit=False, client_id=f"{o.instance}-signals",
-                                            **o.security.client_kwargs())
-        await signals_consumer.start()
+        signals_consumer = self.kafka.consumer(f"{o.instance}-signals")
         self.consumers.append(signals_consumer)
+        await signals_consumer.start()
         await self._assign_signals(signals_consumer)
         self.tasks.start("alerting-send", self._send_loop)
         self.tasks.start("alerting-state", lambda: self._state_loop(state_consumer))
@@ -211,32 +206,11 @@ class AlertingService:
         while (not self.out.empty() or self._sending) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    async def _ensure_topics(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.options.bootstrap_servers,
-                                    client_id=f"{self.options.instance}-admin", **self.options.security.client_kwargs())
-        await admin.start()
-        try:
-            await topics.ensure_topics(admin, (topics.SIGNALS, topics.ALERTS, topics.ALERTING_STATE),
-                                       topics.TopicOptions(partitions=self.options.topic_partitions))
-        finally:
-            await admin.close()
-
-    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str, wait: float = 15.0) -> list[TopicPartition]:
-        deadline = time.monotonic() + wait
-        while not (parts := consumer.partitions_for_topic(topic)):
-            if time.monotonic() > deadline:
-                raise LookupError(f"topic {topic} does not exist on {self.options.bootstrap_servers}")
-            await consumer.topics()
-            await asyncio.sleep(0.1)
-        return [TopicPartition(topic, p) for p in sorted(parts)]
-
     # -- the state topic -------------------------------------------------------------------
     async def _read_state(self, consumer: AIOKafkaConsumer):
         """Read vigil.alerting.state to its end: this instance's latest snapshot, and the
-        latest nflog entry and silence per key (of every instance)."""
-        tps = await self._partitions(consumer, topics.ALERTING_STATE)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        latest nflog entry and silence per key (of every instance). The consumer stays
+        at the end, to follow the peers' records."""
         latest: dict[str, dict] = {}
 
         def keep(r):
@@ -248,14 +222,13 @@ class AlertingService:
                 latest[key] = json.loads(r.value)
             except ValueError:
                 log.warning("undecodable state record %s at %s:%d@%d", key, r.topic, r.partition, r.offset)
-        await read_to_end(consumer, tps, keep)
-        positions = {tp: await consumer.position(tp) for tp in tps}
+        await read_compacted(self.kafka, consumer, topics.ALERTING_STATE, keep, wait_for_topic=15.0)
         snapshot = latest.get(f"snapshot/{self.options.instance}")
         nflog = [v for k, v in latest.items() if k.startswith("nflog/")]
         silences = [v for k, v in latest.items() if k.startswith("silence/")]
         log.info("state read: %s, %d log entries, %d silences",
                  "a snapshot" if snapshot else "no snapshot", len(nflog), len(silences))
-        return snapshot, nflog, silences, positions
+        return snapshot, nflog, silences
 
     async def _state_loop(self, consumer: AIOKafkaConsumer) -> None:
         """Peers' log entries and silences, as they come."""
@@ -343,9 +316,9 @@ class AlertingService:
 
     # -- vigil.signals ---------------------------------------------------------------------
     async def _assign_signals(self, consumer: AIOKafkaConsumer) -> None:
-        tps = await self._partitions(consumer, topics.SIGNALS)
+        tps = await self.kafka.partitions(consumer, topics.SIGNALS, 15.0)
         consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
+        ends = await seek_to_end(consumer, tps)
         for tp in tps:
             if tp.partition not in self.signal_offsets:  # a fresh instance starts at the end: old signals are history
                 self.signal_offsets[tp.partition] = ends[tp]
@@ -386,25 +359,11 @@ class AlertingService:
 
 async def serve(options: ServiceOptions, ready=None) -> None:
     """Run until SIGINT or SIGTERM; SIGHUP reloads rules and configuration."""
-    import signal
-
-    service = AlertingService(options)
-    await service.start()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, service.reload)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"vigil alerting: {options.instance} (peer position {options.peer_position}), "
-          f"{len(service.core.engine.rules.rules)} rules, signals from {options.bootstrap_servers}, "
-          f"admin and metrics on {service.admin.url}", flush=True)
-    if ready is not None:
-        ready(service)
-    try:
-        await stop.wait()
-    finally:
-        print("vigil alerting: shutting down", flush=True)
-        await service.stop()
+    s = AlertingService(options)
+    await service.serve(s, "vigil alerting", lambda s: (
+        f"vigil alerting: {options.instance} (peer position {options.peer_position}), "
+        f"{len(s.core.engine.rules.rules)} rules, signals from {options.bootstrap_servers}, "
+        f"admin and metrics on {s.admin.url}"), ready=ready, reload=lambda: s.core and s.reload())
 
 
 __all__ = ["AlertingService", "ServiceOptions", "alert_to_proto", "serve", "signal_from_proto"]
