@@ -35,18 +35,17 @@ import uuid
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 from google.protobuf import descriptor_pb2, message_factory
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 
-from eventbus import cloudevents, codec, compat, topics
+from eventbus import cloudevents, codec, compat, service, topics
 from eventbus.consumer import dead_letter, decode
-from eventbus.ports import serve_metrics
+from eventbus.kafka import Kafka
 from eventbus.security import KafkaSecurity
-from eventbus.state import read_to_end
+from eventbus.state import read_compacted
 from eventbus.supervise import Supervisor
 from protos import events_pb2
 from stream_processors.processor import Out, PartitionState, Settings, unusable
@@ -206,7 +205,9 @@ class Listener(ConsumerRebalanceListener):
 class Runner:
     def __init__(self, options: RunnerOptions, metrics: Metrics | None = None):
         self.o = options
+        self.kafka = Kafka(options.bootstrap_servers, options.security)
         self.metrics = metrics or Metrics()
+        self.metrics_server = service.MetricsServer(self.metrics.registry, options.metrics_host, options.metrics_port)
         self.source = f"vigil-process/{socket.gethostname()}/{os.getpid()}"
         self.states: dict[int, PartitionState] = {}
         self.lock = asyncio.Lock()
@@ -214,32 +215,26 @@ class Runner:
         self.producer: AIOKafkaProducer | None = None
         self.tasks = Supervisor(self.metrics.registry)
         self.stopping = asyncio.Event()
-        self.metrics_port = 0
+
+    @property
+    def metrics_port(self) -> int:
+        """The port of /metrics (once started; -1: none)."""
+        return self.metrics_server.port
 
     # -- life ---------------------------------------------------------------------------
     async def start(self) -> None:
         o = self.o
-        if o.metrics_port >= 0:
-            self.metrics_port = serve_metrics(self.metrics.registry, o.metrics_host, o.metrics_port).server_port
-        admin = AIOKafkaAdminClient(bootstrap_servers=o.bootstrap_servers, client_id="vigil-process",
-                                    **o.security.client_kwargs())
-        await admin.start()
-        try:
-            await topics.ensure_topics(admin, [*INPUTS, topics.SIGNALS, topics.DEADLETTER, topics.CHECKPOINTS],
-                                       topics.TopicOptions())
-        finally:
-            await admin.close()
-        self.producer = AIOKafkaProducer(bootstrap_servers=o.bootstrap_servers, client_id="vigil-process",
-                                         enable_idempotence=True, acks="all", linger_ms=5,
-                                         max_request_size=16 << 20, compression_type="gzip",
-                                         **o.security.client_kwargs())
+        self.metrics_server.start()
+        await self.kafka.ensure_topics("vigil-process", [*INPUTS, topics.SIGNALS, topics.DEADLETTER,
+                                                         topics.CHECKPOINTS])
+        self.producer = self.kafka.producer("vigil-process", enable_idempotence=True, acks="all", linger_ms=5,
+                                            max_request_size=16 << 20, compression_type="gzip")
         await self.producer.start()
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=o.bootstrap_servers, group_id=o.group_id, client_id="vigil-process",
-            enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=o.session_timeout_ms,
-            heartbeat_interval_ms=max(300, o.session_timeout_ms // 5), max_poll_interval_ms=60_000,
-            rebalance_timeout_ms=max(60_000, o.session_timeout_ms), max_partition_fetch_bytes=4 << 20,
-            **o.security.client_kwargs())
+        self.consumer = self.kafka.consumer(
+            "vigil-process", group_id=o.group_id, auto_offset_reset="earliest",
+            session_timeout_ms=o.session_timeout_ms, heartbeat_interval_ms=max(300, o.session_timeout_ms // 5),
+            max_poll_interval_ms=60_000, rebalance_timeout_ms=max(60_000, o.session_timeout_ms),
+            max_partition_fetch_bytes=4 << 20)
         self.consumer.subscribe(list(INPUTS), listener=Listener(self))
         await self.consumer.start()
 
@@ -252,6 +247,7 @@ class Runner:
             await self.consumer.stop()
         if self.producer is not None:
             await self.producer.stop()
+        await self.metrics_server.stop()
 
     async def run(self) -> None:
         """The consumer loop and the checkpoints, supervised, until `stopping` is set."""
@@ -361,28 +357,17 @@ class Runner:
         compacted topic to its end)."""
         wanted = {self.checkpoint_key(p): p for p in partitions}
         found: dict[int, bytes] = {}
-        reader = AIOKafkaConsumer(bootstrap_servers=self.o.bootstrap_servers, group_id=None,
-                                  enable_auto_commit=False, client_id="vigil-process-checkpoints",
-                                  max_partition_fetch_bytes=32 << 20, fetch_max_bytes=64 << 20,
-                                  **self.o.security.client_kwargs())
+
+        def keep(r):
+            if r.key in wanted and r.value is not None:
+                found[wanted[r.key]] = r.value
+        reader = self.kafka.consumer("vigil-process-checkpoints", max_partition_fetch_bytes=32 << 20,
+                                     fetch_max_bytes=64 << 20)
         await reader.start()
         try:
-            deadline = time.monotonic() + 30
-            while not (parts := reader.partitions_for_topic(topics.CHECKPOINTS)):
-                # a fresh client knows no topic's partitions until it asks: starting with an
-                # empty state here would overwrite a checkpoint, so the topic must be seen
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"topic {topics.CHECKPOINTS} not found")
-                await reader.topics()
-                await asyncio.sleep(0.1)
-            tps = [TopicPartition(topics.CHECKPOINTS, p) for p in parts]
-            reader.assign(tps)
-            await reader.seek_to_beginning(*tps)
-
-            def keep(r):
-                if r.key in wanted and r.value is not None:
-                    found[wanted[r.key]] = r.value
-            await read_to_end(reader, tps, keep)
+            # a fresh client knows no topic's partitions until it asks: starting with an empty
+            # state here would overwrite a checkpoint, so the topic must be seen (TopicMissing if not)
+            await read_compacted(self.kafka, reader, topics.CHECKPOINTS, keep)
         finally:
             await reader.stop()
         return found
@@ -471,19 +456,8 @@ def signal_message(o: Out, source: str) -> events_pb2.Signal:
 
 async def serve(options: RunnerOptions, ready=None) -> None:
     """Run until SIGTERM/SIGINT (or ``runner.stopping`` is set)."""
-    import signal as _signal
-
     runner = Runner(options)
-    loop = asyncio.get_running_loop()
-    for sig in (_signal.SIGINT, _signal.SIGTERM):  # before start: a stop asked for meanwhile is not lost
-        loop.add_signal_handler(sig, runner.stopping.set)
-    await runner.start()
-    metrics = f"on http://{options.metrics_host}:{runner.metrics_port}/metrics" if options.metrics_port >= 0 else "off"
-    print(f"vigil process: group {options.group_id} on {options.bootstrap_servers}, metrics {metrics}", flush=True)
-    if ready is not None:
-        ready(runner)
-    try:
-        await runner.run()
-    finally:
-        await runner.stop()
-        print("vigil process: stopped", flush=True)
+    await service.serve(runner, "vigil process", lambda r: (
+        f"vigil process: group {options.group_id} on {options.bootstrap_servers}, "
+        f"metrics {'on ' + r.metrics_server.url if r.metrics_port >= 0 else 'off'}"),
+        ready=ready, run=runner.run, stopping=runner.stopping)
