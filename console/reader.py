@@ -4,7 +4,8 @@ committed, every page reads everything), each topic assigned as soon as it exist
 vigil.rollout and vigil.alerts are read from their beginning (the state of every model
 and alert); vigil.signals and vigil.inference.events from the last `backlog` records of
 each partition, so a page opened on a long-running loop starts with recent history
-without reading all of it.
+without reading all of it. A partition's end is its high watermark, found as every
+service finds it (eventbus.state.seek_to_end), not what ListOffsets answers.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from eventbus import topics
 from eventbus.consumer import decode
 from eventbus.security import NONE as NO_SECURITY
+from eventbus.kafka import Kafka
 from eventbus.security import KafkaSecurity
-from eventbus.state import stop_consumer
+from eventbus.state import seek_to_end, stop_consumer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class Reader:
     def __init__(self, bootstrap_servers: str, handle: Callable[[object, float], None], backlog: int = 2000,
                  security: KafkaSecurity = NO_SECURITY):
         self.bootstrap_servers, self.handle, self.backlog, self.security = bootstrap_servers, handle, backlog, security
+        self.kafka = Kafka(bootstrap_servers, security)
         self.consumer: AIOKafkaConsumer | None = None
         self.offsets: dict[TopicPartition, int] = {}  # the next offset to read of every assigned partition
         self.undecodable = 0
@@ -40,9 +43,7 @@ class Reader:
         return sorted({tp.topic for tp in self.offsets})
 
     async def start(self) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None,
-                                         enable_auto_commit=False, client_id="vigil-ui",
-                                         **self.security.client_kwargs())
+        self.consumer = self.kafka.consumer("vigil-ui")
         await self.consumer.start()
 
     async def stop(self) -> None:
@@ -87,7 +88,12 @@ class Reader:
         if not new and set(c.assignment()) == set(self.offsets):
             return
         if new:
-            begin, end = await c.beginning_offsets(new), await c.end_offsets(new)
+            begin = await c.beginning_offsets(new)
+            recent = [tp for tp in new if tp.topic not in FROM_BEGINNING]
+            end = {}
+            if recent:
+                c.assign(recent)  # for a while: to find where they end
+                end = await seek_to_end(c, recent)
             for tp in new:
                 self.offsets[tp] = begin[tp] if tp.topic in FROM_BEGINNING else max(begin[tp], end[tp] - self.backlog)
         c.assign(list(self.offsets))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from eventbus.ports import cannot_listen
+from eventbus.service import listen
 from eventbus.security import NONE as NO_SECURITY
 from eventbus.security import KafkaSecurity
 from eventbus.supervise import Supervisor
@@ -63,15 +63,7 @@ class Console:
 
     async def start(self) -> None:
         o = self.options
-        self.runner = web.AppRunner(make_app(self.state, self.hub), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, o.host, o.port)
-        try:
-            await site.start()
-        except OSError as e:
-            await self.runner.cleanup()
-            raise cannot_listen("--port", o.host, o.port) from e  # asyncio's message repeats the address
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.runner, self.port = await listen(make_app(self.state, self.hub), o.host, o.port, "--port")
         await self.reader.start()
         self.tasks.start("read", self.reader.run)
         self.tasks.start("traffic", self._traffic)
