@@ -28,7 +28,7 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from inference.demo import DEMO_MODEL_NAME, demo_model_path  # noqa: E402
+from inference.runtime.demo import DEMO_MODEL_NAME, demo_model_path  # noqa: E402
 from protos import llm_pb2, llm_pb2_grpc  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."

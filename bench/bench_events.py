@@ -38,8 +38,8 @@ from bench.common import drive, interleaved, percentile  # noqa: E402
 from eventbus import topics  # noqa: E402
 from eventbus.broker import EmbeddedBroker, free_port  # noqa: E402
 from eventbus.publisher import Publisher, PublisherOptions  # noqa: E402
-from inference.demo import DEMO_MODEL_NAME  # noqa: E402
-from inference.events import to_message  # noqa: E402
+from inference.runtime.demo import DEMO_MODEL_NAME  # noqa: E402
+from inference.api.events import to_message  # noqa: E402
 
 BEFORE_WAL = "bdf4e5ccf998b12f8cae9325dd81edab63d642ab"  # the last commit whose publisher held events in memory
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from inference.quantize import Int4Linear, Int8Linear  # noqa: E402
+from inference.runtime.quantize import Int4Linear, Int8Linear  # noqa: E402
 
 HIDDEN, MLP, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),

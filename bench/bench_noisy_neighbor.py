@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
 from bench.common import chat_request, percentile  # noqa: E402
-from inference.auth import hash_secret  # noqa: E402
-from inference.demo import DEMO_MODEL_NAME  # noqa: E402
+from inference.edge.auth import hash_secret  # noqa: E402
+from inference.runtime.demo import DEMO_MODEL_NAME  # noqa: E402
 from protos import llm_pb2_grpc  # noqa: E402
 
 MODES = {"alone": None, "limited, backs off": ("noisy", True), "limited, ignores": ("noisy", False),

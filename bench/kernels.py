@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from inference import kernels as K  # noqa: E402
-from inference.kernels import dispatch  # noqa: E402
-from inference.quantize import Int4Linear, Int8Linear  # noqa: E402
+from inference.runtime import kernels as K # noqa: E402
+from inference.runtime.kernels import dispatch  # noqa: E402
+from inference.runtime.quantize import Int4Linear, Int8Linear  # noqa: E402
 
 # HBM peak by device name (GB/s); --peak-gbs for anything else
 PEAK_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350,

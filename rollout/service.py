@@ -112,7 +112,7 @@ class RolloutService:
     async def start(self) -> None:
         o = self.options
         if not o.outbox_dir:
-            from inference.demo import cache_dir  # only for the default folder's location
+            from inference.runtime.demo import cache_dir  # only for the default folder's location
             o.outbox_dir = str(cache_dir() / "outbox" / f"rollout-{self.instance}")
         self.publisher = Publisher(PublisherOptions(
             bootstrap_servers=o.bootstrap_servers, outbox_dir=o.outbox_dir, source=f"vigil-rollout/{self.instance}",

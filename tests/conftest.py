@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from inference.demo import demo_model_path
-from inference.events import MemorySink
-from inference.server import InferenceServer, ServerOptions
+from inference.runtime.demo import demo_model_path
+from inference.api.events import MemorySink
+from inference.api.server import InferenceServer, ServerOptions
 from tests.helpers.models import make_tiny_llama
 
 

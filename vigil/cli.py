@@ -22,14 +22,14 @@ from eventbus import security as kafka_security
 from eventbus import topics
 from eventbus.broker import BrokerError, EmbeddedBroker
 from eventbus.ports import PortError, check_free, port, port_or_minus_one
-from inference.auth import AuthOptions
-from inference.demo import demo_model_path
-from inference.loading import INT4_GROUP_SIZES, QUANTIZE_MODES
-from inference.server import EventOptions, InferenceServer, ServerOptions
-from inference.serving import Limits
-from inference.tls import TlsOptions
-from inference.tracing import TracingOptions
-from inference.versions import EngineOptions
+from inference.edge.auth import AuthOptions
+from inference.runtime.demo import demo_model_path
+from inference.runtime.loading import INT4_GROUP_SIZES, QUANTIZE_MODES
+from inference.api.server import EventOptions, InferenceServer, ServerOptions
+from inference.api.serving import Limits
+from inference.edge.tls import TlsOptions
+from inference.edge.tracing import TracingOptions
+from inference.api.versions import EngineOptions
 from rollout import cli as rollout_cli
 from stream_processors import cli as processor_cli
 from vigil import demo, keys, logs, stack

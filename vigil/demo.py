@@ -231,7 +231,7 @@ class Demo:
     # ---- the run --------------------------------------------------------------------
 
     async def run(self) -> int:
-        from inference.server import EventOptions, InferenceServer, ServerOptions
+        from inference.api.server import EventOptions, InferenceServer, ServerOptions
         from protos import llm_pb2, llm_pb2_grpc
         import grpc
 

@@ -9,7 +9,7 @@ on the root logger (stderr) with either formatter:
   as `extra=`), and `exception` with the traceback where there is one.
 
 A field is whatever a caller put in `extra`: the per-request line of the inference
-server (logger `inference.requests`, see inference/serving.py) carries request id,
+server (logger `inference.requests`, see inference/api/serving.py) carries request id,
 tenant, model, version, route, status, latencies, token counts and trace id that way,
 so it is a flat JSON object in json mode and key=value pairs in text mode.
 

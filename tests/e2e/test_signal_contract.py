@@ -13,7 +13,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from alerting.rules import load_rules
 from eventbus import cloudevents, codec, topics
 from eventbus.signals import PUBLISHED, SERIES_LABELS, Detector, Feature, kind_of
-from inference.events import TokenHasher, inference_event
+from inference.api.events import TokenHasher, inference_event
 from protos import events_pb2, llm_pb2, llm_pb2_grpc
 from stream_processors.processor import PartitionState, Settings
 from stream_processors.runner import Runner, RunnerOptions, signal_message

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.model import KVCache
-from inference.sampling import Sampler, SamplingParams, sample
+from inference.runtime.model import KVCache
+from inference.runtime.sampling import Sampler, SamplingParams, sample
 
 
 CHAT_TEMPLATE = (

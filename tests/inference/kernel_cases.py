@@ -22,10 +22,11 @@ import math
 import pytest
 import torch
 
-from inference import kernels as K
-from inference import quantize, sampling
-from inference.kernels import dispatch
-from inference.loading import build_model, load_checkpoint
+from inference.runtime import kernels as K
+from inference.runtime import quantize
+from inference.runtime import sampling
+from inference.runtime.kernels import dispatch
+from inference.runtime.loading import build_model, load_checkpoint
 from tests.helpers.models import greedy_decode
 
 DEVICE = "cpu" if dispatch.INTERPRET else "cuda"

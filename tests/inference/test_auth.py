@@ -19,10 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from inference.auth import (AuthError, AuthOptions, KeyFileError, bearer_token, hash_secret, needs_admin,
+from inference.edge.auth import (AuthError, AuthOptions, KeyFileError, bearer_token, hash_secret, needs_admin,
                             parse_keys)
-from inference.events import INFERENCE_TOPIC
-from inference.server import InferenceServer, ServerOptions
+from inference.api.events import INFERENCE_TOPIC
+from inference.api.server import InferenceServer, ServerOptions
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
 from tests.helpers.waiting import wait_until
@@ -328,7 +328,7 @@ def test_key_file_reload_adds_keys_and_a_bad_file_keeps_the_keys(server, llm, ke
     keys_file.write_text(KEYS + entry("late", "newco", LATE_SECRET))
     wait_until(lambda: accepted(LATE_SECRET), 10, "the added key accepted")
     before = refused_reloads()
-    with caplog.at_level(logging.ERROR, logger="inference.auth"):
+    with caplog.at_level(logging.ERROR, logger="inference.edge.auth"):
         keys_file.write_text(KEYS + entry("late", "newco", LATE_SECRET) + entry("late", "dup", "vgk_" + "d" * 40))
         wait_until(lambda: accepted(USER_SECRET) and refused_reloads() > before, 10, "the bad file refused")
         assert accepted(LATE_SECRET)  # still in force

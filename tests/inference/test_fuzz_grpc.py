@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from inference.kserve import INPUTS, NUMERIC, OUTPUTS
-from inference.serving import Limits
-from inference.versions import EngineOptions
+from inference.api.kserve import INPUTS, NUMERIC, OUTPUTS
+from inference.api.serving import Limits
+from inference.api.versions import EngineOptions
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference import kernels as K
-from inference.kernels import dispatch
+from inference.runtime import kernels as K
+from inference.runtime.kernels import dispatch
 from tests.helpers.models import greedy_decode
 
 CASES = Path(__file__).with_name("kernel_cases.py")
@@ -55,7 +55,7 @@ def test_kernel_cases_on_cuda():
 def test_cpu_runtime_runs_plain_torch():
     """No triton import, `active` off, and every kernel function gives its reference's
     result exactly: the CPU runtime's code is what it was before the kernels."""
-    code = ("import sys, inference.server; from inference.kernels import dispatch; "
+    code = ("import sys, inference.api.server; from inference.runtime.kernels import dispatch; "
             "assert not dispatch.active and 'triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), check=True)
     assert not dispatch.active
@@ -79,7 +79,7 @@ def test_kernel_mode_switch():
     assert dispatch.mode() == "auto"
     with dispatch.using("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         K.rms_norm(torch.zeros(2, 8), torch.ones(8), 1e-5)  # a CPU tensor without the interpreter
-    code = "from inference.kernels import dispatch; print(dispatch.mode())"
+    code = "from inference.runtime.kernels import dispatch; print(dispatch.mode())"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(VIGIL_KERNELS="reference"),
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "reference"
@@ -90,7 +90,7 @@ def test_kernel_mode_switch():
 def test_demo_generates_the_same_greedy_tokens_through_kernels_and_references(quantize_mode, demo_gguf):
     """The demo model on the GPU, 32 greedy tokens for two prompts of different lengths
     decoded together, through the Triton kernels and through the torch references."""
-    from inference.loading import build_model, load_checkpoint
+    from inference.runtime.loading import build_model, load_checkpoint
 
     ckpt = load_checkpoint(demo_gguf)
     model = build_model(ckpt, quantize_mode, device="cuda")

@@ -1,4 +1,4 @@
-"""inference.loading: errors that name the problem, and the GGUF path proved on tiny files.
+"""inference.runtime.loading: errors that name the problem, and the GGUF path proved on tiny files.
 
 The GGUF files here are written with gguf.GGUFWriter from a tiny random HF folder, the
 way llama.cpp's converter writes them (Q and K rows permuted for "llama"), so the GGUF
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference.loading import build_model, load_checkpoint
-from inference.model import KVCache
+from inference.runtime.loading import build_model, load_checkpoint
+from inference.runtime.model import KVCache
 from tests.helpers.models import ATOL, PROMPT, make_random_model, write_gguf
 
 def logits_of(source, ids) -> torch.Tensor:

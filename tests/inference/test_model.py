@@ -1,4 +1,4 @@
-"""Parity of inference.model.Llama with transformers on tiny random models (fp32).
+"""Parity of inference.runtime.model.Llama with transformers on tiny random models (fp32).
 
 Covers the Llama, Mistral and Qwen2 layouts (GQA ratios 1, 2 and 4, q/k/v bias, tied
 embeddings, rope theta and llama3 rope scaling), the KV cache (chunked prefill, one
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.loading import build_model, load_checkpoint
-from inference.model import KVCache
+from inference.runtime.loading import build_model, load_checkpoint
+from inference.runtime.model import KVCache
 from tests.helpers.models import ATOL, PROMPT, make_random_model
 
 # name -> make_random_model arguments; None is the conftest's `tiny_llama` as it is

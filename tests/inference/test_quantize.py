@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from inference.quantize import (
+from inference.runtime.quantize import (
     Int4Linear, Int8Linear, int4_matmul, pack_int4, q4_blocks_to_groups,
     quantize_model, unpack_int4,
 )

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference.loading import build_model, load_checkpoint
-from inference.model import KVCache
+from inference.runtime.loading import build_model, load_checkpoint
+from inference.runtime.model import KVCache
 from tests.helpers.models import make_random_model, write_gguf
 
 # Written for this test; about 390 tokens with SmolLM2's tokenizer.
@@ -159,8 +159,8 @@ def test_demo_answers_paris(quantize, demo_ckpt, demo_model):
 
 def test_demo_int4_answers_paris_through_the_engine(demo_ckpt, demo_model):
     """The serving path: continuous-batching engine, greedy sampler, eos from the template."""
-    from inference.engine import Engine, Finished, Job
-    from inference.sampling import SamplingParams
+    from inference.runtime.engine import Engine, Finished, Job
+    from inference.runtime.sampling import SamplingParams
 
     engine = Engine(demo_model("int4"), demo_ckpt.tokenizer, kv_slots=2, max_seq_len=128, max_waiting=4)
     try:

@@ -15,9 +15,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference.auth import ApiKey, AuthOptions, KeyLimits, hash_secret
-from inference.events import INFERENCE_TOPIC
-from inference.ratelimit import Limiter, Refused, TokenBucket
+from inference.edge.auth import ApiKey, AuthOptions, KeyLimits, hash_secret
+from inference.api.events import INFERENCE_TOPIC
+from inference.edge.ratelimit import Limiter, Refused, TokenBucket
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
 from tests.helpers.waiting import wait_until

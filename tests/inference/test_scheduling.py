@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
 from tests.helpers.models import make_tiny_llama
-from inference.events import INFERENCE_TOPIC
-from inference.versions import EngineOptions
+from inference.api.events import INFERENCE_TOPIC
+from inference.api.versions import EngineOptions
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
 

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from inference.events import INFERENCE_TOPIC
+from inference.api.events import INFERENCE_TOPIC
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
 

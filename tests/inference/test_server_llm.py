@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference.events import FEEDBACK_TOPIC, INFERENCE_TOPIC
+from inference.api.events import FEEDBACK_TOPIC, INFERENCE_TOPIC
 from protos import llm_pb2, llm_pb2_grpc
 
 DEMO = "smollm2-135m-instruct"

@@ -141,7 +141,7 @@ def test_route_stable_is_the_rollouts_stable_version_even_when_the_candidate_has
 def test_a_record_with_weights_no_router_takes_is_not_applied(server):
     import math
 
-    from inference.rollout_follower import RolloutFollower
+    from inference.api.rollout_follower import RolloutFollower
     from protos import events_pb2
 
     follower = RolloutFollower(server.server.router, "127.0.0.1:1")

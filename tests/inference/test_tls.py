@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inference.auth import AuthOptions, hash_secret
-from inference.server import InferenceServer, ServerOptions
-from inference.tls import TlsError, TlsOptions, load
+from inference.edge.auth import AuthOptions, hash_secret
+from inference.api.server import InferenceServer, ServerOptions
+from inference.edge.tls import TlsError, TlsOptions, load
 from protos import llm_pb2, llm_pb2_grpc
 
 NOW = dt.datetime.now(dt.timezone.utc)

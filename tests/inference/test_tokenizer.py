@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from inference.tokenizer import IncrementalDecoder, Tokenizer
+from inference.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 
 TEXTS = [
@@ -189,7 +189,7 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
 
 def _tiny_byte_level(tmp_path, pre):
     # byte-level vocab: every printable byte char plus a few merges
-    from inference.tokenizer import _bytes_to_unicode
+    from inference.runtime.tokenizer import _bytes_to_unicode
     chars = list(_bytes_to_unicode().values())
     merges = ["Ġ t", "h e", "Ġt he", "1 2", "12 3"]
     tokens = ["<|endoftext|>", "<|begin|>", "<|end|>"] + chars + ["Ġt", "he", "Ġthe", "12", "123"]

@@ -22,9 +22,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 
-from inference.events import INFERENCE_TOPIC, MemorySink
-from inference.server import InferenceServer, ServerOptions
-from inference.tracing import TracingOptions, caller_trace_id
+from inference.api.events import INFERENCE_TOPIC, MemorySink
+from inference.api.server import InferenceServer, ServerOptions
+from inference.edge.tracing import TracingOptions, caller_trace_id
 from protos import llm_pb2, llm_pb2_grpc
 
 MODEL = "tiny"
@@ -297,7 +297,7 @@ def test_spans_exported_by_otlp(tiny_llama):
 
 
 def test_publish_span_ends_at_the_brokers_acknowledgement(tiny_llama, kafka_broker, tmp_path):
-    from inference.server import EventOptions
+    from inference.api.server import EventOptions
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -83,7 +83,7 @@ def test_router_keeps_canary_users_on_the_canary_as_its_weight_grows(names, othe
     """The router's assignment (cumulative weights in version-name order) under the
     controller's steps: weight moves only between stable and candidate, with a third
     version holding a fixed weight, in any name order."""
-    from inference.router import ModelVersion, Router
+    from inference.api.router import ModelVersion, Router
     stable, cand, third = names
     r = Router()
     for v in names:

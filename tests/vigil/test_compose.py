@@ -290,7 +290,7 @@ def exported() -> dict[str, frozenset[str]]:
     from alerting.cli import DEFAULT_CONFIG, DEFAULT_RULES
     from alerting.core import core_from_files
     from eventbus.metrics import PublisherMetrics
-    from inference.metrics import ServerMetrics
+    from inference.edge.metrics import ServerMetrics
     from rollout.service import Metrics as RolloutMetrics
     from stream_processors.runner import Metrics as ProcessorMetrics
 
@@ -299,7 +299,7 @@ def exported() -> dict[str, frozenset[str]]:
             return []
 
     inference = ServerMetrics(NoVersions())
-    PublisherMetrics(inference.registry)  # inference/server.py puts its publisher's metrics there
+    PublisherMetrics(inference.registry)  # inference/api/server.py puts its publisher's metrics there
     return {"serve": frozenset(sample_names(inference.registry)),
             "process": frozenset(sample_names(ProcessorMetrics().registry)),
             "alerting": frozenset(sample_names(core_from_files([DEFAULT_RULES], DEFAULT_CONFIG).registry)),

@@ -15,8 +15,8 @@ import uuid
 import grpc
 import pytest
 
-from inference.events import INFERENCE_TOPIC, MemorySink
-from inference.server import InferenceServer, ServerOptions
+from inference.api.events import INFERENCE_TOPIC, MemorySink
+from inference.api.server import InferenceServer, ServerOptions
 from protos import llm_pb2, llm_pb2_grpc
 from vigil import logs
 from vigil.cli import main
@@ -58,14 +58,14 @@ def test_text_formatter_appends_fields():
 def test_levels_per_component(restore_logging):
     out = io.StringIO()
     logs.configure("json", "INFO", "inference=DEBUG,eventbus=WARNING,requests=ERROR", stream=out)
-    logging.getLogger("inference.engine").debug("shown")
+    logging.getLogger("inference.runtime.engine").debug("shown")
     logging.getLogger("eventbus.publisher").info("hidden")
     logging.getLogger("eventbus.publisher").warning("shown too")
     logging.getLogger("inference.requests").info("hidden: requests are at ERROR")
     logging.getLogger("alerting").debug("hidden: the root is at INFO")
     logging.getLogger("aiokafka").error("hidden: aiokafka is quiet unless named")
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [(d["logger"], d["message"]) for d in lines] == [("inference.engine", "shown"),
+    assert [(d["logger"], d["message"]) for d in lines] == [("inference.runtime.engine", "shown"),
                                                             ("eventbus.publisher", "shown too")]
 
 
@@ -89,10 +89,10 @@ def test_vigil_refuses_bad_log_levels(restore_logging, capsys):
 def test_vigil_log_options(restore_logging, capsys, demo_gguf):
     """`vigil --log-format json --log-levels ...`: the root handler writes JSON with the command's name."""
     assert main(["--log-format", "json", "--log-levels", "inference=DEBUG", "fetch-demo"]) == 0
-    logging.getLogger("inference.engine").debug("step %d", 3, extra={"batch": 4})
+    logging.getLogger("inference.runtime.engine").debug("step %d", 3, extra={"batch": 4})
     logging.getLogger("eventbus").debug("hidden: the root level is INFO")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    mine = [d for d in lines if d["logger"] in ("inference.engine", "eventbus")]  # not a server's of another test
+    mine = [d for d in lines if d["logger"] in ("inference.runtime.engine", "eventbus")]  # not a server's of another test
     assert [(d["message"], d["batch"], d["service"]) for d in mine] == [("step 3", 4, "fetch-demo")]
 
 

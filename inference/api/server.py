@@ -21,21 +21,21 @@ from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.security import KafkaSecurity
 from eventbus.supervise import Supervisor
 from eventbus.topics import TopicOptions
-from inference.auth import AuthOptions
-from inference.compute import ComputeThread
-from inference.decoding import DecodeErrors
-from inference.demo import DEMO_MODEL_NAME, cache_dir
-from inference.edge import EdgeInterceptor
-from inference.events import EventSink, MemorySink, to_message
-from inference.kserve import KServeService
-from inference.llm_service import LLMService
-from inference.metrics import ServerMetrics
-from inference.rollout_follower import RolloutFollower
-from inference.router import Router
-from inference.serving import Limits, Serving
-from inference.tls import TlsOptions, server_credentials
-from inference.tracing import Tracing, TracingOptions
-from inference.versions import EngineOptions, VersionManager
+from inference.edge.auth import AuthOptions
+from inference.runtime.compute import ComputeThread
+from inference.edge.parse_errors import DecodeErrors
+from inference.runtime.demo import DEMO_MODEL_NAME, cache_dir
+from inference.edge.interceptor import EdgeInterceptor
+from inference.api.events import EventSink, MemorySink, to_message
+from inference.api.kserve import KServeService
+from inference.api.llm_service import LLMService
+from inference.edge.metrics import ServerMetrics
+from inference.api.rollout_follower import RolloutFollower
+from inference.api.router import Router
+from inference.api.serving import Limits, Serving
+from inference.edge.tls import TlsOptions, server_credentials
+from inference.edge.tracing import Tracing, TracingOptions
+from inference.api.versions import EngineOptions, VersionManager
 from protos import grpc_service_pb2_grpc, llm_pb2_grpc
 from protos.reflection import SERVICE_NAMES, reflection_pool
 

@@ -21,8 +21,8 @@ import grpc
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from inference.auth import AuthError, AuthOptions, KeyStore, is_open
-from inference.ratelimit import CALLER, REFUSAL, Caller, Limiter, Refused
+from inference.edge.auth import AuthError, AuthOptions, KeyStore, is_open
+from inference.edge.ratelimit import CALLER, REFUSAL, Caller, Limiter, Refused
 
 log = logging.getLogger(__name__)
 

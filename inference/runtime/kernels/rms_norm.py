@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inference.kernels.dispatch import tl, triton, use_triton
+from inference.runtime.kernels.dispatch import tl, triton, use_triton
 
 
 @triton.jit

@@ -5,7 +5,7 @@ INT8 (`Int8Linear`)
     scales  fp32 [N]
 
 INT4 (`Int4Linear`), the portable format (what a state_dict holds, and what a
-GPU kernel such as the Triton `inference.kernels.quant_matmul` consumes):
+GPU kernel such as the Triton `inference.runtime.kernels.quant_matmul` consumes):
     qweight  uint8 [N, K/2]: byte j of row n holds column 2j in its low nibble
              and column 2j+1 in its high nibble; codes are unsigned, 0..15
     scales   fp32  [N, K/g]
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.kernels.quant_matmul import quant_matmul
+from inference.runtime.kernels.quant_matmul import quant_matmul
 
 INT4_GROUP_SIZES = (32, 64, 128)
 _CPU_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

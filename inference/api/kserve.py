@@ -22,12 +22,12 @@ import struct
 
 import numpy as np
 
-from inference.engine import Finished, Overloaded
-from inference.limits import InvalidArgument, Limits, check_chars, shown
-from inference.llm_service import abort_on_error
-from inference.router import NotFound
-from inference.sampling import SamplingParams
-from inference.serving import Serving
+from inference.runtime.engine import Finished, Overloaded
+from inference.api.limits import InvalidArgument, Limits, check_chars, shown
+from inference.api.llm_service import abort_on_error
+from inference.api.router import NotFound
+from inference.runtime.sampling import SamplingParams
+from inference.api.serving import Serving
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc
 

@@ -13,7 +13,7 @@ A refused request gets RESOURCE_EXHAUSTED at once, with `retry-after-ms` in the 
 metadata (in a ModelStreamInfer stream, in-band, with the time in the message). Other
 keys are not touched: each key has its own buckets.
 
-The interceptor (inference/edge.py) puts the call's `Caller` in a context variable; the
+The interceptor (inference/edge/interceptor.py) puts the call's `Caller` in a context variable; the
 serving layer reads it to record the tenant, to refuse a stream message, and to pay the
 tokens of a request that ran.
 """
@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from inference.auth import ApiKey, KeyLimits
+from inference.edge.auth import ApiKey, KeyLimits
 
 STREAM_RETRY_MS = 500  # the retry hint for a key at its stream cap: no time says when a call ends
 
@@ -211,7 +211,7 @@ def check_refusal() -> None:
     """Raise the refusal of the stream message being served, if it was refused."""
     refusal = REFUSAL.get()
     if refusal is not None:
-        from inference.engine import Overloaded  # the front ends turn it into RESOURCE_EXHAUSTED
+        from inference.runtime.engine import Overloaded  # the front ends turn it into RESOURCE_EXHAUSTED
         raise Overloaded(str(refusal))
 
 

@@ -8,7 +8,7 @@
                                           acknowledgement (or the outbox); may end after its parent
 
 Classify has `score` (prompt and labels) instead of prefill and decode. The stage spans
-are made when the request ends, from the engine's own timestamps (inference.engine's
+are made when the request ends, from the engine's own timestamps (inference.runtime.engine's
 Timing, relative to the job's arrival), so the engine's thread never touches
 OpenTelemetry and a decode step costs nothing more.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from inference.kernels.dispatch import tl, triton, use_triton
+from inference.runtime.kernels.dispatch import tl, triton, use_triton
 
 
 @triton.jit

@@ -9,11 +9,11 @@ import functools
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from inference.engine import Finished, Overloaded, TextChunk
-from inference.limits import InvalidArgument, shown
-from inference.router import NotFound
-from inference.sampling import SamplingParams
-from inference.serving import Serving
+from inference.runtime.engine import Finished, Overloaded, TextChunk
+from inference.api.limits import InvalidArgument, shown
+from inference.api.router import NotFound
+from inference.runtime.sampling import SamplingParams
+from inference.api.serving import Serving
 from protos import llm_pb2, llm_pb2_grpc
 
 FINISH_REASONS = {
@@ -79,7 +79,7 @@ def timing(t) -> llm_pb2.Timing:
 class LLMService(llm_pb2_grpc.LLMServicer):
     def __init__(self, serving: Serving, versions):
         self.serving = serving
-        self.versions = versions  # inference.versions.VersionManager
+        self.versions = versions  # inference.api.versions.VersionManager
 
     def start(self, request, out):
         """Route the request and tokenize its input; returns the version, the token ids

@@ -6,7 +6,7 @@ pool while it runs. The waiting queue is bounded too: when it is full, `submit` 
 `Overloaded` at once. A request is taken while fewer than `max_waiting` requests wait beyond those the free
 slots will take at the next step. Results go back through each request's `emit` callback, which
 the gRPC layer points at its own event loop, so the engine never touches asyncio.
-Steps run on the process's compute thread (`inference.compute`).
+Steps run on the process's compute thread (`inference.runtime.compute`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from inference.compute import ComputeThread, single_threaded_torch
-from inference.model import KVCache, Llama
-from inference.sampling import Sampler, SamplingParams, sample
-from inference.tokenizer import Tokenizer
+from inference.runtime.compute import ComputeThread, single_threaded_torch
+from inference.runtime.model import KVCache, Llama
+from inference.runtime.sampling import Sampler, SamplingParams, sample
+from inference.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

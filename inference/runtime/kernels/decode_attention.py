@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from inference.kernels.dispatch import dot_options, num_sms, tl, triton, use_triton
+from inference.runtime.kernels.dispatch import dot_options, num_sms, tl, triton, use_triton
 
 
 @triton.jit

@@ -18,9 +18,9 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from inference.engine import Engine
-from inference.limits import shown
-from inference.tokenizer import Tokenizer
+from inference.runtime.engine import Engine
+from inference.api.limits import shown
+from inference.runtime.tokenizer import Tokenizer
 from eventbus.flags import Flag, bucket, evaluate
 
 

@@ -6,13 +6,13 @@ CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1; VIGIL_KERNELS=referen
 `dispatch.set_mode`) forces the references.
 """
 
-from inference.kernels import dispatch
-from inference.kernels.decode_attention import decode_attention, decode_attention_reference
-from inference.kernels.quant_matmul import quant_matmul, quant_matmul_reference
-from inference.kernels.rms_norm import rms_norm, rms_norm_reference
-from inference.kernels.rotary import apply_rotary, apply_rotary_reference
-from inference.kernels.silu_mul import silu_mul, silu_mul_reference
-from inference.kernels.softmax_stats import SoftmaxStats, fused_softmax_stats, softmax_stats_reference
+from inference.runtime.kernels import dispatch
+from inference.runtime.kernels.decode_attention import decode_attention, decode_attention_reference
+from inference.runtime.kernels.quant_matmul import quant_matmul, quant_matmul_reference
+from inference.runtime.kernels.rms_norm import rms_norm, rms_norm_reference
+from inference.runtime.kernels.rotary import apply_rotary, apply_rotary_reference
+from inference.runtime.kernels.silu_mul import silu_mul, silu_mul_reference
+from inference.runtime.kernels.softmax_stats import SoftmaxStats, fused_softmax_stats, softmax_stats_reference
 
 __all__ = [
     "SoftmaxStats", "apply_rotary", "apply_rotary_reference", "decode_attention", "decode_attention_reference",

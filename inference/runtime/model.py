@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference import kernels
-from inference.kernels import dispatch
+from inference.runtime import kernels
+from inference.runtime.kernels import dispatch
 
 
 @dataclass(frozen=True)

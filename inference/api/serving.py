@@ -20,14 +20,14 @@ import uuid
 from dataclasses import dataclass, field
 
 from eventbus import topics
-from inference import ratelimit
-from inference.engine import Finished, Job, Overloaded, Scored, Timing
-from inference.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink, TokenHasher
-from inference.limits import InvalidArgument, Limits, check_chars, shown
-from inference.requestlog import log_request
-from inference.router import NotFound, Router
-from inference.sampling import SamplingParams
-from inference.tracing import Tracing
+from inference.edge import ratelimit
+from inference.runtime.engine import Finished, Job, Overloaded, Scored, Timing
+from inference.api.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink, TokenHasher
+from inference.api.limits import InvalidArgument, Limits, check_chars, shown
+from inference.edge.requestlog import log_request
+from inference.api.router import NotFound, Router
+from inference.runtime.sampling import SamplingParams
+from inference.edge.tracing import Tracing
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Outcome:
     timing: Timing = field(default_factory=Timing)
     started: float = field(default_factory=time.monotonic)
     submitted: float = 0.0  # monotonic time the engine took the job (its arrival); 0: never
-    span: object = None     # inference.tracing.RequestSpan while traced
+    span: object = None     # inference.edge.tracing.RequestSpan while traced
 
 
 class Serving:
@@ -61,7 +61,7 @@ class Serving:
                  source: str = "vigil-inference", include_text: bool = False,
                  tracing: Tracing | None = None, log_text: bool = False, token_key: bytes = b""):
         """include_text: events carry the prompt and completion themselves, not only
-        their SHA-256 and length. tracing: spans per request (inference.tracing; off
+        their SHA-256 and length. tracing: spans per request (inference.edge.tracing; off
         when None). log_text: the per-request log line carries prompt and completion.
         token_key: the key of the completion token hashes in events (events.TokenHasher)."""
         self.router = router

@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from inference.kernels import SoftmaxStats, fused_softmax_stats  # noqa: F401 (SoftmaxStats: re-exported)
+from inference.runtime.kernels import SoftmaxStats, fused_softmax_stats  # noqa: F401 (SoftmaxStats: re-exported)
 
-# logits [N, V] -> SoftmaxStats: Triton on CUDA, its torch reference (in inference.kernels) elsewhere
+# logits [N, V] -> SoftmaxStats: Triton on CUDA, its torch reference (in inference.runtime.kernels) elsewhere
 softmax_stats = fused_softmax_stats
 
 

@@ -1,7 +1,7 @@
 """Load a Llama-family decoder from a GGUF file or a Hugging Face folder.
 
 Both sources become the same `Checkpoint`: a `ModelConfig`, float32 tensors named
-after the modules of `inference.model.Llama`, the tokenizer of the same source, and,
+after the modules of `inference.runtime.model.Llama`, the tokenizer of the same source, and,
 for GGUF tensors stored as Q4_0/Q4_1 blocks, their integer codes, so that INT4
 serving can take them over exactly instead of requantising. Tensors are read from the
 memory-mapped file when asked for, and `build_model` builds and quantises one layer at
@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.model import Llama, ModelConfig
-from inference.quantize import (CastLinear, Int4Linear, Int8GroupEmbedding, q4_blocks_to_groups,
+from inference.runtime.model import Llama, ModelConfig
+from inference.runtime.quantize import (CastLinear, Int4Linear, Int8GroupEmbedding, q4_blocks_to_groups,
                                 q8_blocks_to_groups, quantize_model)
-from inference.tokenizer import Tokenizer
+from inference.runtime.tokenizer import Tokenizer
 
 QUANTIZE_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 
-# Per layer: the fused module of inference.model and the source tensors it concatenates.
+# Per layer: the fused module of inference.runtime.model and the source tensors it concatenates.
 FUSED = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "mlp.gate_up_proj": ("gate_proj", "up_proj"),

@@ -1,6 +1,6 @@
 """Weight-only quantised matmul, x @ w.T, with the weight dequantised on the fly.
 
-The formats are the quantizer's (inference/quantize.py):
+The formats are the quantizer's (inference/runtime/quantize.py):
   INT8  qweight int8 [N, K], scales [N]: w = q * scale; the scale multiplies the result.
   INT4  qweight uint8 [N, K/2], byte j of a row holding column 2j in its low nibble and
         2j+1 in its high nibble; scales and zeros [N, K/g]; w = (q - 8) * scale + zero.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from inference.kernels.dispatch import dot_options, num_sms, tl, triton, use_triton
+from inference.runtime.kernels.dispatch import dot_options, num_sms, tl, triton, use_triton
 
 
 @triton.jit

@@ -36,7 +36,7 @@ from eventbus.flags import Flag, FlagError
 from eventbus.security import NONE as NO_SECURITY, KafkaSecurity
 from eventbus.state import TopicReader
 from eventbus.supervise import Supervisor
-from inference.router import Router
+from inference.api.router import Router
 
 log = logging.getLogger(__name__)
 

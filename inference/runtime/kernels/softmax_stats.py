@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from inference.kernels.dispatch import tl, triton, use_triton
+from inference.runtime.kernels.dispatch import tl, triton, use_triton
 
 
 class SoftmaxStats(NamedTuple):
