@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import CloseReason
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from eventbus import cloudevents, codec, compat, topics
+from eventbus.kafka import Kafka
 from eventbus.metrics import PublisherMetrics
 from eventbus.outbox import Outbox, OutboxFull, Position, Record
 from eventbus.security import KafkaSecurity
@@ -384,18 +384,13 @@ class Publisher:
         producer = None
         try:
             async with asyncio.timeout(timeout or o.publish_timeout_ms / 1000 * 2):
-                admin = AIOKafkaAdminClient(bootstrap_servers=o.bootstrap_servers, client_id=o.client_id,
-                                            request_timeout_ms=o.publish_timeout_ms, **o.security.client_kwargs())
-                try:
-                    await admin.start()
-                    await topics.ensure_topics(admin, o.topic_names, o.topic_options)
-                finally:
-                    await admin.close()
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=o.bootstrap_servers, client_id=o.client_id, enable_idempotence=True,
-                    acks="all", compression_type=o.compression, linger_ms=o.linger_ms,
-                    max_batch_size=256 << 10, max_request_size=o.max_request_bytes,
-                    request_timeout_ms=o.publish_timeout_ms, retry_backoff_ms=100, **o.security.client_kwargs())
+                kafka = Kafka(o.bootstrap_servers, o.security)
+                await kafka.ensure_topics(o.client_id, o.topic_names, o.topic_options,
+                                          request_timeout_ms=o.publish_timeout_ms)
+                producer = kafka.producer(
+                    o.client_id, enable_idempotence=True, acks="all", compression_type=o.compression,
+                    linger_ms=o.linger_ms, max_batch_size=256 << 10, max_request_size=o.max_request_bytes,
+                    request_timeout_ms=o.publish_timeout_ms, retry_backoff_ms=100)
                 lost = asyncio.Event()
                 self.watch(producer, lost)
                 await producer.start()
