@@ -34,15 +34,15 @@ import socket
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, CONTENT_TYPE_LATEST
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from eventbus import compat, topics
+from eventbus import compat, service, topics
 from eventbus.consumer import decode
+from eventbus.kafka import Kafka
 from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.security import KafkaSecurity
-from eventbus.state import TopicReader, stop_consumer
+from eventbus.state import TopicReader, seek_to_end, stop_consumer
 from eventbus.supervise import Supervisor
 
 from . import wire
@@ -89,6 +89,7 @@ class RolloutService:
     def __init__(self, options: ServiceOptions):
         o = self.options = options
         self.instance = o.instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.kafka = Kafka(o.bootstrap_servers, o.security)
         self.metrics = Metrics()
         self.controller: Controller | None = None  # only while leader
         self.suspended: Controller | None = None   # ours before a rebalance took the lease away
@@ -118,27 +119,19 @@ class RolloutService:
             bootstrap_servers=o.bootstrap_servers, outbox_dir=o.outbox_dir, source=f"vigil-rollout/{self.instance}",
             client_id="vigil-rollout", publish_timeout_ms=3000, security=o.security))
         await self.publisher.start()
-        await self._ensure_lease_topic()
-        self.observer = AIOKafkaConsumer(bootstrap_servers=o.bootstrap_servers, group_id=None,
-                                         enable_auto_commit=False, client_id=f"vigil-rollout-{self.instance}",
-                                         **o.security.client_kwargs())
+        await self.kafka.ensure_topics("vigil-rollout", [LEASE_TOPIC], topics.TopicOptions(partitions=1))
+        self.observer = self.kafka.consumer(f"vigil-rollout-{self.instance}")
         await self.observer.start()
         tps = []
         for t in OBSERVED:
-            for _ in range(50):
-                if ps := self.observer.partitions_for_topic(t):
-                    break
-                await self.observer.topics()
-                await asyncio.sleep(0.2)
-            tps += [TopicPartition(t, p) for p in sorted(ps or ())]
+            tps += await self.kafka.partitions(self.observer, t, 10.0)
         self.observer.assign(tps)
         self.observer.pause(*tps)  # read only while leader
         await self._serve_admin()
-        self.lease = AIOKafkaConsumer(
-            bootstrap_servers=o.bootstrap_servers, group_id=o.group_id, enable_auto_commit=False,
-            client_id=f"vigil-rollout-lease-{self.instance}", session_timeout_ms=o.session_timeout_ms,
+        self.lease = self.kafka.consumer(
+            f"vigil-rollout-lease-{self.instance}", group_id=o.group_id, session_timeout_ms=o.session_timeout_ms,
             heartbeat_interval_ms=max(100, o.session_timeout_ms // 10), rebalance_timeout_ms=3000,
-            max_poll_interval_ms=max(10000, o.session_timeout_ms * 2), **o.security.client_kwargs())
+            max_poll_interval_ms=max(10000, o.session_timeout_ms * 2))
         self.lease.subscribe([LEASE_TOPIC], listener=_Lease(self))
         await self.lease.start()
         self.tasks.start("rollout-lease", self._poll_lease)
@@ -159,16 +152,6 @@ class RolloutService:
         if self.publisher is not None:
             await self.publisher.stop()
 
-    async def _ensure_lease_topic(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.options.bootstrap_servers, client_id="vigil-rollout",
-                                    **self.options.security.client_kwargs())
-        await admin.start()
-        try:
-            if LEASE_TOPIC not in await admin.list_topics():
-                await admin.create_topics([NewTopic(LEASE_TOPIC, 1, 1)])  # another instance may win the race
-        finally:
-            await admin.close()
-
     async def _poll_lease(self) -> None:
         while True:  # nothing is written there; polling keeps the membership alive
             await self.lease.getmany(timeout_ms=500)
@@ -186,8 +169,8 @@ class RolloutService:
             finally:
                 await reader.stop()
             tps = list(self.observer.assignment())
-            await self.observer.seek_to_end(*tps)
             self.observer.resume(*tps)
+            await seek_to_end(self.observer, tps)  # the high watermark, which ListOffsets may not say
             latest = {}
             for d in records:
                 latest[d["model"]] = max(latest.get(d["model"], 0), d["generation"])
@@ -302,22 +285,16 @@ class RolloutService:
                 return web.json_response({"error": str(e), "field": e.field}, status=400)
 
         async def healthz(request: web.Request) -> web.Response:
-            down = self.tasks.down()
-            return web.json_response({"instance": self.instance, "leader": self.leader, "ready": not down,
-                                      "down": down}, status=503 if down else 200)
+            return service.health(self.tasks, instance=self.instance, leader=self.leader)
 
         async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(self.metrics.registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+            return service.metrics(self.metrics.registry)
 
         app.router.add_post("/api/{op}", api)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", metrics)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.options.host, self.options.admin_port)
-        await site.start()
-        self.admin_port = site._server.sockets[0].getsockname()[1]
+        self.runner, self.admin_port = await service.listen(app, self.options.host, self.options.admin_port,
+                                                            "--admin-port")
 
 
 def body(raw: bytes) -> dict:
@@ -369,12 +346,9 @@ class _Lease(ConsumerRebalanceListener):
                 log.exception("taking over the rollout state failed")
 
 
-async def run(options: ServiceOptions, until) -> None:
+async def run(options: ServiceOptions, until=None) -> None:
+    """Run until SIGINT or SIGTERM, or until `until()` returns when it is given."""
     s = RolloutService(options)
-    await s.start()
-    print(f"vigil rollout {s.instance}: admin API on http://{options.host}:{s.admin_port} "
-          f"(/api/<op>, /healthz, /metrics), Kafka at {options.bootstrap_servers}", flush=True)
-    try:
-        await until()
-    finally:
-        await s.stop()
+    await service.serve(s, "vigil rollout", lambda s: (
+        f"vigil rollout {s.instance}: admin API on http://{options.host}:{s.admin_port} "
+        f"(/api/<op>, /healthz, /metrics), Kafka at {options.bootstrap_servers}"), run=until)
