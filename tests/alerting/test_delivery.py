@@ -17,6 +17,7 @@ from alerting.core import AlertingCore
 from alerting.labels import fingerprint_hex
 from alerting.rules import rules_from_text
 from alerting.sinks import SIGNATURE_HEADER, sign
+from tests.helpers.waiting import until
 from tests.helpers.webhooks import ALERT_V4_FIELDS, WEBHOOK_V4_FIELDS, WebhookRecorder, drift_signal
 
 # the fixtures live on the session's loop (pyproject sets that scope for fixtures); so do the tests
@@ -122,10 +123,10 @@ async def test_receiver_down_retries_then_counts_a_failure_and_state_stays(recor
     core = await make_core(config(("m1", recorder.url), gi="400ms"))
     try:
         core.ingest(drift_signal(model="m1"))
-        await asyncio.sleep(0.3)
-        await core.drain()
+        failed = lambda: core.metric("vigil_alerting_notifications_failed_total",  # noqa: E731
+                                     receiver="m1", integration="m1/webhook/0")
+        await until(lambda: failed() >= 1, 10, "the notification given up on")
         assert recorder.attempts == 3  # max_attempts
-        assert core.metric("vigil_alerting_notifications_failed_total", receiver="m1", integration="m1/webhook/0") >= 1
         assert core.metric("vigil_alerting_notification_retries_total", receiver="m1", integration="m1/webhook/0") >= 2
         assert [i.state for i in core.engine.instances.values()] == ["firing"]
         assert core.nflog.entries == {}  # nothing recorded as sent
@@ -145,11 +146,9 @@ async def test_unreachable_and_hanging_receivers_fail_cleanly():
     try:
         core.ingest(drift_signal(model="m1"))
         core.ingest(drift_signal(model="m2"))
-        await asyncio.sleep(0.1)
-        await core.drain(timeout=5)
-        for m in ("m1", "m2"):
-            assert core.metric("vigil_alerting_notifications_failed_total", receiver=m,
-                               integration=f"{m}/webhook/0") >= 1
+        await until(lambda: all(core.metric("vigil_alerting_notifications_failed_total", receiver=m,
+                                            integration=f"{m}/webhook/0") >= 1 for m in ("m1", "m2")),
+                    10, "both notifications given up on")
         assert hang.attempts >= 2
     finally:
         await core.stop()
@@ -269,7 +268,8 @@ async def test_ha_pair_sends_each_notification_once(recorder):
             a.ingest(s)
             b.ingest(s)
         await recorder.wait_for(1)
-        await asyncio.sleep(0.6)
+        await until(lambda: b.metric("vigil_alerting_suppressed_total", reason="sent_by_peer", receiver="m1"),
+                    10, "the standby finding its peer's notification")
         await a.drain()
         await b.drain()
         assert len(recorder.received) == 1
@@ -300,7 +300,8 @@ async def test_restarted_core_neither_resends_nor_forgets(recorder):
     try:
         assert [i.state for i in b.engine.instances.values()] == ["firing"]
         b.ingest(drift_signal(model="m1"))
-        await asyncio.sleep(0.8)  # past group_wait and two group_intervals
+        assert b.dispatcher.groups and b.dispatcher.flush_now() == []  # the restored log says it was sent
+        await b.drain()
         assert len(recorder.received) == 1
         b.ingest(drift_signal(model="m1", drifted=False))
         await recorder.wait_for(2)
@@ -345,13 +346,10 @@ async def test_a_failure_building_an_alertmanager_post_is_counted_and_the_feed_g
     sink.payload = faulty
     try:
         sink.put(Alert({"alertname": "A"}, {}, time.time(), None, 1))
-        deadline = time.monotonic() + 10
-        while not results and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await until(lambda: results, 10, "the failed post counted")
         assert results[0][:2] == (False, 1) and "injected payload fault" in results[0][2]
         sink.put(Alert({"alertname": "B"}, {}, time.time(), None, 2))
-        while not posts and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await until(lambda: posts, 10, "the next post")
         assert [a["labels"]["alertname"] for a in posts[0]] == ["B"] and results[-1][0]
     finally:
         await sink.close()
