@@ -127,6 +127,15 @@ async def alerts_of(bootstrap: str, model: str, want: int, timeout: float = 10.0
         await c.stop()
 
 
+async def signals_until_notified(bootstrap: str, recorder, count: int, *signals) -> list:
+    """The same signals again until the webhook has `count` notifications: a rule's `for`
+    passes while its signal keeps coming."""
+    async def notified():
+        await produce(bootstrap, *signals)
+        return len(recorder.received) >= count and recorder.received
+    return await until(notified, 10, f"notification {count}", every=0.2)
+
+
 def test_signal_proto_maps_onto_the_core_signal():
     m = signal("m")
     s = signal_from_proto(m)
@@ -142,12 +151,15 @@ async def test_signals_to_signed_webhook_and_alerts_then_restart_neither_resends
     model = f"svc-{uuid.uuid4().hex[:6]}"
     instance = f"t-{model}"
     a = await start(options(kafka_broker, files, instance))
+    snapshots, persist = [], a._persist_snapshot
+
+    def persist_and_keep():
+        persist()
+        snapshots.append(a.core.snapshot())
+    a._persist_snapshot = persist_and_keep
     try:
         assert not a.restored
-        await produce(bootstrap, signal(model), signal(model, "mean_logprob"))
-        await asyncio.sleep(0.3)  # past `for`: the next signal keeps them active, the timer fires them
-        await produce(bootstrap, signal(model), signal(model, "mean_logprob"))
-        got = await recorder.wait_for(1, timeout=10)
+        got = await signals_until_notified(bootstrap, recorder, 1, signal(model), signal(model, "mean_logprob"))
         body = got[0].json
         assert got[0].signature_ok is True
         assert set(WEBHOOK_V4_FIELDS) <= set(body) and body["version"] == "4" and body["status"] == "firing"
@@ -161,7 +173,7 @@ async def test_signals_to_signed_webhook_and_alerts_then_restart_neither_resends
         assert len(by_fp) == 2
         assert all(s[:2] == [events_pb2.ALERT_STATE_PENDING, events_pb2.ALERT_STATE_FIRING] for s in by_fp.values())
         assert records[0][1].severity == "warning" and records[0][1].starts_at.seconds > 0
-        await asyncio.sleep(0.6)  # the snapshot written after the changes
+        await until(lambda: snapshots and snapshots[-1]["nflog"], 10, "a snapshot with the notification logged")
         a._persist_snapshot = lambda: None  # die without a last snapshot, as a crash would
     finally:
         await a.stop()
@@ -171,8 +183,11 @@ async def test_signals_to_signed_webhook_and_alerts_then_restart_neither_resends
         assert b.restored
         assert sorted(i.state for i in b.core.engine.instances.values()
                       if i.labels.get("model") == model) == ["firing", "firing"]
+        taken = b.core.metric("vigil_alerting_signals_total")
         await produce(bootstrap, signal(model), signal(model, "mean_logprob"))
-        await asyncio.sleep(1.5)  # past group_wait and two group_intervals
+        await until(lambda: b.core.metric("vigil_alerting_signals_total") >= taken + 2, 10, "the signals taken in")
+        assert b.core.dispatcher.groups and b.core.dispatcher.flush_now() == []  # the restored log says sent
+        await b.core.drain()
         assert len(recorder.received) == 1, "a restarted instance sent again"
         await produce(bootstrap, signal(model, drifted=False), signal(model, "mean_logprob", drifted=False))
         got = await recorder.wait_for(2, timeout=10)
@@ -190,24 +205,19 @@ async def test_two_instances_send_each_notification_once(kafka_broker, files, re
     primary = await start(options(kafka_broker, files, f"{model}-0", peer_position=0, peer_timeout=1.0))
     standby = await start(options(kafka_broker, files, f"{model}-1", peer_position=1, peer_timeout=1.0))
     try:
-        await produce(bootstrap, signal(model))
-        await asyncio.sleep(0.3)
-        await produce(bootstrap, signal(model))
-        await recorder.wait_for(1, timeout=10)
-        await asyncio.sleep(2.0)  # the standby's wait, and then some
+        by_peer = lambda: standby.core.metric("vigil_alerting_suppressed_total",  # noqa: E731
+                                              reason="sent_by_peer", receiver="hook")
+        await signals_until_notified(bootstrap, recorder, 1, signal(model))
+        await until(lambda: by_peer() == 1, 10, "the standby finding its peer's notification after its wait")
         assert len(recorder.received) == 1
-        assert standby.core.metric("vigil_alerting_suppressed_total", reason="sent_by_peer", receiver="hook") == 1
         assert standby.merged_from_peers >= 1
         await produce(bootstrap, signal(model, drifted=False))
         await recorder.wait_for(2, timeout=10)
-        await asyncio.sleep(2.0)
+        await until(lambda: by_peer() == 2, 10, "the standby finding its peer's resolved notification")
         assert [r.json["status"] for r in recorder.received] == ["firing", "resolved"]
         # the primary goes away: the standby alone notifies, after its wait
         await primary.stop()
-        await produce(bootstrap, signal(model, "mean_entropy"))
-        await asyncio.sleep(0.3)
-        await produce(bootstrap, signal(model, "mean_entropy"))
-        await recorder.wait_for(3, timeout=10)
+        await signals_until_notified(bootstrap, recorder, 3, signal(model, "mean_entropy"))
         assert recorder.received[2].json["alerts"][0]["labels"]["feature"] == "mean_entropy"
     finally:
         await standby.stop()
