@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     processor_cli.add_parser(sub, option)  # vigil process
     rollout_cli.add_parser(sub, option)  # vigil rollout [start|status|pause|...]
     demo.add_parser(sub, option)  # vigil demo
-    console_cli.add_parser(sub, option)  # vigil ui
+    console_cli.add_parser(sub, option)  # vigil ui, vigil report
     keys.add_parser(sub, option)  # vigil keys add|check
     sub.add_parser("fetch-demo", help="download the demo model into the cache folder",
                    description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into $VIGIL_CACHE_DIR or ~/.cache/vigil.")
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return processor_cli.run(args)
     if args.command == "rollout":
         return rollout_cli.run(args)
-    if args.command == "ui":
+    if args.command in ("ui", "report"):
         return console_cli.run(args)
     if args.command == "keys":
         return keys.run(args)
