@@ -11,6 +11,12 @@ so one ongoing drift is one alert. Everything that changes from one reading to t
 (counts, detections, bins, the window's index, the raw value) travels in fields of the
 ``Signal`` message (protos/events.proto), never in its labels.
 
+The comparisons of a candidate version with the stable one over the same traffic (the
+``*_vs_stable`` detectors, label ``reference_version``) are what the rollout controller
+decides a step on; it computes nothing of its own. Each carries the two sides' sample sizes
+(``reference_size`` stable, ``window_size`` candidate) and, in ``events``, the candidate's
+events (joined feedbacks, for accuracy and ECE) compared so far.
+
 >>> PUBLISHED[Detector.KS, Feature.MEAN_ENTROPY].kind == SignalKind.DRIFT
 True
 >>> kind_of("error_rate", "error") == SignalKind.QUALITY
@@ -45,6 +51,14 @@ class Detector(StrEnum):
     # a candidate version against the stable one over the same traffic (label reference_version)
     KS_VS_STABLE = "ks_vs_stable"
     CHI2_VS_STABLE = "chi2_vs_stable"
+    MANN_WHITNEY_VS_STABLE = "mann_whitney_vs_stable"  # statistic: rank-biserial correlation (positive:
+                                                       # the candidate's values run higher); p two-sided
+    MEDIAN_VS_STABLE = "median_vs_stable"  # statistic: candidate median - stable median; value: candidate's
+    ERROR_RATE_VS_STABLE = "error_rate_vs_stable"  # statistic: candidate rate - stable rate; value:
+                                                   # candidate's; p one-sided, candidate worse by a margin
+    ACCURACY_VS_STABLE = "accuracy_vs_stable"  # of joined feedback, as error_rate_vs_stable (p: candidate
+                                               # less accurate by a margin)
+    ECE_VS_STABLE = "ece_vs_stable"  # of joined feedback: candidate ECE - stable ECE; value: candidate's
     # measurements (statistic = the measured value)
     ERROR_RATE = "error_rate"            # errors over the events since the last reading
     MEAN = "mean"                        # the mean of the feature's latest values
@@ -68,6 +82,8 @@ class Feature(StrEnum):
     MIN_TOP1_PROB = "min_top1_prob"
     TOTAL_SECONDS = "total_seconds"
     FIRST_TOKEN_SECONDS = "first_token_seconds"
+    TOKEN_SECONDS = "token_seconds"      # per output token after the first (total for one token): a
+                                         # version's speed, whatever the length of what it says
     TOP_LABEL_PROB = "top_label_prob"    # Classify: the largest label probability
     FINISH_REASON = "finish_reason"
     ERROR = "error"                      # 1 where the status is not OK
@@ -91,6 +107,9 @@ CONTINUOUS = (Feature.PROMPT_TOKENS, Feature.COMPLETION_TOKENS, Feature.MEAN_LOG
 LATENCY = (Feature.TOTAL_SECONDS, Feature.FIRST_TOKEN_SECONDS)
 # What a candidate is compared with stable on: what it answers and how fast, not what it was asked.
 COMPARED = tuple(f for f in CONTINUOUS if f != Feature.PROMPT_TOKENS)
+# What the candidate-against-stable location tests take (Mann-Whitney, medians): the compared
+# features and the time per output token.
+TESTED = (*COMPARED, Feature.TOKEN_SECONDS)
 QUALITY = (Feature.DISTINCT_1, Feature.DISTINCT_2, Feature.TOKEN_ENTROPY, Feature.COMPLETION_TOKENS)
 
 
@@ -117,6 +136,13 @@ def _published() -> dict[tuple[str, str], Series]:
     for f in COMPARED:
         add(SignalKind.LATENCY if f in LATENCY else SignalKind.DRIFT, Detector.KS_VS_STABLE, f)
     add(SignalKind.DRIFT, Detector.CHI2_VS_STABLE, Feature.FINISH_REASON)
+    for f in TESTED:
+        kind = SignalKind.LATENCY if f in (*LATENCY, Feature.TOKEN_SECONDS) else SignalKind.DRIFT
+        add(kind, Detector.MANN_WHITNEY_VS_STABLE, f)
+        add(kind, Detector.MEDIAN_VS_STABLE, f)
+    add(SignalKind.QUALITY, Detector.ERROR_RATE_VS_STABLE, Feature.ERROR)
+    add(SignalKind.QUALITY, Detector.ACCURACY_VS_STABLE, Feature.LABEL)
+    add(SignalKind.CALIBRATION, Detector.ECE_VS_STABLE, Feature.LABEL)
     add(SignalKind.QUALITY, Detector.ERROR_RATE, Feature.ERROR)
     add(SignalKind.QUALITY, Detector.PAGE_HINKLEY, Feature.ERROR)
     for q in (Detector.P50, Detector.P95, Detector.P99):

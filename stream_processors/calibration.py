@@ -25,7 +25,17 @@ import math
 
 import numpy as np
 
-__all__ = ["Calibration", "top_label_ece"]
+__all__ = ["Calibration", "ece_of", "top_label_ece"]
+
+
+def ece_of(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+    """Expected calibration error over equal-width bins of top-label confidences and
+    whether each top label was right (1) or not (0)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    bins = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=conf, minlength=n_bins)
+    return float(np.abs(gap).sum() / len(conf))
 
 
 def top_label_ece(P: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[float, float]:
@@ -36,9 +46,7 @@ def top_label_ece(P: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[
     pred = np.argmax(P, axis=1)
     conf = P[np.arange(len(y)), pred]
     correct = (pred == y).astype(np.float64)
-    bins = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
-    gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=conf, minlength=n_bins)
-    return float(np.abs(gap).sum() / len(y)), float(correct.mean())
+    return ece_of(conf, correct, n_bins), float(correct.mean())
 
 
 class Calibration:

@@ -65,8 +65,13 @@ def add_parser(subparsers, option):
     option(g, "--compare-every", type=int, default=s.compare_every,
            help="compare a candidate with the stable version each this many of its events")
     option(g, "--compare-alpha", type=float, default=s.compare_alpha,
-           help="significance level of each test (KS per feature, chi-square on finish reasons)")
+           help="significance level that marks a test's signal drifted (KS, Mann-Whitney, error rate, "
+                "accuracy, chi-square); the rollout controller applies its own to the p-values")
     option(g, "--compare-min", type=int, default=s.compare_min, help="fewest values on each side for a test")
+    option(g, "--compare-error-margin", type=float, default=s.compare_error_margin,
+           help="rise of a candidate's error rate over stable's that its one-sided test looks past")
+    option(g, "--compare-accuracy-margin", type=float, default=s.compare_accuracy_margin,
+           help="fall of a candidate's accuracy (joined feedback) that its one-sided test looks past")
     return p
 
 

@@ -12,24 +12,44 @@ seconds of stable traffic. When the stable version changes, the partners start a
 (candidate events still waiting take the new stable version's next ones).
 
 Every ``every`` events of a candidate, its last ``window`` events and their partners are
-compared: per feature, a two-sample Kolmogorov-Smirnov test on the most recent values the
-two sides have as many of (at least ``min_size``), and a chi-square test on the finish
-reasons. Both sides of a comparison must be in one place: see ``PartitionState`` for what
-that asks of the record keys.
+compared (``compare``), on the most recent values the two sides have as many of (at least
+``min_size``):
+
+- per compared feature (``COMPARED``), a two-sample Kolmogorov-Smirnov test;
+- per tested feature (``TESTED``: those and the time per output token), a Mann-Whitney U
+  test (two-sided p; statistic the rank-biserial correlation, positive where the
+  candidate's values run higher) and the two medians;
+- the error rates: a one-sided two-proportion z-test that the candidate's is worse by more
+  than ``error_margin`` (the margin is in the null hypothesis, so a small sample does not
+  fail on a point estimate alone), with the Agresti-Caffo adjustment (one success and one
+  failure added to each side), which keeps it honest at small counts;
+- the finish reasons: a chi-square test.
+
+Joined feedback (the top label's probability and whether it was right) is kept per
+version, the latest ``window`` of each; every ``every`` joins of a candidate
+(``compare_feedback``) its accuracy is tested against stable's the same way (worse by
+more than ``accuracy_margin``) and the two expected calibration errors are given.
+
+These are the figures the rollout controller decides a canary step on. Both sides of a
+comparison must be in one place: see ``PartitionState`` for what that asks of the record
+keys.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
-from eventbus.signals import Detector, Feature
+from eventbus.signals import COMPARED, TESTED, Detector, Feature
 from protos import events_pb2
+from stream_processors.calibration import ece_of
 from stream_processors.detectors import chi2_homogeneity, ks_2samp
 
-__all__ = ["Result", "Rows", "VersionComparison", "ROUTE_STABLE", "CANDIDATE_ROUTES"]
+__all__ = ["Result", "Rows", "VersionComparison", "ROUTE_STABLE", "CANDIDATE_ROUTES", "worse_by", "mann_whitney"]
 
 ROUTE_STABLE = events_pb2.ROUTE_STABLE
 CANDIDATE_ROUTES = (events_pb2.ROUTE_CANARY, events_pb2.ROUTE_SHADOW)
@@ -37,16 +57,36 @@ CANDIDATE_ROUTES = (events_pb2.ROUTE_CANARY, events_pb2.ROUTE_SHADOW)
 
 @dataclass(frozen=True)
 class Result:
-    """One test of a candidate against the stable version."""
+    """One test or measurement of a candidate against the stable version."""
     candidate: str
     reference: str
-    detector: str               # ks_vs_stable, chi2_vs_stable
+    detector: str               # one of the *_vs_stable detectors
     feature: str
     statistic: float
-    p_value: float
+    p_value: float | None
     n_reference: int
     n_candidate: int
-    time: float                 # event time of the candidate's latest event
+    time: float                 # event time of the candidate's latest event (or joined feedback)
+    value: float | None = None  # median, error rate, accuracy, ECE: the candidate's own
+    events: int = 0             # the candidate's events (joined feedbacks) compared so far
+
+
+def worse_by(bad: int, n1: int, base_bad: int, n2: int, margin: float) -> tuple[float, float]:
+    """One-sided two-proportion z-test that the first rate exceeds the second by more than
+    ``margin``, Agresti-Caffo adjusted. Returns (z, p)."""
+    a, b = (bad + 1) / (n1 + 2), (base_bad + 1) / (n2 + 2)
+    se = math.sqrt(a * (1 - a) / (n1 + 2) + b * (1 - b) / (n2 + 2))
+    z = (a - b - margin) / se
+    return z, float(stats.norm.sf(z))
+
+
+def mann_whitney(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(rank-biserial correlation, two-sided p) of the Mann-Whitney U test; the correlation
+    is positive where the candidate's values run higher. Identical samples give (0, 1)."""
+    res = stats.mannwhitneyu(candidate, reference, alternative="two-sided")
+    r = 2 * float(res.statistic) / (len(candidate) * len(reference)) - 1
+    p = float(res.pvalue)
+    return r, p if math.isfinite(p) else 1.0
 
 
 class Rows:
@@ -85,17 +125,35 @@ class _Candidate:
         self.n = 0              # candidate events seen
 
 
+class _Feedback:
+    """A version's latest joined feedback: top-label probability, right or not, event time."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pairs = np.zeros((0, 3))
+        self.n = 0              # joins seen
+
+    def extend(self, pairs: np.ndarray) -> None:
+        self.pairs = np.concatenate((self.pairs, pairs))[-self.size:]
+        self.n += len(pairs)
+
+
 class VersionComparison:
     """The candidates of one model against its stable version.
 
-    ``features``: the names of the columns of the values given to ``add``.
+    ``features``: the names of the columns of the values given to ``add``; a column is
+    tested as its name says (KS for ``COMPARED``, Mann-Whitney and medians for ``TESTED``,
+    the error rates for ``error``), any other is carried along untested.
     """
 
-    def __init__(self, features: tuple[str, ...], window: int = 500, every: int = 100, min_size: int = 50):
+    def __init__(self, features: tuple[str, ...], window: int = 500, every: int = 100, min_size: int = 50,
+                 error_margin: float = 0.01, accuracy_margin: float = 0.05, bins: int = 10):
         self.features = tuple(features)
         self.window, self.every, self.min_size = int(window), int(every), int(min_size)
+        self.error_margin, self.accuracy_margin, self.bins = float(error_margin), float(accuracy_margin), int(bins)
         self.stable: str | None = None
         self.candidates: dict[str, _Candidate] = {}
+        self.feedback: dict[str, _Feedback] = {}
 
     def add(self, rows: dict, routes: np.ndarray, values: np.ndarray, finish: list, times: np.ndarray) -> list[str]:
         """Events of the model: ``rows`` maps each version to the positions of its events in
@@ -143,30 +201,78 @@ class VersionComparison:
         if len(c.partners) < self.min_size:
             return out
         when = float(c.events.times.max())
+
+        def result(detector, feature, statistic, p, n_ref, n_cand, value=None):
+            out.append(Result(version, self.stable, detector, feature, float(statistic), p, int(n_ref), int(n_cand),
+                              when, value, c.n))
+
         for j, feature in enumerate(self.features):
             ref, cand = c.partners.values[:, j], c.events.values[:, j]
+            if feature == Feature.ERROR:
+                n = min(len(ref), len(cand))
+                if n < self.min_size:
+                    continue
+                bad, base_bad = int(cand[-n:].sum()), int(ref[-n:].sum())
+                _, p = worse_by(bad, n, base_bad, n, self.error_margin)
+                result(Detector.ERROR_RATE_VS_STABLE, feature, (bad - base_bad) / n, p, n, n, bad / n)
+                continue
             ref, cand = ref[np.isfinite(ref)], cand[np.isfinite(cand)]
             n = min(len(ref), len(cand))
-            if n >= self.min_size:
-                d, p = ks_2samp(ref[-n:], cand[-n:])
-                out.append(Result(version, self.stable, Detector.KS_VS_STABLE, feature, d, p, n, n, when))
+            if n < self.min_size:
+                continue
+            ref, cand = ref[-n:], cand[-n:]
+            if feature in COMPARED:
+                d, p = ks_2samp(ref, cand)
+                result(Detector.KS_VS_STABLE, feature, d, p, n, n)
+            if feature in TESTED:
+                r, p = mann_whitney(cand, ref)
+                result(Detector.MANN_WHITNEY_VS_STABLE, feature, r, p, n, n)
+                mc, ms = float(np.median(cand)), float(np.median(ref))
+                result(Detector.MEDIAN_VS_STABLE, feature, mc - ms, None, n, n, mc)
         ref, cand = Counter(f for f in c.partners.finish if f), Counter(f for f in c.events.finish if f)
         n_ref, n_cand = sum(ref.values()), sum(cand.values())
         if min(n_ref, n_cand) >= self.min_size:
             stat, p, _ = chi2_homogeneity(ref, cand)
-            out.append(Result(version, self.stable, Detector.CHI2_VS_STABLE, Feature.FINISH_REASON, stat, p, n_ref, n_cand, when))
+            result(Detector.CHI2_VS_STABLE, Feature.FINISH_REASON, stat, p, n_ref, n_cand)
         return out
+
+    # -- joined feedback ------------------------------------------------------------------
+    def add_feedback(self, version: str, confidence: np.ndarray, correct: np.ndarray, times: np.ndarray) -> bool:
+        """Joined feedback of a version, in order. Returns whether the version, a candidate,
+        is due for a comparison of its feedback with stable's."""
+        f = self.feedback.get(version)
+        if f is None:
+            f = self.feedback[version] = _Feedback(self.window)
+        before = f.n
+        f.extend(np.column_stack((confidence, correct, times)))
+        return version != self.stable and self.stable is not None and f.n // self.every > before // self.every
+
+    def compare_feedback(self, version: str) -> list[Result]:
+        cand, ref = self.feedback[version], self.feedback.get(self.stable)
+        if ref is None or min(len(cand.pairs), len(ref.pairs)) < self.min_size:
+            return []
+        c, r = cand.pairs, ref.pairs
+        when = float(c[:, 2].max())
+        wrong, base_wrong = int(len(c) - c[:, 1].sum()), int(len(r) - r[:, 1].sum())
+        _, p = worse_by(wrong, len(c), base_wrong, len(r), self.accuracy_margin)
+        acc, base_acc = 1 - wrong / len(c), 1 - base_wrong / len(r)
+        ece, base_ece = ece_of(c[:, 0], c[:, 1], self.bins), ece_of(r[:, 0], r[:, 1], self.bins)
+        return [Result(version, self.stable, Detector.ACCURACY_VS_STABLE, Feature.LABEL, acc - base_acc, p, len(r),
+                       len(c), when, acc, cand.n),
+                Result(version, self.stable, Detector.ECE_VS_STABLE, Feature.LABEL, ece - base_ece, None, len(r),
+                       len(c), when, ece, cand.n)]
 
     # -- checkpoints ----------------------------------------------------------------------
     def to_state(self) -> dict:
         return {"stable": self.stable,
                 "candidates": {v: {"credit": c.credit, "n": c.n, "events": c.events.to_state(),
-                                   "partners": c.partners.to_state()} for v, c in self.candidates.items()}}
+                                   "partners": c.partners.to_state()} for v, c in self.candidates.items()},
+                "feedback": {v: {"n": f.n, "pairs": f.pairs.tolist()} for v, f in self.feedback.items()}}
 
     @classmethod
-    def from_state(cls, st: dict, features: tuple[str, ...], window: int, every: int,
-                   min_size: int) -> "VersionComparison":
-        m = cls(features, window, every, min_size)
+    def from_state(cls, st: dict, features: tuple[str, ...], window: int, every: int, min_size: int,
+                   **margins) -> "VersionComparison":
+        m = cls(features, window, every, min_size, **margins)
         m.stable = st["stable"]
         width = len(m.features)
         for v, cs in st["candidates"].items():
@@ -174,4 +280,8 @@ class VersionComparison:
             c.credit, c.n = int(cs["credit"]), int(cs["n"])
             c.events = Rows.from_state(cs["events"], window, width)
             c.partners = Rows.from_state(cs["partners"], window, width)
+        for v, fs in st.get("feedback", {}).items():
+            f = m.feedback[v] = _Feedback(window)
+            f.extend(np.asarray(fs["pairs"], dtype=np.float64).reshape(-1, 3))
+            f.n = int(fs["n"])
         return m

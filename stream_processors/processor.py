@@ -20,11 +20,15 @@ fetch (``read_events``), grouped by model version, and every detector gets
 detector's current statistic) are published every ``signal_every`` events of a model
 version, at the batch boundary that crosses the multiple, and a drifted signal whenever a
 detector detects inside a batch (its statistic is read at the end of that batch); the
-comparisons of a candidate version with the stable one (``compare.py``) every
-``compare_every`` candidate events, at a batch boundary too. Joined feedback goes in
-batches cut where a calibration signal is due (every ``calibration_every`` joins), so
-those signals and the concept-drift ones come exactly where one-by-one updates would put
-them.
+comparisons of a candidate version with the stable one (``compare.py``: distributions,
+error rates, time per output token, confidence) every ``compare_every`` candidate events,
+at a batch boundary too, and of its joined feedback (accuracy, ECE) every
+``compare_every`` joins. Joined feedback goes in batches cut where a calibration signal is
+due (every ``calibration_every`` joins), so those signals and the concept-drift ones come
+exactly where one-by-one updates would put them.
+
+This is the one place where events are joined with their feedback and a candidate is
+measured against stable: the rollout controller decides on these signals alone.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from eventbus.signals import COMPARED, CONTINUOUS, LATENCY, Detector as D, Feature as F, kind_of
+from eventbus.signals import COMPARED, CONTINUOUS, LATENCY, TESTED, Detector as D, Feature as F, kind_of
 from protos import events_pb2
 from stream_processors.calibration import Calibration
 from stream_processors.compare import VersionComparison
@@ -50,10 +54,13 @@ from stream_processors.trend import TrendMonitor
 
 log = logging.getLogger(__name__)
 NAN = float("nan")
-FORMAT = 4   # of a checkpoint's state: another format keeps its offsets and joins, not its detectors
+FORMAT = 5   # of a checkpoint's state: another format keeps its offsets and joins, not its detectors
 
 # The feature matrix has a row per continuous feature, in this order.
 COL = {name: i for i, name in enumerate(CONTINUOUS)}
+# The columns a candidate is compared with stable on (compare.py): the tested features (the
+# compared ones, then the time per output token) and the error flag.
+COMPARISON = (*TESTED, F.ERROR)
 # quality.py's metric -> the feature its z-score series names
 QUALITY_FEATURE = {"distinct_1": F.DISTINCT_1, "distinct_2": F.DISTINCT_2, "token_entropy": F.TOKEN_ENTROPY,
                    "mean_length": F.COMPLETION_TOKENS}
@@ -90,6 +97,8 @@ class Settings:
     compare_every: int = 100          # a candidate's events between comparisons with stable
     compare_alpha: float = 1e-5       # per test
     compare_min: int = 50             # fewest values a side may have for a test
+    compare_error_margin: float = 0.01     # a candidate's error rate counts as worse beyond this rise
+    compare_accuracy_margin: float = 0.05  # its accuracy (joined feedback), beyond this fall
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
@@ -399,6 +408,7 @@ class Batch:
                            # text is sent), of the judged events that carry either
     times: np.ndarray      # event time, seconds
     routes: np.ndarray     # vigil.events.v1.Route
+    token_seconds: np.ndarray  # per output token after the first (the total for one token); NaN unless OK
     groups: dict           # (model, version) -> positions, in order of first appearance
     labelled: list         # (position, labels sorted, their probabilities) of the events with
                            # label probabilities
@@ -441,8 +451,11 @@ def read_events(events: list) -> Batch:
     index: dict[tuple, int] = {}
     codes = np.array([index.setdefault((e.model, e.version), len(index)) for e in events])
     groups = {key: np.flatnonzero(codes == g) for key, g in index.items()}
+    total = X[5]
+    decoding = (lengths >= 2) & (first > 0) & (total > first)
+    token_seconds = np.where(decoding, (total - first) / np.maximum(lengths - 1, 1), total)
     return Batch(X, (~ok).astype(np.float64), [e.finish_reason for e in events], judged, lengths, tokens, times,
-                 np.array([e.route for e in events]), groups, labelled)
+                 np.array([e.route for e in events]), token_seconds, groups, labelled)
 
 
 class PartitionState:
@@ -486,6 +499,7 @@ class PartitionState:
             return
         batch = read_events(events)
         joins: dict[ModelState, list] = {}
+        compared: dict[tuple, list] = {}
         for i, labels, probs in batch.labelled:
             ev = events[i]
             if not ev.request_id:
@@ -493,11 +507,12 @@ class PartitionState:
             entry = (ev.model, ev.version, labels, probs, float(batch.times[i]))
             fb = self.pending_feedback.pop(ev.request_id, None)
             if fb is not None:
-                self._join(entry, fb[0], joins)
+                self._join(entry, fb[0], joins, compared)
             elif len(self.pending_events) < self.s.max_pending:
                 self.pending_events[ev.request_id] = entry
         for m, pairs in joins.items():
             m.add_joined(pairs, out)
+        self._compare_feedback(compared, out)
         self.watermark = max(self.watermark, float(batch.times.max()))
         for (model, version), idx in batch.groups.items():
             tokens = [batch.tokens.get(i) for i in idx.tolist()] if batch.tokens else None
@@ -507,27 +522,51 @@ class PartitionState:
         if batch.routes.any():
             self._compare(batch, out)
 
-    def _compare(self, batch: Batch, out: list[Out]) -> None:
+    def comparison(self, model: str) -> VersionComparison:
+        cmp = self.comparisons.get(model)
+        if cmp is None:
+            s = self.s
+            cmp = self.comparisons[model] = VersionComparison(
+                COMPARISON, s.compare_window, s.compare_every, s.compare_min, error_margin=s.compare_error_margin,
+                accuracy_margin=s.compare_accuracy_margin, bins=s.calibration_bins)
+        return cmp
+
+    def _compared(self, model: str, r, out: list[Out]) -> None:
+        """A comparison's result as a signal: a test is drifted below ``compare_alpha``, a
+        measurement (a median, an ECE) never."""
         s = self.s
-        values = batch.X[[COL[f] for f in COMPARED]].T
+        tested = r.p_value is not None
+        o = Out(model, r.candidate, r.detector, r.feature, _f(r.statistic), s.compare_alpha if tested else None,
+                r.p_value, tested and r.p_value < s.compare_alpha, r.n_reference, r.n_candidate, r.time,
+                {"reference_version": r.reference}, events=r.events)
+        o.value = r.value
+        out.append(o)
+
+    def _compare(self, batch: Batch, out: list[Out]) -> None:
+        values = np.column_stack((batch.X[[COL[f] for f in COMPARED]].T, batch.token_seconds, batch.errors))
         by_model: dict[str, dict] = {}
         for (model, version), idx in batch.groups.items():
             by_model.setdefault(model, {})[version] = idx
         for model, rows in by_model.items():
             if not any(batch.routes[idx].any() for idx in rows.values()):
                 continue
-            cmp = self.comparisons.get(model)
-            if cmp is None:
-                cmp = self.comparisons[model] = VersionComparison(COMPARED, s.compare_window, s.compare_every,
-                                                                  s.compare_min)
+            cmp = self.comparison(model)
             for version in cmp.add(rows, batch.routes, values, batch.finish, batch.times):
                 for r in cmp.compare(version):
-                    out.append(Out(model, version, r.detector, r.feature, _f(r.statistic), s.compare_alpha, r.p_value,
-                                   r.p_value < s.compare_alpha, r.n_reference, r.n_candidate, r.time,
-                                   {"reference_version": r.reference}))
+                    self._compared(model, r, out)
+
+    def _compare_feedback(self, compared: dict, out: list[Out]) -> None:
+        """Joined feedback, per version: (top-label probability, right or not, event time)."""
+        for (model, version), rows in compared.items():
+            cmp = self.comparison(model)
+            conf, correct, times = (np.array(c, dtype=np.float64) for c in zip(*rows))
+            if cmp.add_feedback(version, conf, correct, times):
+                for r in cmp.compare_feedback(version):
+                    self._compared(model, r, out)
 
     def apply_feedback(self, feedbacks: list, out: list[Out]) -> None:
         joins: dict[ModelState, list] = {}
+        compared: dict[tuple, list] = {}
         scores: dict[ModelState, list] = {}
         for fb in feedbacks:
             ts = fb.time
@@ -543,22 +582,25 @@ class PartitionState:
                 continue
             entry = self.pending_events.pop(request_id, None)
             if entry is not None:
-                self._join(entry, fb.label, joins)
+                self._join(entry, fb.label, joins, compared)
             elif len(self.pending_feedback) < self.s.max_pending:
                 self.pending_feedback[request_id] = (fb.label, t)
         for m, pairs in joins.items():
             m.add_joined(pairs, out)
+        self._compare_feedback(compared, out)
         for m, values in scores.items():
             m.add_scores(np.array(values), out)
 
-    def _join(self, entry: tuple, label: str, joins: dict) -> None:
-        model, version, labels, probs, _ = entry
+    def _join(self, entry: tuple, label: str, joins: dict, compared: dict) -> None:
+        model, version, labels, probs, time = entry
         m = self.model(model, version)
         m.n_feedback += 1
         if label in labels:
             joins.setdefault(m, []).append((probs, labels.index(label)))
         else:  # a true label the classifier was not offered: a certain miss
             joins.setdefault(m, []).append((probs + [0.0], len(labels)))
+        top = int(np.argmax(probs))   # the first on ties, as the calibration takes it
+        compared.setdefault((model, version), []).append((probs[top], labels[top] == label, time))
 
     def expire(self) -> None:
         """Drop joins older than the TTL (in event time, so a replay drops the same ones)."""
@@ -583,9 +625,10 @@ class PartitionState:
         p.watermark, p.expired = st["watermark"], st["expired"]
         if st.get("format") == FORMAT:
             p.models = {k: ModelState.from_state(m, settings) for k, m in st["models"].items()}
-            p.comparisons = {k: VersionComparison.from_state(c, COMPARED, settings.compare_window,
-                                                             settings.compare_every, settings.compare_min)
-                             for k, c in st["comparisons"].items()}
+            p.comparisons = {k: VersionComparison.from_state(
+                c, COMPARISON, settings.compare_window, settings.compare_every, settings.compare_min,
+                error_margin=settings.compare_error_margin, accuracy_margin=settings.compare_accuracy_margin,
+                bins=settings.calibration_bins) for k, c in st["comparisons"].items()}
         else:
             log.warning("partition %d: checkpoint of format %s (this processor writes %d): detectors start "
                         "afresh from its offsets", p.partition, st.get("format", 1), FORMAT)

@@ -5,6 +5,7 @@ controller makes of the signals."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -137,12 +138,99 @@ def test_the_controller_counts_a_drifted_comparison_as_the_candidates_drift():
     out = comparisons(run(canary_stream(20_000, shift=0.5), PartitionState(0, Settings())))
     candidate, stable = analysis.Window(0.0), analysis.Window(0.0)
     for o in out:
-        sig = wire.drift_signal(events_pb2.Signal.FromString(signal_message(o, "test").SerializeToString()))
+        sig = wire.signal(events_pb2.Signal.FromString(signal_message(o, "test").SerializeToString()))
         assert (sig.version, sig.kind) == ("v2", "latency" if o.feature.endswith("_seconds") else "drift")
         if sig.kind == "drift":   # what the controller's observe() keeps
             candidate.add_drift(sig.detector, sig.feature, sig.drifted, sig.statistic)
     check = analysis.drift(candidate, stable, analysis.Thresholds())
     assert check.verdict == analysis.FAIL and "ks_vs_stable/mean_logprob" in check.text
+
+
+# -- what the rollout controller decides on: error rates, time per token, confidence, feedback ----
+
+def canary(n, seed=0, *, error=(0.01, 0.01), token_seconds=(0.02, 0.02), logprob=(-1.0, -1.0), share=0.3):
+    """v1 stable and v2 canary: error rates, seconds per token after the first and mean log-probs."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        c = rng.random() < share
+        e = event(i, "v2" if c else "v1", CANARY if c else STABLE, rng)
+        if rng.random() < error[c]:
+            e.status = events_pb2.STATUS_INTERNAL
+        e.completion_tokens, e.first_token_seconds = 11, 0.05
+        e.total_seconds = 0.05 + 10 * rng.lognormvariate(math.log(token_seconds[c]), 0.2)
+        e.confidence.mean_logprob = rng.gauss(logprob[c], 0.3)
+        out.append(e)
+    return out
+
+
+def latest(out, detector, feature):
+    found = [o for o in out if o.detector == detector and o.feature == feature]
+    assert found, (detector, feature)
+    return found[-1]
+
+
+def test_the_comparisons_the_controller_decides_on():
+    out = run(canary(6000, error=(0.01, 0.15), token_seconds=(0.02, 0.03), logprob=(-1.0, -1.4)),
+              PartitionState(0, Settings()))
+    e = latest(out, "error_rate_vs_stable", "error")
+    assert e.labels == {"reference_version": "v1"} and e.version == "v2" and e.kind == SignalKind.QUALITY
+    assert e.drifted and e.p_value < 1e-6 and e.value == pytest.approx(0.15, abs=0.05)
+    assert e.statistic == pytest.approx(0.14, abs=0.05) and e.window_size == e.reference_size == 500
+    assert e.events >= 1700   # the candidate's events compared so far
+    mw, med = latest(out, "mann_whitney_vs_stable", "token_seconds"), latest(out, "median_vs_stable", "token_seconds")
+    assert mw.kind == med.kind == SignalKind.LATENCY and mw.statistic > 0.5 and mw.p_value < 1e-10
+    assert med.value == pytest.approx(0.03, rel=0.1) and med.value - med.statistic == pytest.approx(0.02, rel=0.1)
+    assert med.p_value is None and med.threshold is None and not med.drifted   # a measurement, not a test
+    conf = latest(out, "mann_whitney_vs_stable", "mean_logprob")
+    assert conf.kind == SignalKind.DRIFT and conf.statistic < -0.4 and conf.drifted
+
+    same = run(canary(6000), PartitionState(0, Settings()))
+    assert not [o for o in same if o.drifted and "vs_stable" in o.detector]
+
+
+def test_error_rate_and_mann_whitney_figures_against_scipy():
+    from scipy import stats
+
+    from stream_processors.compare import mann_whitney, worse_by
+
+    z, p = worse_by(40, 400, 8, 400, 0.01)
+    a1, a2 = 41 / 402, 9 / 402  # Agresti-Caffo: one error and one success added to each side
+    want = (a1 - a2 - 0.01) / math.sqrt(a1 * (1 - a1) / 402 + a2 * (1 - a2) / 402)
+    assert z == pytest.approx(want) and p == pytest.approx(stats.norm.sf(want))
+    rng = np.random.default_rng(1)
+    c, s = rng.normal(0.3, 1, 80), rng.normal(0, 1, 90)
+    r, p = mann_whitney(c, s)
+    res = stats.mannwhitneyu(c, s, alternative="two-sided")
+    assert p == pytest.approx(res.pvalue) and r == pytest.approx(2 * res.statistic / (80 * 90) - 1)
+    assert mann_whitney(np.ones(30), np.ones(30)) == (0.0, 1.0)
+
+
+def test_feedback_of_a_candidate_is_compared_with_stables():
+    rng = random.Random(5)
+    events, feedback = [], []
+    for i in range(4000):
+        c = rng.random() < 0.3
+        e = event(i, "v2" if c else "v1", CANARY if c else STABLE, rng)
+        e.method = "Classify"
+        e.label_probabilities.update({"yes": 0.9, "no": 0.1})
+        events.append(e)
+        right = rng.random() < (0.5 if c else 0.9)
+        f = events_pb2.FeedbackEvent(event_id=f"f{i}", request_id=e.request_id, model="m", version=e.version,
+                                     label="yes" if right else "no")
+        f.time.CopyFrom(e.time)
+        feedback.append(f)
+    state, out = PartitionState(0, Settings()), []
+    for k in range(0, 4000, 500):
+        state.apply_events(events[k:k + 500], out)
+        state.apply_feedback(feedback[k:k + 500], out)
+    acc, ece = latest(out, "accuracy_vs_stable", "label"), latest(out, "ece_vs_stable", "label")
+    assert acc.labels == ece.labels == {"reference_version": "v1"} and acc.kind == SignalKind.QUALITY
+    assert ece.kind == SignalKind.CALIBRATION and acc.window_size == ece.window_size == 500
+    assert acc.value == pytest.approx(0.5, abs=0.06) and acc.statistic == pytest.approx(-0.4, abs=0.07)
+    assert acc.drifted and acc.p_value < 1e-10
+    assert ece.value == pytest.approx(0.4, abs=0.06) and ece.value - ece.statistic == pytest.approx(0.0, abs=0.05)
+    assert not [o for o in out if o.detector.endswith("_vs_stable") and o.feature == "label" and o.version == "v1"]
 
 
 # -- the pairing of candidate events with stable ones -------------------------------------------
