@@ -304,7 +304,7 @@ async def group_takeover_and_crash_restart(bootstrap: str, tmp_path) -> None:
                            lambda: f"{cp.counted(group)} of {first}, {len(cp.latest)} keys, {len(cp.records)} records")
             # a is killed while the rest of the stream arrives; b takes its partitions over
             more = asyncio.create_task(produce(bootstrap, phases[1] + phases[2]))
-            await asyncio.sleep(0.3)
+            await cp.until(lambda: cp.counted(group)[0] > first[0], 60, "the rest of the stream being processed")
             os.kill(procs["a"].pid, signal.SIGKILL)
             procs["a"].wait()
             await more
