@@ -1,7 +1,9 @@
-"""The API: the serving pipeline and its fronts. The router and the model versions it
-routes to, the rollout follower that sets the traffic, the serving layer that runs each
-request and records its event, and the gRPC services (vigil.v1 and the Open Inference
-Protocol); `server.py` puts the server together.
+"""The API: the serving pipeline and its fronts. `serving.Serving` takes a request
+(`requests`: plain data, no protocol) and returns an outcome, or raises one of `errors`;
+around it, the router and the model versions it routes to, the rollout follower that
+sets their traffic, and the events each request leaves. The gRPC services (vigil.v1 in
+`llm_service`, the Open Inference Protocol in `kserve`) only translate messages to and
+from it; `server` puts the server together.
 
 May import `inference.runtime` and `inference.edge`.
 """

@@ -19,15 +19,16 @@ import contextlib
 import json
 import math
 import struct
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from inference.runtime.engine import Finished, Overloaded
-from inference.api.limits import InvalidArgument, Limits, check_chars, shown
-from inference.api.llm_service import abort_on_error
-from inference.api.router import NotFound
-from inference.runtime.sampling import SamplingParams
+from inference.api.errors import InvalidArgument, NotFound, shown
+from inference.api.grpc_front import abort, call_of, grpc_errors, status_code
+from inference.api.limits import Limits, check_chars
+from inference.api.requests import Chunk, Generated, GenerateRequest, Served
 from inference.api.serving import Serving
+from inference.runtime.sampling import SamplingParams
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc
 
@@ -225,7 +226,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             versions = self.known(request.name, request.version)
         except NotFound as exc:
-            await abort_on_error(context, exc)
+            await abort(context, exc)
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=request.name, versions=[mv.version for mv in versions], platform="vigil_llm",
@@ -236,7 +237,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             self.known(request.name, request.version)
         except NotFound as exc:
-            await abort_on_error(context, exc)
+            await abort(context, exc)
         types = {"BYTES": pb.TYPE_STRING, "INT32": pb.TYPE_INT32, "FP32": pb.TYPE_FP32, "BOOL": pb.TYPE_BOOL}
         return pb.ModelConfigResponse(config=pb.ModelConfig(
             name=request.name, platform="vigil_llm", backend="vigil", max_batch_size=0,
@@ -280,7 +281,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             await self.versions.load(request.model_name, str(param("version", "1")), str(param("source", "demo")),
                                      str(param("quantize", "none")), group_size)
         except (InvalidArgument, NotFound) as exc:
-            await abort_on_error(context, exc)
+            await abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
@@ -292,14 +293,14 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             for version in versions:
                 await self.versions.unload(request.model_name, version)
         except NotFound as exc:
-            await abort_on_error(context, exc)
+            await abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------
 
-    async def run(self, request, context, method: str):
-        """Yields ModelInferResponse messages: one, or one per chunk when streaming."""
-        with self.serving.track(method, request.id, context, id_field="id") as out:
+    def translate(self, request: pb.ModelInferRequest, context, method: str) -> Inference:
+        call = call_of(context, method, request.id, id_field="id")
+        try:
             values = read_inputs(request)
             params, stream, exclude = sampling_from_inputs(values, self.serving.limits)
             if stream and method == "ModelInfer":
@@ -307,49 +308,46 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             for o in request.outputs:
                 if o.name not in OUTPUTS:
                     raise InvalidArgument(f"outputs: unknown tensor {shown(o.name)} (expected {', '.join(OUTPUTS)})")
-            wanted = [o.name for o in request.outputs] or ["text_output"]
-            mv = self.serving.route(out, request.model_name, request.model_version,
-                                    request.parameters["routing_key"].string_param
-                                    if "routing_key" in request.parameters else "",
-                                    {k.removeprefix("attribute."): parameter_text(v)
-                                     for k, v in request.parameters.items() if k.startswith("attribute.")},
-                                    attribute_field="parameters[attribute.{}]")
             prompt = text(values["text_input"][0], "text_input")
-            ids = self.serving.prompt_ids(out, mv, prompt, None, "text_input")
-            params = self.serving.sampling(params)
-            self.serving.shadow(out, prompt, None, "text_input",
-                                lambda copy, smv, sids: self.serving.complete(copy, smv, sids, params))
-            prefix = "" if exclude or stream else prompt
-            async for update in self.serving.generate(out, mv, ids, params, stream=stream):
-                final = isinstance(update, Finished)
-                if stream and not final and update.text:
-                    yield self.response(request, out, {"text_output": update.text}, final=False)
-                elif final:
-                    body = "" if stream else prefix + update.text
-                    fields = {"text_output": body, "finish_reason": update.finish_reason,
-                              "num_input_tokens": update.prompt_tokens,
-                              "num_output_tokens": update.completion_tokens,
-                              "cumulative_logprob": update.confidence.mean_logprob * update.completion_tokens}
-                    yield self.response(request, out, {n: fields[n] for n in wanted}, final=True)
+        except InvalidArgument as exc:
+            return Inference(GenerateRequest(call, invalid=exc))
+        p = request.parameters
+        generation = GenerateRequest(
+            call, model=request.model_name, version=request.model_version,
+            routing_key=p["routing_key"].string_param if "routing_key" in p else "",
+            attributes={k.removeprefix("attribute."): parameter_text(v) for k, v in p.items()
+                        if k.startswith("attribute.")},
+            prompt=prompt, input_field="text_input", attribute_field="parameters[attribute.{}]", sampling=params)
+        return Inference(generation, stream, "" if exclude or stream else prompt,
+                         [o.name for o in request.outputs] or ["text_output"])
 
-    def response(self, request, out, fields: dict, final: bool) -> pb.ModelInferResponse:
-        outputs, raws = zip(*(tensor(n, v) for n, v in fields.items()))
-        resp = pb.ModelInferResponse(model_name=out.model, model_version=out.version, id=request.id,
-                                     outputs=outputs, raw_output_contents=raws)
-        resp.parameters["triton_final_response"].bool_param = final
-        resp.parameters["request_id"].string_param = out.request_id
-        if out.flags:
-            resp.parameters["flags"].string_param = ",".join(out.flags)
-        return resp
+    async def answers(self, request: pb.ModelInferRequest, context, method: str):
+        """Yields ModelInferResponse messages: one, or one per chunk when the request streams."""
+        inference = self.translate(request, context, method)
+        if not inference.stream:
+            yield self.final(request, inference, await self.serving.generate(inference.generation))
+            return
+        async with contextlib.aclosing(self.serving.stream(inference.generation)) as updates:
+            async for update in updates:
+                if isinstance(update, Chunk):
+                    if update.text:
+                        yield response(request, update.served, {"text_output": update.text}, final=False)
+                else:
+                    yield self.final(request, inference, update)
 
+    @staticmethod
+    def final(request, inference: Inference, g: Generated) -> pb.ModelInferResponse:
+        f = g.finished
+        fields = {"text_output": "" if inference.stream else inference.prefix + f.text,
+                  "finish_reason": f.finish_reason, "num_input_tokens": f.prompt_tokens,
+                  "num_output_tokens": f.completion_tokens,
+                  "cumulative_logprob": f.confidence.mean_logprob * f.completion_tokens}
+        return response(request, g.served, {n: fields[n] for n in inference.outputs}, final=True)
+
+    @grpc_errors
     async def ModelInfer(self, request, context):
-        try:
-            # close the generator before answering, so that the request's event is recorded now
-            async with contextlib.aclosing(self.run(request, context, "ModelInfer")) as responses:
-                async for response in responses:
-                    return response
-        except (InvalidArgument, NotFound, Overloaded, RuntimeError) as exc:
-            await abort_on_error(context, exc)
+        inference = self.translate(request, context, "ModelInfer")
+        return self.final(request, inference, await self.serving.generate(inference.generation))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests of one stream run concurrently; errors go back in-band, per request."""
@@ -358,15 +356,15 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def one(request):
             try:
-                async for response in self.run(request, context, "ModelStreamInfer"):
-                    await responses.put(pb.ModelStreamInferResponse(infer_response=response))
+                async for answer in self.answers(request, context, "ModelStreamInfer"):
+                    await responses.put(pb.ModelStreamInferResponse(infer_response=answer))
             except Exception as exc:  # answered in-band, whatever it is: the stream goes on
                 lim = self.serving.limits  # an oversized name or id is not sent back
                 failed = pb.ModelInferResponse(
                     model_name=request.model_name if len(request.model_name) <= lim.max_name_chars else "",
                     id=request.id if len(request.id) <= lim.max_id_chars else "")
                 failed.parameters["triton_final_response"].bool_param = True
-                await responses.put(pb.ModelStreamInferResponse(error_message=f"{code_name(exc)}: {exc}",
+                await responses.put(pb.ModelStreamInferResponse(error_message=f"{status_code(exc).name}: {exc}",
                                                                 infer_response=failed))
 
         async def read():
@@ -391,13 +389,28 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
 
+@dataclass
+class Inference:
+    """A ModelInferRequest as the serving layer's request, and what its response needs."""
+    generation: GenerateRequest
+    stream: bool = False
+    prefix: str = ""  # the prompt, echoed before the completion unless excluded (never when streaming)
+    outputs: list[str] = field(default_factory=lambda: ["text_output"])
+
+
+def response(request, served: Served, fields: dict, final: bool) -> pb.ModelInferResponse:
+    outputs, raws = zip(*(tensor(n, v) for n, v in fields.items()))
+    resp = pb.ModelInferResponse(model_name=served.model, model_version=served.version, id=request.id,
+                                 outputs=outputs, raw_output_contents=raws)
+    resp.parameters["triton_final_response"].bool_param = final
+    resp.parameters["request_id"].string_param = served.request_id
+    if served.flags:
+        resp.parameters["flags"].string_param = ",".join(served.flags)
+    return resp
+
+
 def parameter_text(p: pb.InferParameter) -> str:
     """A request parameter's value as text, whichever of its types was sent."""
     field = p.WhichOneof("parameter_choice")
     value = getattr(p, field) if field else ""
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def code_name(exc: Exception) -> str:
-    return {InvalidArgument: "INVALID_ARGUMENT", NotFound: "NOT_FOUND",
-            Overloaded: "RESOURCE_EXHAUSTED"}.get(type(exc), "INTERNAL")

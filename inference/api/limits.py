@@ -1,17 +1,14 @@
-"""How large each input of a request may be: the one table both gRPC services check
-against, so that no free-form input reaches logs, events or error messages unbounded.
-
-An input over its limit gets INVALID_ARGUMENT with a message that names the field and
-the limit. Error messages quote inputs through `shown`, which cuts them short.
+"""How large each input of a request may be: the one table the serving layer checks every
+front's requests against, so that no free-form input reaches logs, events or error
+messages unbounded. An input over its limit is an `InvalidArgument` that names the
+field and the limit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-class InvalidArgument(ValueError):
-    """Bad input; the message starts with the name of the offending field."""
+from inference.api.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -35,9 +32,3 @@ class Limits:
 def check_chars(field: str, value: str, limit: int) -> None:
     if len(value) > limit:
         raise InvalidArgument(f"{field}: {len(value)} characters, the limit is {limit}")
-
-
-def shown(value, limit: int = 64) -> str:
-    """repr(value), cut to about `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -1,56 +1,25 @@
 """The native `vigil.v1.LLM` gRPC service: Generate, GenerateStream, Classify,
-Feedback, and the admin calls for model versions and traffic."""
+Feedback, and the admin calls for model versions and traffic. Each call is translated
+to a request of the serving layer, and its outcome back into the response."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
+import contextlib
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from inference.runtime.engine import Finished, Overloaded, TextChunk
-from inference.api.limits import InvalidArgument, shown
-from inference.api.router import NotFound
-from inference.runtime.sampling import SamplingParams
+from inference.api.errors import InvalidArgument, NotFound, shown
+from inference.api.grpc_front import call_of, grpc_errors
+from inference.api.requests import Chunk, ClassifyRequest, FeedbackRequest, GenerateRequest
 from inference.api.serving import Serving
+from inference.runtime.engine import Finished, Timing
+from inference.runtime.sampling import SamplingParams
 from protos import llm_pb2, llm_pb2_grpc
 
 FINISH_REASONS = {
     "stop": llm_pb2.FINISH_REASON_STOP, "length": llm_pb2.FINISH_REASON_LENGTH,
     "cancelled": llm_pb2.FINISH_REASON_CANCELLED, "error": llm_pb2.FINISH_REASON_ERROR,
 }
-
-
-async def abort_on_error(context: grpc.aio.ServicerContext, exc: Exception):
-    if isinstance(exc, InvalidArgument):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, NotFound):
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-    if isinstance(exc, Overloaded):
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {exc}")
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-
-
-def grpc_errors(handler):
-    """Turn the serving layer's exceptions into gRPC status codes."""
-    if asyncio.iscoroutinefunction(handler):
-        @functools.wraps(handler)
-        async def unary(self, request, context):
-            try:
-                return await handler(self, request, context)
-            except (InvalidArgument, NotFound, Overloaded, RuntimeError, ValueError) as exc:
-                await abort_on_error(context, exc)
-        return unary
-
-    @functools.wraps(handler)
-    async def streaming(self, request, context):
-        try:
-            async for item in handler(self, request, context):
-                yield item
-        except (InvalidArgument, NotFound, Overloaded, RuntimeError, ValueError) as exc:
-            await abort_on_error(context, exc)
-    return streaming
 
 
 def sampling_params(s: llm_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
@@ -61,8 +30,16 @@ def sampling_params(s: llm_pb2.SamplingParams, default_max_tokens: int) -> Sampl
         ignore_eos=s.ignore_eos)
 
 
-def chat_messages(chat: llm_pb2.Chat) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
+def model_request(cls, request, context, method: str, **fields):
+    """A GenerateRequest or ClassifyRequest message as the serving layer's request."""
+    input_field = request.WhichOneof("input")
+    if input_field == "chat":
+        fields["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    else:
+        fields["prompt"] = getattr(request, input_field or "prompt", "")
+    return cls(call_of(context, method, request.request_id), model=request.model, version=request.version,
+               routing_key=request.routing_key, attributes=dict(request.attributes),
+               input_field=input_field or "prompt", **fields)
 
 
 def confidence(f: Finished) -> llm_pb2.ConfidenceSummary:
@@ -71,9 +48,15 @@ def confidence(f: Finished) -> llm_pb2.ConfidenceSummary:
                                      min_top1_prob=c.min_top1_prob)
 
 
-def timing(t) -> llm_pb2.Timing:
+def timing(t: Timing) -> llm_pb2.Timing:
     return llm_pb2.Timing(queue_seconds=t.queue_s, time_to_first_token_seconds=t.first_token_s,
                           total_seconds=t.total_s)
+
+
+def ending(f: Finished) -> dict:
+    """The fields of the response that ends a generation."""
+    return dict(finish_reason=FINISH_REASONS[f.finish_reason], prompt_tokens=f.prompt_tokens,
+                completion_tokens=f.completion_tokens, confidence=confidence(f), timing=timing(f.timing))
 
 
 class LLMService(llm_pb2_grpc.LLMServicer):
@@ -81,72 +64,49 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         self.serving = serving
         self.versions = versions  # inference.api.versions.VersionManager
 
-    def start(self, request, out):
-        """Route the request and tokenize its input; returns the version, the token ids
-        and the input as it came (for shadow copies, which tokenize it their own way)."""
-        mv = self.serving.route(out, request.model, request.version, request.routing_key, dict(request.attributes))
-        field = request.WhichOneof("input")
-        if field == "chat":
-            source = (None, chat_messages(request.chat), "chat")
-        else:
-            source = (getattr(request, field or "prompt", ""), None, field or "prompt")
-        return mv, self.serving.prompt_ids(out, mv, *source), source
-
-    def generation(self, request, out):
-        mv, ids, source = self.start(request, out)
-        params = self.serving.sampling(sampling_params(request.sampling, self.serving.limits.default_max_tokens))
-        self.serving.shadow(out, *source, lambda copy, smv, sids: self.serving.complete(copy, smv, sids, params))
-        return mv, ids, params
+    def generation(self, request, context, method: str) -> GenerateRequest:
+        params = sampling_params(request.sampling, self.serving.limits.default_max_tokens)
+        return model_request(GenerateRequest, request, context, method, sampling=params)
 
     @grpc_errors
     async def Generate(self, request, context):
-        with self.serving.track("Generate", request.request_id, context) as out:
-            mv, ids, params = self.generation(request, out)
-            update = await self.serving.complete(out, mv, ids, params)
-            return llm_pb2.GenerateResponse(
-                request_id=out.request_id, model=out.model, version=out.version, text=update.text,
-                prompt_tokens=update.prompt_tokens, completion_tokens=update.completion_tokens,
-                finish_reason=FINISH_REASONS[update.finish_reason], confidence=confidence(update),
-                timing=timing(update.timing), flags=out.flags)
+        g = await self.serving.generate(self.generation(request, context, "Generate"))
+        s = g.served
+        return llm_pb2.GenerateResponse(request_id=s.request_id, model=s.model, version=s.version,
+                                        text=g.finished.text, flags=s.flags, **ending(g.finished))
 
     @grpc_errors
     async def GenerateStream(self, request, context):
-        with self.serving.track("GenerateStream", request.request_id, context) as out:
-            mv, ids, params = self.generation(request, out)
-            head = dict(request_id=out.request_id, model=out.model, version=out.version)
-            flags = out.flags
-            async for update in self.serving.generate(out, mv, ids, params):
-                if isinstance(update, TextChunk):
-                    yield llm_pb2.GenerateStreamResponse(**head, text=update.text, token_ids=update.token_ids,
-                                                         flags=flags)
+        first = True  # the flags go in the first message only
+        async with contextlib.aclosing(self.serving.stream(self.generation(request, context, "GenerateStream"))) \
+                as updates:
+            async for update in updates:
+                s = update.served
+                head = dict(request_id=s.request_id, model=s.model, version=s.version, flags=s.flags if first else ())
+                if isinstance(update, Chunk):
+                    yield llm_pb2.GenerateStreamResponse(**head, text=update.text, token_ids=update.token_ids)
                 else:
-                    yield llm_pb2.GenerateStreamResponse(
-                        **head, final=True, finish_reason=FINISH_REASONS[update.finish_reason],
-                        prompt_tokens=update.prompt_tokens, completion_tokens=update.completion_tokens,
-                        confidence=confidence(update), timing=timing(update.timing), flags=flags)
-                flags = ()
+                    yield llm_pb2.GenerateStreamResponse(**head, final=True, **ending(update.finished))
+                first = False
 
     @grpc_errors
     async def Classify(self, request, context):
-        with self.serving.track("Classify", request.request_id, context) as out:
-            mv, ids, source = self.start(request, out)
-            labels = list(request.labels)
-            scored = await self.serving.classify(out, mv, ids, labels)
-            self.serving.shadow(out, *source, lambda copy, smv, sids: self.serving.classify(copy, smv, sids, labels))
-            return llm_pb2.ClassifyResponse(
-                request_id=out.request_id, model=out.model, version=out.version,
-                scores=[llm_pb2.LabelScore(label=l, probability=p, logprob=lp) for l, p, lp in scored],
-                prediction=max(scored, key=lambda s: s[1])[0], prompt_tokens=out.prompt_tokens,
-                timing=timing(out.timing), flags=out.flags)
+        c = await self.serving.classify(model_request(ClassifyRequest, request, context, "Classify",
+                                                      labels=list(request.labels)))
+        s = c.served
+        return llm_pb2.ClassifyResponse(
+            request_id=s.request_id, model=s.model, version=s.version,
+            scores=[llm_pb2.LabelScore(label=x.label, probability=x.probability, logprob=x.logprob) for x in c.scores],
+            prediction=c.prediction, prompt_tokens=c.prompt_tokens, timing=timing(c.timing), flags=s.flags)
 
     @grpc_errors
     async def Feedback(self, request, context):
         truth = request.WhichOneof("truth")
-        feedback_id = self.serving.feedback(
+        feedback_id = self.serving.feedback(FeedbackRequest(
             request.request_id, request.model, request.version,
             label=request.label if truth == "label" else None,
             score=request.score if truth == "score" else None,
-            comment=request.comment if request.HasField("comment") else "")
+            comment=request.comment if request.HasField("comment") else ""))
         return llm_pb2.FeedbackResponse(accepted=True, feedback_id=feedback_id)
 
     # -- admin -----------------------------------------------------------------------

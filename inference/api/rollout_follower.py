@@ -31,8 +31,8 @@ from aiokafka.errors import KafkaError
 
 from eventbus import topics
 from eventbus.consumer import Received, TopicMissing
-from eventbus.publisher import describe
 from eventbus.flags import Flag, FlagError
+from eventbus.publisher import describe
 from eventbus.security import NONE as NO_SECURITY, KafkaSecurity
 from eventbus.state import TopicReader
 from eventbus.supervise import Supervisor

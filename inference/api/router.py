@@ -18,14 +18,10 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from inference.runtime.engine import Engine
-from inference.api.limits import shown
-from inference.runtime.tokenizer import Tokenizer
 from eventbus.flags import Flag, bucket, evaluate
-
-
-class NotFound(LookupError):
-    pass
+from inference.api.errors import NotFound, shown
+from inference.runtime.engine import Engine
+from inference.runtime.tokenizer import Tokenizer
 
 
 @dataclass(eq=False)

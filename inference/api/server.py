@@ -21,21 +21,22 @@ from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.security import KafkaSecurity
 from eventbus.supervise import Supervisor
 from eventbus.topics import TopicOptions
-from inference.edge.auth import AuthOptions
-from inference.runtime.compute import ComputeThread
-from inference.edge.parse_errors import DecodeErrors
-from inference.runtime.demo import DEMO_MODEL_NAME, cache_dir
-from inference.edge.interceptor import EdgeInterceptor
 from inference.api.events import EventSink, MemorySink, to_message
 from inference.api.kserve import KServeService
+from inference.api.limits import Limits
 from inference.api.llm_service import LLMService
-from inference.edge.metrics import ServerMetrics
 from inference.api.rollout_follower import RolloutFollower
 from inference.api.router import Router
-from inference.api.serving import Limits, Serving
+from inference.api.serving import Serving
+from inference.api.versions import EngineOptions, VersionManager
+from inference.edge.auth import AuthOptions
+from inference.edge.interceptor import EdgeInterceptor
+from inference.edge.metrics import ServerMetrics
+from inference.edge.parse_errors import DecodeErrors
 from inference.edge.tls import TlsOptions, server_credentials
 from inference.edge.tracing import Tracing, TracingOptions
-from inference.api.versions import EngineOptions, VersionManager
+from inference.runtime.compute import ComputeThread
+from inference.runtime.demo import DEMO_MODEL_NAME, cache_dir
 from protos import grpc_service_pb2_grpc, llm_pb2_grpc
 from protos.reflection import SERVICE_NAMES, reflection_pool
 

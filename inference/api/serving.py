@@ -1,9 +1,8 @@
-"""What both gRPC front ends share: validate a request, route it to a model version,
-run it on that version's engine, and record exactly one event and one set of metrics
-for it, whatever its outcome.
-
-Errors are raised as `InvalidArgument`, `NotFound` (router) or `Overloaded` (engine);
-the gRPC layers turn them into status codes.
+"""The serving pipeline, one entry point per kind of request: `generate` (one answer),
+`stream` (chunks, then the answer), `classify` and `feedback`. Each validates the
+request, routes it to a model version, runs it on that version's engine (and a copy
+on each shadow version), and records exactly one event, one log line, one span and
+one set of metrics for it, whatever its outcome. Failures are raised as `errors`.
 """
 
 from __future__ import annotations
@@ -17,21 +16,25 @@ import hashlib
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from eventbus import topics
-from inference.edge import ratelimit
-from inference.runtime.engine import Finished, Job, Overloaded, Scored, Timing
+from inference.api.errors import Failed, InvalidArgument, NotFound, Overloaded, ServingError, shown
 from inference.api.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink, TokenHasher
-from inference.api.limits import InvalidArgument, Limits, check_chars, shown
+from inference.api.limits import Limits, check_chars
+from inference.api.requests import (Call, Chunk, Classified, ClassifyRequest, FeedbackRequest, GenerateRequest,
+                                    Generated, LabelScore, ModelRequest, Served)
+from inference.api.router import ModelVersion, Router
+from inference.edge import ratelimit
 from inference.edge.requestlog import log_request
-from inference.api.router import NotFound, Router
-from inference.runtime.sampling import SamplingParams
 from inference.edge.tracing import Tracing
+from inference.runtime.engine import Busy, Finished, Job, Scored, TextChunk, Timing
+from inference.runtime.sampling import SamplingParams
 
 
 @dataclass
-class Outcome:
+class RequestRecord:
     """What a request's event is made of; filled in as the request goes."""
     method: str
     request_id: str
@@ -54,6 +57,9 @@ class Outcome:
     started: float = field(default_factory=time.monotonic)
     submitted: float = 0.0  # monotonic time the engine took the job (its arrival); 0: never
     span: object = None     # inference.edge.tracing.RequestSpan while traced
+
+    def served(self) -> Served:
+        return Served(self.request_id, self.model, self.version, tuple(self.flags))
 
 
 class Serving:
@@ -78,40 +84,96 @@ class Serving:
         self.served_by: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self.shadow_tasks: set[asyncio.Task] = set()
 
-    # -- requests ------------------------------------------------------------------------
+    # -- the entry points ----------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> Generated:
+        with self.track(request.call, request.invalid) as out:
+            mv, ids, params = self.start_generation(out, request)
+            return Generated(out.served(), await self.complete(out, mv, ids, params))
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk | Generated]:
+        """Chunks of text as they come, then the Generated. Leaving early cancels the generation."""
+        with self.track(request.call, request.invalid) as out:
+            mv, ids, params = self.start_generation(out, request)
+            served = out.served()
+            async for update in self.run(out, mv, ids, params, chunks=True):
+                if isinstance(update, TextChunk):
+                    yield Chunk(served, update.text, update.token_ids)
+                else:
+                    yield Generated(served, update)
+
+    async def classify(self, request: ClassifyRequest) -> Classified:
+        with self.track(request.call, request.invalid) as out:
+            mv, ids = self.start(out, request)
+            labels = list(request.labels)
+            scores = await self.score(out, mv, ids, labels)
+            self.shadow(out, request, lambda copy, smv, sids: self.score(copy, smv, sids, labels))
+            return Classified(out.served(), scores, out.prompt_tokens, out.timing)
+
+    def feedback(self, request: FeedbackRequest) -> str:
+        """Publishes the feedback event; returns its feedback_id."""
+        r, lim = request, self.limits
+        if not r.request_id:
+            raise InvalidArgument("request_id: is empty")
+        if r.label is None and r.score is None:
+            raise InvalidArgument("truth: neither label nor score is set")
+        if r.score is not None and not math.isfinite(r.score):
+            raise InvalidArgument(f"score: {r.score} is not finite")
+        if r.label is not None and not r.label:
+            raise InvalidArgument("label: is empty")
+        check_chars("request_id", r.request_id, lim.max_id_chars)
+        check_chars("model", r.model, lim.max_name_chars)
+        check_chars("version", r.version, lim.max_name_chars)
+        check_chars("label", r.label or "", lim.max_label_chars)
+        check_chars("comment", r.comment, lim.max_comment_chars)
+        model, version = r.model, r.version
+        served = self.served_by.get(r.request_id)
+        if not model:
+            if served is None:
+                raise InvalidArgument("model: is empty and request_id is not one this server remembers")
+            model = served[0]
+        if model not in self.router.versions and served is None:
+            raise NotFound(f"model: {shown(model)} is not loaded")
+        if not version and served is not None and served[0] == model:
+            version = served[1]
+        feedback_id = str(uuid.uuid4())
+        self.sink.publish(FEEDBACK_TOPIC, topics.event_key(model), {
+            "feedback_id": feedback_id, "request_id": r.request_id, "model": model, "version": version,
+            "label": r.label, "score": r.score, "comment": r.comment, "time": time.time(), "source": self.source,
+        })
+        return feedback_id
+
+    # -- a request's life ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def track(self, method: str, request_id: str = "", context=None, id_field: str = "request_id"):
-        """Yields the request's Outcome; on exit, records its event and metrics.
-        `context` (a grpc.aio context) tells a passed deadline from a cancellation;
-        `id_field` is how the request names its request_id."""
-        ratelimit.check_refusal()  # a stream message over its key's limit: refused before it counts
+    def track(self, call: Call, invalid: InvalidArgument | None = None):
+        """Yields the request's record; on exit, records its event and metrics. `invalid`:
+        the front could not translate the request's message; recorded, then raised."""
+        refusal = ratelimit.current_refusal()  # a stream message over its key's limit: refused before it counts
+        if refusal is not None:
+            raise Overloaded(str(refusal))
         caller = ratelimit.current_caller()  # the API key behind the call, where keys are checked
-        fits = len(request_id) <= self.limits.max_id_chars  # one too long is not recorded, a UUID is
-        out = Outcome(method, (request_id if fits else "") or str(uuid.uuid4()))
+        fits = len(call.request_id) <= self.limits.max_id_chars  # one too long is not recorded, a UUID is
+        out = RequestRecord(call.method, (call.request_id if fits else "") or str(uuid.uuid4()))
         if caller is not None:
             out.tenant = caller.tenant
-        self.tracing.begin(out, context)  # the request's span; out.trace_id
+        self.tracing.begin(out, call.metadata)  # the request's span; out.trace_id
         try:
-            check_chars(id_field, request_id, self.limits.max_id_chars)
+            check_chars(call.id_field, call.request_id, self.limits.max_id_chars)
+            if invalid is not None:
+                raise invalid
             yield out
-        except InvalidArgument as exc:
-            out.status, out.error = "invalid_argument", str(exc)
-            raise
-        except NotFound as exc:
-            out.status, out.error = "not_found", str(exc)
-            raise
-        except Overloaded as exc:
-            out.status, out.error = "resource_exhausted", str(exc)
+        except ServingError as exc:
+            out.status, out.error = exc.status, str(exc)
             raise
         except asyncio.CancelledError:
-            out.status = self.gone(context)
+            out.status = self.gone(call)
             raise
         except GeneratorExit:
-            # a streaming handler closed at a `yield`: grpc.aio does that when the client
-            # cancels or its deadline passes while a message is being sent
+            # a stream closed at a `yield`: grpc.aio closes a streaming handler when the
+            # client cancels or its deadline passes while a message is being sent
             if out.finished is None:
-                out.status = self.gone(context)
+                out.status = self.gone(call)
             raise
         except Exception as exc:
             out.status, out.error = "internal", str(exc)
@@ -123,44 +185,53 @@ class Serving:
 
     DEADLINE_SLACK = 0.1  # seconds
 
-    def gone(self, context) -> str:
+    def gone(self, call: Call) -> str:
         """Why a call ended early: "deadline_exceeded" or "cancelled". The client's own
         deadline timer fires (and cancels the call) a moment before the server's copy of
         the deadline passes, so a call cancelled within DEADLINE_SLACK of it counts as expired."""
-        remaining = context.time_remaining() if context is not None else None
-        return "deadline_exceeded" if remaining is not None and remaining <= self.DEADLINE_SLACK else "cancelled"
+        if call.deadline is not None and call.deadline - time.monotonic() <= self.DEADLINE_SLACK:
+            return "deadline_exceeded"
+        return "cancelled"
 
-    def route(self, out: Outcome, model: str, version: str, routing_key: str,
-              attributes: dict[str, str] | None = None, attribute_field: str = "attributes[{}]"):
-        """attribute_field: how the request names an attribute's field, {} standing for its name."""
-        if not model:
+    def start(self, out: RequestRecord, request: ModelRequest) -> tuple[ModelVersion, list[int]]:
+        """Route the request and tokenize its input."""
+        mv = self.route(out, request)
+        return mv, self.prompt_ids(out, mv, request)
+
+    def start_generation(self, out: RequestRecord, request: GenerateRequest):
+        mv, ids = self.start(out, request)
+        params = self.checked_sampling(request.sampling)
+        self.shadow(out, request, lambda copy, smv, sids: self.complete(copy, smv, sids, params))
+        return mv, ids, params
+
+    def route(self, out: RequestRecord, request: ModelRequest) -> ModelVersion:
+        r, lim = request, self.limits
+        if not r.model:
             raise InvalidArgument("model: is empty")
-        lim = self.limits
-        check_chars("model", model, lim.max_name_chars)
-        check_chars("version", version, lim.max_name_chars)
-        check_chars("routing_key", routing_key, lim.max_id_chars)
-        attributes = dict(attributes or {})
+        check_chars("model", r.model, lim.max_name_chars)
+        check_chars("version", r.version, lim.max_name_chars)
+        check_chars("routing_key", r.routing_key, lim.max_id_chars)
+        attributes = dict(r.attributes)
         if len(attributes) > lim.max_attributes:
             raise InvalidArgument(f"attributes: {len(attributes)} given, the limit is {lim.max_attributes}")
         for name, value in attributes.items():
-            field_name = attribute_field.format(name[:64])
+            field_name = r.attribute_field.format(name[:64])
             if len(name) > lim.max_attribute_chars:
                 raise InvalidArgument(f"{field_name}: the name has {len(name)} characters, the limit is "
                                       f"{lim.max_attribute_chars}")
             check_chars(field_name, value, lim.max_attribute_chars)
-        mv = self.router.pick(model, version, routing_key)
+        mv = self.router.pick(r.model, r.version, r.routing_key)
         out.model, out.version = mv.model, mv.version
         if out.tenant:
             attributes["tenant"] = out.tenant
-        out.flags = self.router.flags_on(mv.model, routing_key, attributes)
-        if version:
+        out.flags = self.router.flags_on(mv.model, r.routing_key, attributes)
+        if r.version:
             out.route = "pinned"
         else:
             out.route = "stable" if mv.version == self.router.stable_version(mv.model) else "canary"
         return mv
 
-    def shadow(self, out: Outcome, prompt: str | None, messages: list[dict] | None, field_name: str,
-               run) -> None:
+    def shadow(self, out: RequestRecord, request: ModelRequest, run) -> None:
         """Start a copy of a routed request on each shadow version of its model; the copy's
         answer is thrown away and its event has route "shadow". `run(out, mv, ids)` does
         the work. A shadow version whose queue is full is skipped, so copies never take a
@@ -176,24 +247,18 @@ class Serving:
                 continue
             # a context of its own: the copy is not the caller's request, so it is not
             # charged to the caller's key nor part of the caller's trace
-            task = asyncio.create_task(self.run_shadow(out, mv, prompt, messages, field_name, run),
-                                       context=contextvars.Context())
+            task = asyncio.create_task(self.run_shadow(out, mv, request, run), context=contextvars.Context())
             self.shadow_tasks.add(task)
             task.add_done_callback(self.shadow_tasks.discard)
 
-    async def run_shadow(self, primary: Outcome, mv, prompt, messages, field_name, run) -> None:
-        with contextlib.suppress(Exception), self.track(primary.method) as out:  # recorded, not raised
+    async def run_shadow(self, primary: RequestRecord, mv: ModelVersion, request: ModelRequest, run) -> None:
+        with contextlib.suppress(Exception), self.track(Call(primary.method)) as out:  # recorded, not raised
             out.model, out.version, out.route, out.shadow_of = mv.model, mv.version, "shadow", primary.request_id
             out.tenant, out.flags = primary.tenant, primary.flags
-            await run(out, mv, self.prompt_ids(out, mv, prompt, messages, field_name))
+            await run(out, mv, self.prompt_ids(out, mv, request))
 
-    async def complete(self, out: Outcome, mv, ids: list[int], params: SamplingParams) -> Finished:
-        async with contextlib.aclosing(self.generate(out, mv, ids, params, stream=False)) as updates:
-            async for update in updates:
-                return update
-
-    def prompt_ids(self, out: Outcome, mv, prompt: str | None, messages: list[dict] | None,
-                   field_name: str) -> list[int]:
+    def prompt_ids(self, out: RequestRecord, mv: ModelVersion, request: ModelRequest) -> list[int]:
+        prompt, messages, field_name = request.prompt, request.messages, request.input_field
         if messages is not None:
             if not messages:
                 raise InvalidArgument(f"{field_name}.messages: is empty")
@@ -228,7 +293,7 @@ class Serving:
         out.prompt_tokens = len(ids)
         return ids
 
-    def sampling(self, params: SamplingParams) -> SamplingParams:
+    def checked_sampling(self, params: SamplingParams) -> SamplingParams:
         try:
             params.validate(self.limits.max_tokens)
         except ValueError as exc:
@@ -242,13 +307,28 @@ class Serving:
             check_chars(f"sampling.stop[{i}]", stop, self.limits.max_stop_chars)
         return params
 
-    async def generate(self, out: Outcome, mv, ids: list[int], params: SamplingParams, stream: bool = True):
-        """Yields TextChunk ... Finished (only Finished unless `stream`).
+    # -- on the engine -------------------------------------------------------------------
+
+    @staticmethod
+    def submit(mv: ModelVersion, job: Job) -> None:
+        try:
+            mv.engine.submit(job)
+        except Busy as exc:
+            raise Overloaded(str(exc)) from None
+
+    async def complete(self, out: RequestRecord, mv: ModelVersion, ids: list[int], params: SamplingParams) -> Finished:
+        async with contextlib.aclosing(self.run(out, mv, ids, params, chunks=False)) as updates:
+            async for update in updates:
+                return update
+
+    async def run(self, out: RequestRecord, mv: ModelVersion, ids: list[int], params: SamplingParams,
+                  chunks: bool) -> AsyncIterator[TextChunk | Finished]:
+        """Yields TextChunk ... Finished (only Finished unless `chunks`).
         Leaving early cancels the generation."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u), params=params, stream=stream)
-        mv.engine.submit(job)
+        job = Job(ids, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u), params=params, stream=chunks)
+        self.submit(mv, job)
         out.submitted = job.arrival
         try:
             while True:
@@ -257,7 +337,7 @@ class Serving:
                     out.finished = update
                     out.timing = update.timing
                     if update.finish_reason == "error":
-                        raise RuntimeError(update.error)
+                        raise Failed(update.error)
                     if update.finish_reason == "cancelled":  # the engine stopped it: its version was unloaded
                         out.status = "cancelled"
                     yield update
@@ -267,7 +347,7 @@ class Serving:
             if out.finished is None:
                 job.cancel()
 
-    async def classify(self, out: Outcome, mv, ids: list[int], labels: list[str]) -> list[tuple[str, float, float]]:
+    async def score(self, out: RequestRecord, mv: ModelVersion, ids: list[int], labels: list[str]) -> list[LabelScore]:
         if len(labels) < 2:
             raise InvalidArgument(f"labels: {len(labels)} given, at least 2 needed")
         if len(labels) > self.limits.max_labels:
@@ -284,7 +364,7 @@ class Serving:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         job = Job(ids, lambda u: loop.call_soon_threadsafe(done.set_result, u), label_ids=label_ids)
-        mv.engine.submit(job)
+        self.submit(mv, job)
         out.submitted = job.arrival
         try:
             result = await done
@@ -292,51 +372,19 @@ class Serving:
             job.cancel()
             raise
         if isinstance(result, Finished):  # cancelled or failed inside the engine
-            raise RuntimeError(result.error or result.finish_reason)
+            raise Failed(result.error or result.finish_reason)
         assert isinstance(result, Scored)
         out.timing = result.timing
         top = max(result.logprobs)
         weights = [math.exp(lp - top) for lp in result.logprobs]
         total = sum(weights)
-        scored = [(label, w / total, lp) for label, w, lp in zip(labels, weights, result.logprobs)]
-        out.scores = {label: p for label, p, _ in scored}
-        return scored
-
-    def feedback(self, request_id: str, model: str, version: str, label: str | None,
-                 score: float | None, comment: str = "") -> str:
-        if not request_id:
-            raise InvalidArgument("request_id: is empty")
-        if label is None and score is None:
-            raise InvalidArgument("truth: neither label nor score is set")
-        if score is not None and not math.isfinite(score):
-            raise InvalidArgument(f"score: {score} is not finite")
-        if label is not None and not label:
-            raise InvalidArgument("label: is empty")
-        lim = self.limits
-        check_chars("request_id", request_id, lim.max_id_chars)
-        check_chars("model", model, lim.max_name_chars)
-        check_chars("version", version, lim.max_name_chars)
-        check_chars("label", label or "", lim.max_label_chars)
-        check_chars("comment", comment, lim.max_comment_chars)
-        served = self.served_by.get(request_id)
-        if not model:
-            if served is None:
-                raise InvalidArgument("model: is empty and request_id is not one this server remembers")
-            model = served[0]
-        if model not in self.router.versions and served is None:
-            raise NotFound(f"model: {shown(model)} is not loaded")
-        if not version and served is not None and served[0] == model:
-            version = served[1]
-        feedback_id = str(uuid.uuid4())
-        self.sink.publish(FEEDBACK_TOPIC, topics.event_key(model), {
-            "feedback_id": feedback_id, "request_id": request_id, "model": model, "version": version,
-            "label": label, "score": score, "comment": comment, "time": time.time(), "source": self.source,
-        })
-        return feedback_id
+        scores = [LabelScore(label, w / total, lp) for label, w, lp in zip(labels, weights, result.logprobs)]
+        out.scores = {s.label: s.probability for s in scores}
+        return scores
 
     # -- the one record per request ------------------------------------------------------
 
-    def record(self, out: Outcome) -> None:
+    def record(self, out: RequestRecord) -> None:
         f = out.finished
         if out.model and out.version and not out.shadow_of:  # feedback is for answers a caller got
             self.served_by[out.request_id] = (out.model, out.version)

@@ -12,13 +12,13 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
+from inference.api.errors import InvalidArgument
+from inference.api.router import ModelVersion, Router
 from inference.runtime.compute import single_threaded_torch
 from inference.runtime.demo import demo_model_path
 from inference.runtime.engine import Engine, Finished, Job
 from inference.runtime.loading import INT4_GROUP_SIZES, QUANTIZE_MODES, build_model, load_checkpoint
-from inference.api.router import ModelVersion, Router
 from inference.runtime.sampling import SamplingParams
-from inference.api.serving import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -207,17 +207,14 @@ def current_caller() -> Caller | None:
     return CALLER.get()
 
 
-def check_refusal() -> None:
-    """Raise the refusal of the stream message being served, if it was refused."""
-    refusal = REFUSAL.get()
-    if refusal is not None:
-        from inference.runtime.engine import Overloaded  # the front ends turn it into RESOURCE_EXHAUSTED
-        raise Overloaded(str(refusal))
+def current_refusal() -> Refused | None:
+    """The refusal of the stream message being served, if its key may not send it now."""
+    return REFUSAL.get()
 
 
 def tokens_used(out) -> int:
     """Prompt and completion tokens a request made the server work on (the serving
-    layer's Outcome); nothing for a request refused before it ran."""
+    layer's RequestRecord); nothing for a request refused before it ran."""
     if out.shadow_of or out.status in ("invalid_argument", "not_found", "resource_exhausted"):
         return 0
     f = out.finished

@@ -12,9 +12,9 @@ are made when the request ends, from the engine's own timestamps (inference.runt
 Timing, relative to the job's arrival), so the engine's thread never touches
 OpenTelemetry and a decode step costs nothing more.
 
-A request continues the caller's trace when its gRPC metadata has a `traceparent`
+A request continues the caller's trace when the caller's metadata has a `traceparent`
 (W3C Trace Context; the global propagator, so OTEL_PROPAGATORS can add others). The
-trace id goes into the request's Outcome, hence into its event (InferenceEvent.trace_id)
+trace id goes into the request's record, hence into its event (InferenceEvent.trace_id)
 and its log line. (A shadow copy runs in a context of its own, serving.shadow: it starts
 a trace of its own.)
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -67,18 +68,7 @@ class RequestSpan:
         return self.wall_ns + int((mono - self.mono) * 1e9)
 
 
-def metadata_of(context) -> dict[str, str]:
-    """A grpc.aio context's text metadata, keys in lower case (binary `-bin` keys left out)."""
-    if context is None:
-        return {}
-    try:
-        pairs = context.invocation_metadata() or ()
-    except Exception:  # a context without metadata (tests, internal calls)
-        return {}
-    return {k.lower(): v for k, v in pairs if isinstance(v, str) and not k.endswith("-bin")}
-
-
-def caller_trace_id(metadata: dict[str, str]) -> str:
+def caller_trace_id(metadata: Mapping[str, str]) -> str:
     """The trace id of a valid W3C traceparent, else ""."""
     m = TRACEPARENT.fullmatch(metadata.get("traceparent", "").strip().lower())
     if m is None or m.group(1) == "ff" or m.group(2) == ZERO_TRACE or m.group(3) == "0" * 16:
@@ -133,18 +123,18 @@ class Tracing:
 
     # -- a request's life ---------------------------------------------------------------
 
-    def begin(self, out, context=None) -> None:
+    def begin(self, out, metadata: Mapping[str, str] | None) -> None:
         """Start the request's span (when on) and set out.trace_id; the parent is the
-        caller's traceparent, if any."""
+        caller's traceparent, if any. metadata: the caller's headers, keys in lower case;
+        None for a request the server made itself (a shadow copy)."""
         if self.tracer is None:
-            out.trace_id = caller_trace_id(metadata_of(context))
+            out.trace_id = caller_trace_id(metadata or {})
             return
         trace = self.trace
-        metadata = metadata_of(context)
         ctx = self.propagate.extract(metadata) if metadata else None
         service = SERVICES.get(out.method, "vigil")
         wall_ns, mono = time.time_ns(), time.monotonic()
-        kind = trace.SpanKind.SERVER if context is not None else trace.SpanKind.INTERNAL  # a copy made here
+        kind = trace.SpanKind.SERVER if metadata is not None else trace.SpanKind.INTERNAL
         span = self.tracer.start_span(
             f"{service}/{out.method}", context=ctx, kind=kind, start_time=wall_ns,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": out.method,

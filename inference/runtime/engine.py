@@ -3,7 +3,7 @@
 Requests join the running batch between decode steps (after their prefill) and leave
 it as soon as they finish, are cancelled or fail; each holds one slot of the bounded KV
 pool while it runs. The waiting queue is bounded too: when it is full, `submit` raises
-`Overloaded` at once. A request is taken while fewer than `max_waiting` requests wait beyond those the free
+`Busy` at once. A request is taken while fewer than `max_waiting` requests wait beyond those the free
 slots will take at the next step. Results go back through each request's `emit` callback, which
 the gRPC layer points at its own event loop, so the engine never touches asyncio.
 Steps run on the process's compute thread (`inference.runtime.compute`).
@@ -29,8 +29,8 @@ from inference.runtime.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-class Overloaded(Exception):
-    """The waiting queue is full."""
+class Busy(Exception):
+    """The engine takes no request now: its waiting queue is full, or it is stopping."""
 
 
 @dataclass
@@ -154,10 +154,10 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self.lock:
             if self.stopping:
-                raise Overloaded("the engine is shutting down")
+                raise Busy("the engine is shutting down")
             self.drop_cancelled_waiting()
             if self.full():
-                raise Overloaded(f"{len(self.waiting)} requests already waiting for {len(self.free_slots)} free "
+                raise Busy(f"{len(self.waiting)} requests already waiting for {len(self.free_slots)} free "
                                  f"KV slots (limit {self.max_waiting} beyond them)")
             self.waiting.append(job)
             self.stats.waiting = len(self.waiting)
