@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from inference.api.kserve import INPUTS, NUMERIC, OUTPUTS
-from inference.api.serving import Limits
+from inference.api.limits import Limits
 from inference.api.versions import EngineOptions
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
