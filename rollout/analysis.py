@@ -1,66 +1,68 @@
-"""The analysis of one step: the candidate against the stable version over the same
-interval. Checks: error rate (one-sided two-proportion z-test), latency (one-sided
-Mann-Whitney U) and confidence (two-sided Mann-Whitney U) distributions, the candidate's
-drift signals, calibration (ECE and accuracy from feedback). Each check passes, fails, or
-is inconclusive (too little data); inconclusive checks are left out of the score, and an
-analysis whose error-rate check is inconclusive is inconclusive as a whole."""
+"""The analysis of one step: the candidate against the stable version, from the processors'
+comparisons of the two over the same traffic (the `*_vs_stable` series of
+eventbus/signals.py). Nothing is computed from events here: each check reads the latest
+comparison published since the step began and applies the rollout's thresholds to it.
+
+Checks: error rate (the processors' one-sided two-proportion test), latency per output
+token (Mann-Whitney, one-sided, and the medians), confidence (Mann-Whitney, two-sided, on
+the mean log-probability), the candidate's drift signals, calibration (accuracy and ECE of
+joined feedback). Each check passes, fails, or is inconclusive (no comparison yet, or one
+over too few values); inconclusive checks are left out of the score, and an analysis whose
+error-rate check is inconclusive is inconclusive as a whole."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from scipy import stats
+from eventbus.signals import Detector, Feature
 
 from .config import Thresholds
+from .records import SignalObs
 
 PASS, MARGINAL, FAIL, INCONCLUSIVE = "pass", "marginal", "fail", "inconclusive"
 
-
-class Sample:
-    """A bounded, deterministic sample of a stream: keeps every `stride`-th value and,
-    when full, drops every other one and doubles the stride, so it spans the whole
-    interval evenly in at most `cap` values."""
-
-    def __init__(self, cap: int = 2000, stride: int = 1, seen: int = 0, values=None):
-        self.cap, self.stride, self.seen = cap, stride, seen
-        self.values = list(values or [])
-
-    def add(self, v) -> None:
-        self.seen += 1
-        if self.seen % self.stride == 0:
-            self.values.append(v)
-            if len(self.values) >= self.cap:
-                self.values = self.values[1::2]
-                self.stride *= 2
-
-    def to_dict(self) -> dict:
-        return {"cap": self.cap, "stride": self.stride, "seen": self.seen, "values": self.values}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Sample":
-        return cls(d["cap"], d["stride"], d["seen"], [tuple(v) if isinstance(v, list) else v for v in d["values"]])
+ERRORS = f"{Detector.ERROR_RATE_VS_STABLE}/{Feature.ERROR}"
+LATENCY = (f"{Detector.MANN_WHITNEY_VS_STABLE}/{Feature.TOKEN_SECONDS}",
+           f"{Detector.MEDIAN_VS_STABLE}/{Feature.TOKEN_SECONDS}")
+CONFIDENCE = (f"{Detector.MANN_WHITNEY_VS_STABLE}/{Feature.MEAN_LOGPROB}",
+              f"{Detector.MEDIAN_VS_STABLE}/{Feature.MEAN_LOGPROB}")
+ACCURACY = f"{Detector.ACCURACY_VS_STABLE}/{Feature.LABEL}"
+ECE = f"{Detector.ECE_VS_STABLE}/{Feature.LABEL}"
+# Comparisons the checks read; the others of kind drift (ks_vs_stable, chi2_vs_stable, a
+# version's own detectors) are drift verdicts.
+JUDGED = frozenset({Detector.ERROR_RATE_VS_STABLE, Detector.MANN_WHITNEY_VS_STABLE, Detector.MEDIAN_VS_STABLE,
+                    Detector.ACCURACY_VS_STABLE, Detector.ECE_VS_STABLE})
 
 
 @dataclass
 class Window:
-    """What one version did since a time: exact error counts, sampled latencies and
-    confidences, feedback pairs (probability, correct), drift verdicts per detector/feature."""
+    """What the signals said about one version since a time: for a candidate, the latest
+    comparison with stable per series and its count of compared events (`base` is the
+    count when the window began, so `sample` is what came since); for any version, its
+    drift verdicts per detector/feature."""
     start: float
-    n: int = 0
-    errors: int = 0
-    latency: Sample = field(default_factory=Sample)
-    confidence: Sample = field(default_factory=Sample)
-    feedback: Sample = field(default_factory=Sample)
+    base: int = 0
+    events: int = 0
+    readings: dict[str, dict] = field(default_factory=dict)
     drift: dict[str, dict] = field(default_factory=dict)
 
-    def add_outcome(self, error: bool, latency: float, confidence: float | None) -> None:
-        self.n += 1
-        self.errors += bool(error)
-        if not error and math.isfinite(latency):
-            self.latency.add(_6(latency))
-        if confidence is not None and math.isfinite(confidence):
-            self.confidence.add(_6(confidence))
+    @property
+    def sample(self) -> int:
+        """Candidate events compared since the window began (to within the processors'
+        `--compare-every`: they publish a comparison every that many)."""
+        return max(0, self.events - self.base)
+
+    def add_reading(self, s: SignalObs) -> None:
+        key = f"{s.detector}/{s.feature}"
+        old = self.readings.get(key)
+        if old is None or s.events >= old["events"]:
+            self.readings[key] = {"statistic": s.statistic, "p": s.p_value, "value": s.value,
+                                  "stable_n": s.reference_size, "candidate_n": s.window_size,
+                                  "events": s.events, "time": s.time}
+        if s.feature != Feature.LABEL:   # counts of joined feedback are not counts of requests
+            if s.events < self.base:     # the processors' count started again (a new comparison)
+                self.base = self.events = 0
+            self.events = max(self.events, s.events)
 
     def add_drift(self, detector: str, feature: str, drifted: bool, statistic: float) -> None:
         d = self.drift.setdefault(f"{detector}/{feature}", {"drifted": False, "statistic": 0.0, "signals": 0})
@@ -70,15 +72,16 @@ class Window:
         d["drifted"] = d["drifted"] or bool(drifted)
 
     def to_dict(self) -> dict:
-        return {"start": self.start, "n": self.n, "errors": self.errors, "latency": self.latency.to_dict(),
-                "confidence": self.confidence.to_dict(), "feedback": self.feedback.to_dict(),
+        return {"start": self.start, "base": self.base, "events": self.events, "readings": self.readings,
                 "drift": self.drift}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Window":
-        return cls(d["start"], d["n"], d["errors"], Sample.from_dict(d["latency"]),
-                   Sample.from_dict(d["confidence"]), Sample.from_dict(d["feedback"]),
-                   {k: dict(v) for k, v in d["drift"].items()})
+        """A window of a record; one written before the controller read comparisons starts
+        afresh at its start."""
+        return cls(d["start"], int(d.get("base", 0)), int(d.get("events", 0)),
+                   {k: dict(v) for k, v in d.get("readings", {}).items()},
+                   {k: dict(v) for k, v in d.get("drift", {}).items()})
 
 
 @dataclass
@@ -109,73 +112,66 @@ class Analysis:
         return score + "; ".join(f"{c.name} {c.verdict}: {c.text}" for c in shown)
 
 
-def _6(x: float) -> float:
-    return float(f"{x:.6g}")  # six digits are plenty, and halve the state's size
-
-
 def _r(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def worse_by(bad: int, n1: int, base_bad: int, n2: int, margin: float) -> tuple[float, float, float]:
-    """One-sided two-proportion z-test that the first rate exceeds the second by more than
-    `margin` (the margin is in the null hypothesis, so a small sample does not fail on a
-    point estimate alone), with the Agresti-Caffo adjustment (one success and one failure
-    added to each group), which keeps the test honest at small counts. Returns (z, p,
-    difference of the raw rates)."""
-    a, b = (bad + 1) / (n1 + 2), (base_bad + 1) / (n2 + 2)
-    se = math.sqrt(a * (1 - a) / (n1 + 2) + b * (1 - b) / (n2 + 2))
-    z = (a - b - margin) / se
-    return z, float(stats.norm.sf(z)), bad / n1 - base_bad / n2
+def _missing(name: str, what: str, readings: list[dict | None], needed: int) -> Check | None:
+    """Inconclusive when a comparison is missing or over fewer than `needed` values a side."""
+    if any(r is None for r in readings):
+        return Check(name, INCONCLUSIVE, f"no comparison of {what} with stable in this step yet", {})
+    r = readings[0]
+    if min(r["candidate_n"], r["stable_n"]) < needed:
+        return Check(name, INCONCLUSIVE, f"{what} compared over {r['candidate_n']} candidate and {r['stable_n']} "
+                     f"stable values, {needed} needed",
+                     {"candidate_n": r["candidate_n"], "stable_n": r["stable_n"]})
+    return None
 
 
 def error_rate(c: Window, s: Window, t: Thresholds) -> Check:
-    if c.n < t.min_samples or s.n < t.min_samples:
-        return Check("error_rate", INCONCLUSIVE, f"{c.n} candidate and {s.n} stable requests, "
-                     f"{t.min_samples} needed", {"candidate_n": c.n, "stable_n": s.n})
-    z, p, diff = worse_by(c.errors, c.n, s.errors, s.n, t.error_margin)
-    p1, p2 = c.errors / c.n, s.errors / s.n
-    figs = {"candidate": _r(p1), "candidate_errors": c.errors, "candidate_n": c.n, "stable": _r(p2),
-            "stable_errors": s.errors, "stable_n": s.n, "margin": t.error_margin, "z": _r(z), "p": _r(p)}
-    return Check("error_rate", FAIL if p < t.alpha else PASS,
-                 f"candidate {p1:.3f} ({c.errors}/{c.n}) vs stable {p2:.3f} ({s.errors}/{s.n}), "
-                 f"more than {t.error_margin:g} worse: z={z:.2f}, p={p:.2g}", figs)
-
-
-def _mwu(c: list, s: list, alternative: str):
-    res = stats.mannwhitneyu(c, s, alternative=alternative)
-    return float(res.pvalue), 2 * float(res.statistic) / (len(c) * len(s)) - 1  # rank-biserial
+    e = c.readings.get(ERRORS)
+    if (no := _missing("error_rate", "error rates", [e], t.min_samples)) is not None:
+        return no
+    p1, p2, p = e["value"], e["value"] - e["statistic"], e["p"]
+    n1, n2 = e["candidate_n"], e["stable_n"]
+    figs = {"candidate": _r(p1), "candidate_n": n1, "stable": _r(p2), "stable_n": n2, "difference": _r(e["statistic"]),
+            "margin": t.error_margin, "p": _r(p)}
+    bad = p < t.alpha and e["statistic"] > t.error_margin
+    return Check("error_rate", FAIL if bad else PASS,
+                 f"candidate {p1:.3f} of {n1} vs stable {p2:.3f} of {n2} requests, worse by more than the "
+                 f"processors' margin: p={p:.2g} (fails past {t.error_margin:g} worse at p<{t.alpha:g})", figs)
 
 
 def latency(c: Window, s: Window, t: Thresholds) -> Check:
-    cv, sv = c.latency.values, s.latency.values
-    if len(cv) < t.min_samples or len(sv) < t.min_samples:
-        return Check("latency", INCONCLUSIVE, f"{len(cv)} candidate and {len(sv)} stable latencies, "
-                     f"{t.min_samples} needed", {"candidate_n": len(cv), "stable_n": len(sv)})
-    p, r = _mwu(cv, sv, "greater")
-    mc, ms = float(_median(cv)), float(_median(sv))
-    ratio = mc / ms if ms > 0 else (1.0 if mc == 0 else math.inf)
+    mw, med = (c.readings.get(k) for k in LATENCY)
+    if (no := _missing("latency", "time per output token", [mw, med], t.min_samples)) is not None:
+        return no
+    r, p2 = mw["statistic"], mw["p"]
+    p = p2 / 2 if r > 0 else 1 - p2 / 2   # one-sided: the candidate slower
+    mc = med["value"]
+    ms = mc - med["statistic"]
+    ratio = mc / ms if ms > 0 else (1.0 if mc == 0 else float("inf"))
     bad = p < t.alpha and ratio > t.latency_ratio and mc - ms > t.latency_margin
-    figs = {"candidate_median": _r(mc), "stable_median": _r(ms), "ratio": _r(ratio), "p": _r(p),
-            "candidate_n": len(cv), "stable_n": len(sv)}
+    figs = {"candidate_median": _r(mc), "stable_median": _r(ms), "ratio": _r(ratio), "effect": _r(r), "p": _r(p),
+            "candidate_n": mw["candidate_n"], "stable_n": mw["stable_n"]}
     return Check("latency", FAIL if bad else PASS,
-                 f"median {mc:.4g}s vs {ms:.4g}s (x{ratio:.2f}, limit x{t.latency_ratio:g} "
-                 f"and +{t.latency_margin:g}s), "
-                 f"Mann-Whitney p={p:.2g}", figs)
+                 f"median {mc:.4g}s vs {ms:.4g}s per token (x{ratio:.2f}, limit x{t.latency_ratio:g} "
+                 f"and +{t.latency_margin:g}s), Mann-Whitney p={p:.2g}", figs)
 
 
 def confidence(c: Window, s: Window, t: Thresholds) -> Check:
-    cv, sv = c.confidence.values, s.confidence.values
-    if len(cv) < t.min_samples or len(sv) < t.min_samples:
-        return Check("confidence", INCONCLUSIVE, f"{len(cv)} candidate and {len(sv)} stable confidences, "
-                     f"{t.min_samples} needed", {"candidate_n": len(cv), "stable_n": len(sv)})
-    p, r = _mwu(cv, sv, "two-sided")
+    mw, med = (c.readings.get(k) for k in CONFIDENCE)
+    if (no := _missing("confidence", "confidences", [mw, med], t.min_samples)) is not None:
+        return no
+    r, p = mw["statistic"], mw["p"]
+    mc = med["value"]
+    ms = mc - med["statistic"]
     bad = p < t.alpha and abs(r) > t.confidence_effect
-    figs = {"candidate_median": _r(_median(cv)), "stable_median": _r(_median(sv)), "effect": _r(r),
-            "p": _r(p), "candidate_n": len(cv), "stable_n": len(sv)}
+    figs = {"candidate_median": _r(mc), "stable_median": _r(ms), "effect": _r(r), "p": _r(p),
+            "candidate_n": mw["candidate_n"], "stable_n": mw["stable_n"]}
     return Check("confidence", FAIL if bad else PASS,
-                 f"median {_median(cv):.4g} vs {_median(sv):.4g}, rank-biserial {r:+.2f} "
-                 f"(limit {t.confidence_effect:g}), Mann-Whitney p={p:.2g}", figs)
+                 f"median {mc:.4g} vs {ms:.4g}, rank-biserial {r:+.2f} (limit {t.confidence_effect:g}), "
+                 f"Mann-Whitney p={p:.2g}", figs)
 
 
 def drift(c: Window, s: Window, t: Thresholds) -> Check:
@@ -193,32 +189,20 @@ def drift(c: Window, s: Window, t: Thresholds) -> Check:
                  "on the candidate alone", {"signals": sum(v["signals"] for v in c.drift.values())})
 
 
-def ece(pairs: list, bins: int = 10) -> float:
-    """Expected calibration error over equal-width bins of the predicted probability."""
-    sums = [[0, 0.0, 0.0] for _ in range(bins)]
-    for prob, correct in pairs:
-        b = sums[min(int(prob * bins), bins - 1)]
-        b[0] += 1
-        b[1] += prob
-        b[2] += correct
-    return sum(abs(b[1] - b[2]) for b in sums if b[0]) / len(pairs)
-
-
 def calibration(c: Window, s: Window, t: Thresholds) -> Check:
-    cv, sv = c.feedback.values, s.feedback.values
-    if len(cv) < t.min_feedback or len(sv) < t.min_feedback:
-        return Check("calibration", INCONCLUSIVE, f"feedback on {len(cv)} candidate and {len(sv)} stable "
-                     f"requests, {t.min_feedback} needed", {"candidate_n": len(cv), "stable_n": len(sv)})
-    ec, es = ece(cv), ece(sv)
-    ac, as_ = sum(x[1] for x in cv) / len(cv), sum(x[1] for x in sv) / len(sv)
-    z, p, _ = worse_by(sum(not x[1] for x in cv), len(cv), sum(not x[1] for x in sv), len(sv), t.accuracy_margin)
-    worse_acc = p < t.alpha
-    worse_ece = ec - es > t.ece_margin
+    acc, ece = c.readings.get(ACCURACY), c.readings.get(ECE)
+    if (no := _missing("calibration", "joined feedback", [acc, ece], t.min_feedback)) is not None:
+        return no
+    ac, ec = acc["value"], ece["value"]
+    as_, es = ac - acc["statistic"], ec - ece["statistic"]
+    worse_acc = acc["p"] < t.alpha and -acc["statistic"] > t.accuracy_margin
+    worse_ece = ece["statistic"] > t.ece_margin
     figs = {"candidate_ece": _r(ec), "stable_ece": _r(es), "candidate_accuracy": _r(ac),
-            "stable_accuracy": _r(as_), "accuracy_p": _r(p), "candidate_n": len(cv), "stable_n": len(sv)}
+            "stable_accuracy": _r(as_), "accuracy_p": _r(acc["p"]), "candidate_n": acc["candidate_n"],
+            "stable_n": acc["stable_n"]}
     return Check("calibration", FAIL if worse_acc or worse_ece else PASS,
                  f"ECE {ec:.3f} vs {es:.3f} (margin {t.ece_margin:g}), accuracy {ac:.3f} vs {as_:.3f} "
-                 f"(p={p:.2g})", figs)
+                 f"(p={acc['p']:.2g})", figs)
 
 
 CHECKS = (error_rate, latency, confidence, drift, calibration)
@@ -233,9 +217,3 @@ def analyse(candidate: Window, stable: Window, t: Thresholds) -> Analysis:
     score = 100.0 * sum(t.weights.get(c.name, 1.0) for c in decided if c.verdict == PASS) / total if total else 100.0
     verdict = PASS if score >= t.pass_score else MARGINAL if score >= t.marginal_score else FAIL
     return Analysis(verdict, round(score, 1), checks)
-
-
-def _median(v: list) -> float:
-    s = sorted(v)
-    m = len(s) // 2
-    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2

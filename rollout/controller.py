@@ -7,8 +7,12 @@ with the rollout's labels is acted on inside `observe`. Operator commands (start
 resume, promote, abort, undo, set_flag) return the decision they made. Nothing here
 sleeps or does I/O; time is read from the injected clock.
 
-A step holds until its analysis interval has passed; the analysis is then conclusive
-only if the candidate served at least `min_requests` requests in the step. Inconclusive
+It decides from signals and alerts only: the processors compare the candidate with
+stable over the same traffic and publish the figures (the `*_vs_stable` series of
+eventbus/signals.py, analysis.py reads them); the drift signals of both versions; the
+alerts on the candidate. A step holds until its analysis interval has passed; the analysis
+is then conclusive only if the candidate served at least `min_requests` requests in the
+step, as the processors' comparisons count them. Inconclusive
 and marginal analyses hold the step (the window keeps growing) and are counted; past
 `inconclusive_limit` in a row the rollout pauses with `attention` set. It never rolls back
 for lack of data. Failed analyses past `failure_limit`, a firing alert, or `abort` put all
@@ -22,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from eventbus.flags import Flag, FlagError
+from eventbus.signals import Feature
 
 from . import analysis as an
 from .config import RolloutConfig, plan
 from .records import (ACTIVE, BLUEGREEN, FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOW,
-                      STABLE, AlertObs, Decision, DriftSignal, Feedback, Observation, Outcome,
-                      RolloutError, SystemClock)
+                      STABLE, AlertObs, Decision, Observation, RolloutError, SignalObs, SystemClock)
 
 HISTORY_LIMIT = 500
 
@@ -51,7 +55,8 @@ class ModelState:
     weights: dict[str, float] = field(default_factory=dict)
     shadow: list[str] = field(default_factory=list)
     windows: dict[str, an.Window] = field(default_factory=dict)
-    baseline: an.Window | None = None  # stable's last window, for steps where it serves nothing
+    baseline: an.Window | None = None  # stable's last window with drift verdicts, for steps where it serves nothing
+    counted: int = 0          # the candidate's events the processors had compared, at the latest comparison
     firing: dict[str, dict] = field(default_factory=dict)  # alert fingerprint -> rule, labels
     flags: dict[str, Flag] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -141,7 +146,7 @@ class Controller:
             m.versions.append(candidate)
         m.config = config
         m.candidate, m.phase, m.attention, m.baseline, m.keep_until = candidate, PROGRESSING, False, None, 0.0
-        m.windows = {}
+        m.windows, m.counted = {}, 0
         return self._enter_step(m, 0, f"started {m.config.strategy} of {candidate} against {m.stable}")
 
     def pause(self, model: str, reason: str = "paused by operator") -> Decision:
@@ -196,14 +201,19 @@ class Controller:
 
     # ---- queries --------------------------------------------------------------------
 
+    def decision(self, model: str) -> Decision:
+        """The model's current state as a decision record (what was last decided)."""
+        return self._decision(self._model(model))
+
     def status(self, model: str) -> dict:
         m = self._model(model)
         out = self._decision(m).to_dict()
         del out["state"]
+        cand = m.windows.get(m.candidate)
         out.update(versions=list(m.versions), undecided=m.undecided, failures=m.failures,
                    next_analysis=m.next_analysis if m.phase == PROGRESSING else None,
                    config=m.config.to_dict() if m.config else None,
-                   window={v: {"requests": w.n, "errors": w.errors} for v, w in m.windows.items()})
+                   window={"requests": cand.sample, "comparisons": sorted(cand.readings)} if cand else {})
         return out
 
     def list_models(self) -> list[str]:
@@ -217,25 +227,27 @@ class Controller:
     def observe(self, obs: Observation) -> list[Decision]:
         if isinstance(obs, AlertObs):
             return self._alert(obs)
+        assert isinstance(obs, SignalObs)
         m = self.models.get(obs.model)
         if m is None:
-            if isinstance(obs, Outcome) and obs.route in ("", "stable"):
-                self.register(obs.model, obs.version)
+            if obs.reference_version and obs.reference_version != obs.version:  # a comparison names stable
+                self.register(obs.model, obs.reference_version, obs.version, stable=obs.reference_version)
             return []
         if obs.version not in m.versions:
             m.versions.append(obs.version)
-        w = m.windows.get(obs.version)
-        t = obs.time or self._now()
-        if m.phase not in ACTIVE or w is None or t < w.start:
+        if m.phase not in ACTIVE:
             return []
-        if isinstance(obs, Outcome):
-            if obs.route != "pinned":
-                w.add_outcome(obs.error, obs.latency, obs.confidence)
-        elif isinstance(obs, DriftSignal):
-            if obs.kind in ("drift", ""):
-                w.add_drift(obs.detector, obs.feature, obs.drifted, obs.statistic)
-        elif isinstance(obs, Feedback):
-            w.feedback.add((an._6(obs.probability), bool(obs.correct)))
+        ours = obs.version == m.candidate and obs.reference_version == m.stable
+        if ours and obs.detector in an.JUDGED and obs.feature != Feature.LABEL:
+            m.counted = max(m.counted, obs.events)
+        w = m.windows.get(obs.version)
+        if w is None or (obs.time or self._now()) < w.start:
+            return []
+        if obs.detector in an.JUDGED:
+            if ours:
+                w.add_reading(obs)
+        elif obs.kind in ("drift", ""):
+            w.add_drift(obs.detector, obs.feature, obs.drifted, obs.statistic)
         return []
 
     def tick(self) -> list[Decision]:
@@ -288,14 +300,14 @@ class Controller:
         return m
 
     def _reset_windows(self, m: ModelState, now: float) -> None:
-        m.windows = {m.stable: an.Window(now), m.candidate: an.Window(now)}
+        m.windows = {m.stable: an.Window(now), m.candidate: an.Window(now, base=m.counted, events=m.counted)}
         m.step_started, m.next_analysis = now, now + m.config.interval
 
     def _enter_step(self, m: ModelState, i: int, reason: str, figures: dict | None = None) -> Decision:
         now = self._now()
         pct, shadowed = plan(m.config)[i]
         old = m.windows.get(m.stable)
-        if old is not None and old.n >= m.config.thresholds.min_samples:
+        if old is not None and old.drift:
             m.baseline = old
         m.step = i
         share = pct / 100.0
@@ -315,14 +327,14 @@ class Controller:
         cfg = m.config
         cand, stab = m.windows[m.candidate], m.windows[m.stable]
         base = ""
-        if stab.n < cfg.thresholds.min_samples and m.baseline is not None:
-            stab, base = m.baseline, " (stable baseline from the previous step)"
+        if not stab.drift and m.baseline is not None:
+            stab, base = m.baseline, " (stable's drift signals from the previous step)"
         where = f"step {m.step} ({self._step_name(m)})"
         m.next_analysis = now + cfg.interval
-        if cand.n < cfg.min_requests:
+        if cand.sample < cfg.min_requests:
             result = an.Analysis(an.INCONCLUSIVE, None, [])
-            text = f"candidate served {cand.n} of {cfg.min_requests} requests needed"
-            figures = {"verdict": an.INCONCLUSIVE, "candidate_n": cand.n, "min_requests": cfg.min_requests}
+            text = f"candidate served {cand.sample} of {cfg.min_requests} requests needed"
+            figures = {"verdict": an.INCONCLUSIVE, "candidate_n": cand.sample, "min_requests": cfg.min_requests}
         else:
             result = an.analyse(cand, stab, cfg.thresholds)
             text, figures = result.summary() + base, result.figures()

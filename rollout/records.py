@@ -1,5 +1,6 @@
-"""What the controller takes in (observations), what it gives out (decisions), its errors
-and its clocks. Plain dataclasses; wire.py converts them from and to protos/events.proto."""
+"""What the controller takes in (observations: signals and alerts), what it gives out
+(decisions), its errors and its clocks. Plain dataclasses; wire.py converts them from and
+to protos/events.proto."""
 
 from __future__ import annotations
 
@@ -28,29 +29,24 @@ class RolloutError(ValueError):
 
 
 @dataclass(slots=True)
-class Outcome:
-    """One request's outcome (from an InferenceEvent). `route` is stable, canary, shadow
-    or pinned; pinned requests chose their version and are left out of the analysis."""
+class SignalObs:
+    """A signal of vigil.signals for one model version (eventbus/signals.py names its
+    detector and feature). The controller keeps the candidate-against-stable readings
+    (`reference_version` set) and the drift verdicts; it computes no statistic itself."""
     model: str
     version: str
-    time: float
-    error: bool
-    latency: float
-    confidence: float | None = None  # mean log-prob of the generated tokens
-    route: str = ""
-
-
-@dataclass(slots=True)
-class DriftSignal:
-    """A detector verdict (from a Signal of kind drift) for one model version."""
-    model: str
-    version: str
-    time: float
+    time: float                      # event time of the latest event the reading covers
     detector: str
     feature: str
     drifted: bool
     statistic: float = 0.0
-    kind: str = "drift"
+    kind: str = "drift"              # drift, calibration, quality, latency ("" unknown)
+    p_value: float | None = None
+    value: float | None = None
+    reference_version: str = ""
+    reference_size: int = 0
+    window_size: int = 0
+    events: int = 0                  # the candidate's events (or joined feedbacks) compared so far
 
 
 @dataclass(slots=True)
@@ -63,18 +59,7 @@ class AlertObs:
     time: float
 
 
-@dataclass(slots=True)
-class Feedback:
-    """Ground truth joined to the prediction it answers: the probability the model gave
-    its answer, and whether the answer was right."""
-    model: str
-    version: str
-    time: float
-    probability: float
-    correct: bool
-
-
-Observation = Outcome | DriftSignal | AlertObs | Feedback
+Observation = SignalObs | AlertObs
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`vigil rollout`: the controller as a service on Kafka.
 
-- Observations: vigil.inference.events, vigil.feedback, vigil.signals and vigil.alerts,
-  every partition from the end (no consumer group), into Controller.observe.
+- Observations: vigil.signals (the processors' comparisons of candidate and stable, drift)
+  and vigil.alerts, every partition from the end (no consumer group), into
+  Controller.observe. No raw events: the processors own every statistic.
 - Time: Controller.tick() every `tick` seconds.
 - Decisions: every change of a model's state (a command, an analysis, an alert, a model
   first seen) is published on vigil.rollout as a RolloutState keyed by the model, with the
@@ -32,6 +33,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -46,7 +48,7 @@ from eventbus.state import TopicReader, seek_to_end, stop_consumer
 from eventbus.supervise import Supervisor
 
 from . import wire
-from .cli import LocalApi, _plain
+from .api import LocalApi, plain
 from .config import RolloutConfig
 from .controller import Controller
 from .records import PHASES, RolloutError
@@ -55,7 +57,7 @@ log = logging.getLogger("vigil.rollout")
 compat.install()
 
 LEASE_TOPIC = "vigil.rollout.lease"
-OBSERVED = (topics.INFERENCE, topics.FEEDBACK, topics.SIGNALS, topics.ALERTS)
+OBSERVED = (topics.SIGNALS, topics.ALERTS)
 
 
 @dataclass
@@ -66,7 +68,8 @@ class ServiceOptions:
     group_id: str = "vigil-rollout"
     tick: float = 1.0               # seconds between Controller.tick() calls
     session_timeout_ms: int = 6000  # a leader that vanishes is replaced after about this long
-    outbox_dir: str = ""            # empty: <cache>/outbox/rollout-<instance>
+    outbox_dir: str = ""            # empty: <cache_dir>/outbox/rollout-<instance>
+    cache_dir: str = ""             # empty: ~/.vigil (vigil passes its cache folder)
     instance: str = ""              # empty: <host>-<pid>
     defaults: RolloutConfig = field(default_factory=RolloutConfig)
     security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS (repr hides passwords)
@@ -94,7 +97,6 @@ class RolloutService:
         self.controller: Controller | None = None  # only while leader
         self.suspended: Controller | None = None   # ours before a rebalance took the lease away
         self.published: dict[str, int] = {}        # model -> last generation published
-        self.join = wire.FeedbackJoin()
         self.publisher: Publisher | None = None
         self.lease: AIOKafkaConsumer | None = None
         self.observer: AIOKafkaConsumer | None = None
@@ -113,8 +115,7 @@ class RolloutService:
     async def start(self) -> None:
         o = self.options
         if not o.outbox_dir:
-            from inference.runtime.demo import cache_dir  # only for the default folder's location
-            o.outbox_dir = str(cache_dir() / "outbox" / f"rollout-{self.instance}")
+            o.outbox_dir = str(Path(o.cache_dir or "~/.vigil").expanduser() / "outbox" / f"rollout-{self.instance}")
         self.publisher = Publisher(PublisherOptions(
             bootstrap_servers=o.bootstrap_servers, outbox_dir=o.outbox_dir, source=f"vigil-rollout/{self.instance}",
             client_id="vigil-rollout", publish_timeout_ms=3000, security=o.security))
@@ -226,13 +227,8 @@ class RolloutService:
             return
         self.metrics.observations.labels(r.topic).inc()
         c, obs = self.controller, None
-        if r.topic == topics.INFERENCE:
-            self.join.remember(r.message)
-            obs = wire.outcome(r.message)
-        elif r.topic == topics.FEEDBACK:
-            obs = self.join.join(r.message)
-        elif r.topic == topics.SIGNALS:
-            obs = wire.drift_signal(r.message)
+        if r.topic == topics.SIGNALS:
+            obs = wire.signal(r.message)
         elif r.topic == topics.ALERTS:
             obs = wire.alert(r.message)
         if obs is not None:
@@ -251,7 +247,7 @@ class RolloutService:
         its latest state (decisions are cumulative, so the latest carries everything)."""
         for name, m in self.controller.models.items():
             if m.generation > self.published.get(name, 0):
-                d = self.controller._decision(m)
+                d = self.controller.decision(name)
                 self.publisher.publish(topics.ROLLOUT, name, wire.rollout_state(d, source=f"vigil-rollout/{self.instance}"))
                 self.published[name] = m.generation
                 self.metrics.decisions.labels(name, d.phase).inc()
@@ -271,7 +267,7 @@ class RolloutService:
                 raise NotLeader(self.instance)
             result = LocalApi(self.controller, register_candidates=True).call(op, **kw)
             self._publish_changes()
-            return _plain(result)
+            return plain(result)
 
     async def _serve_admin(self) -> None:
         app = web.Application()

@@ -1,9 +1,7 @@
 """Conversions between the protobuf messages of protos/events.proto and the controller's
 records, for the service that runs the controller on Kafka. No Kafka here.
 
-    vigil.inference.events  InferenceEvent -> outcome()      (and FeedbackJoin.remember)
-    vigil.feedback          FeedbackEvent  -> FeedbackJoin.join() -> Feedback
-    vigil.signals           Signal         -> drift_signal()
+    vigil.signals           Signal         -> signal()
     vigil.alerts            Alert          -> alert()
     vigil.rollout           Decision       -> rollout_state();  RolloutState -> decision_dict()
 
@@ -14,12 +12,10 @@ RolloutState carries the controller's state, the figures and the flags as string
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 
 from .records import FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, STABLE, BLUEGREEN, AlertObs, \
-    Decision, DriftSignal, Feedback, Outcome
+    Decision, SignalObs
 
-ERROR_STATUSES = ("internal", "deadline_exceeded")  # the version's fault, not the client's
 EXTRA_FIELDS = ("controller_state", "figures_json", "attention", "flags_json")  # proposed additions
 
 
@@ -38,59 +34,17 @@ def _t(ts) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
-def outcome(ev) -> Outcome | None:
-    """An InferenceEvent as an Outcome; None for a request that never reached a version."""
-    pb = _pb()
-    if not ev.model or not ev.version:
-        return None
-    route = _name(pb.Route, ev.route, "ROUTE_")
-    error = _name(pb.Status, ev.status, "STATUS_") in ERROR_STATUSES or ev.finish_reason == "error"
-    conf = ev.confidence.mean_logprob if ev.HasField("confidence") else None
-    return Outcome(ev.model, ev.version, _t(ev.time), error, serving_latency(ev), conf,
-                   "" if route == "unspecified" else route)
-
-
-def serving_latency(ev) -> float:
-    """Seconds per output token after the first, or the whole request's time for one token.
-    End-to-end time grows with the length of the answer, which the candidate itself
-    decides: comparing it would blame a version's speed for what it says."""
-    if ev.completion_tokens >= 2 and ev.total_seconds > ev.first_token_seconds > 0:
-        return (ev.total_seconds - ev.first_token_seconds) / (ev.completion_tokens - 1)
-    return ev.total_seconds
-
-
-def drift_signal(sig) -> DriftSignal:
+def signal(sig) -> SignalObs:
     kind = _name(_pb().SignalKind, sig.kind, "SIGNAL_KIND_")
-    return DriftSignal(sig.model, sig.version, _t(sig.time), sig.detector, sig.feature, sig.drifted,
-                       sig.statistic, "" if kind == "unspecified" else kind)
+    return SignalObs(sig.model, sig.version, _t(sig.window_end) if sig.HasField("window_end") else _t(sig.time),
+                     sig.detector, sig.feature, sig.drifted, sig.statistic, "" if kind == "unspecified" else kind,
+                     sig.p_value if sig.HasField("p_value") else None, sig.value if sig.HasField("value") else None,
+                     sig.labels.get("reference_version", ""), sig.reference_size, sig.window_size, sig.events)
 
 
 def alert(a) -> AlertObs:
     state = _name(_pb().AlertState, a.state, "ALERT_STATE_")
     return AlertObs(a.fingerprint, a.rule, state, dict(a.labels), _t(a.time))
-
-
-class FeedbackJoin:
-    """Remembers the label probabilities of recent Classify events by request id, and
-    turns a FeedbackEvent naming the true label into Feedback (the probability of the
-    predicted label, and whether it was the true one)."""
-
-    def __init__(self, capacity: int = 100_000):
-        self.capacity = capacity
-        self.pending: OrderedDict[str, tuple[str, str, dict]] = OrderedDict()
-
-    def remember(self, ev) -> None:
-        if ev.request_id and ev.label_probabilities and ev.model and ev.version:
-            self.pending[ev.request_id] = (ev.model, ev.version, dict(ev.label_probabilities))
-            while len(self.pending) > self.capacity:
-                self.pending.popitem(last=False)
-
-    def join(self, fb) -> Feedback | None:
-        if fb.WhichOneof("truth") != "label" or fb.request_id not in self.pending:
-            return None
-        model, version, probs = self.pending.pop(fb.request_id)
-        predicted = max(probs, key=probs.get)
-        return Feedback(model, version, _t(fb.time), probs[predicted], predicted == fb.label)
 
 
 def _phase(d: Decision) -> int:

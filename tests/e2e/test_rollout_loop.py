@@ -1,7 +1,8 @@
 """The rollout loop with the real parts: the embedded broker (Tansu), inference servers
-with two versions of the tiny model loaded, and the `vigil rollout` service (leader lease,
-admin API, decisions on vigil.rollout), in a fast configuration (analysis every second,
-small samples).
+with two versions of the tiny model loaded, the stream processor (whose comparisons of
+candidate and stable the controller decides on) and the `vigil rollout` service (leader
+lease, admin API, decisions on vigil.rollout), in a fast configuration (analysis every
+second, small samples, comparisons every 5 candidate events).
 
 Where a test needs a candidate that behaves badly, or traffic without a server, it writes
 synthetic InferenceEvents for that version onto vigil.inference.events (as a server
@@ -25,7 +26,7 @@ from inference.api.server import EventOptions
 from protos import events_pb2, llm_pb2, llm_pb2_grpc
 from rollout.records import RolloutError
 from tests.helpers.kafka import read_topic
-from tests.helpers.rollout import ServiceThread
+from tests.helpers.rollout import ProcessorThread, ServiceThread
 from tests.helpers.waiting import wait_until
 
 # inconclusive_limit: a busy machine serves fewer requests a second; that must not pause
@@ -33,8 +34,15 @@ from tests.helpers.waiting import wait_until
 FAST = dict(interval=1.0, min_requests=12, inconclusive_limit=60, thresholds={"min_samples": 10})
 
 
+@pytest.fixture(scope="module")
+def processor(kafka_broker):
+    p = ProcessorThread(kafka_broker.bootstrap_servers, f"rollout-loop-{uuid.uuid4().hex[:6]}")
+    yield p
+    p.stop()
+
+
 @pytest.fixture
-def services(kafka_broker, tmp_path):
+def services(kafka_broker, tmp_path, processor):
     started = []
 
     def start(group: str, name: str) -> ServiceThread:
@@ -85,7 +93,10 @@ class Injector:
     """Synthetic InferenceEvents for model versions, onto vigil.inference.events."""
 
     def __init__(self, bootstrap: str):
-        self.producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3, "linger.ms": 5})
+        # the partitioner of Kafka's Java client and of the servers' aiokafka producer: an event
+        # lands in its model's partition, beside the server's events it is compared with
+        self.producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3, "linger.ms": 5,
+                                  "partitioner": "murmur2_random"})
 
     def send(self, model, version, route="canary", error=False, latency=0.05):
         ev = events_pb2.InferenceEvent(
@@ -130,8 +141,7 @@ def test_good_candidate_is_promoted_through_every_step_and_the_server_follows(
     assert weights(server, model) == {"1": 1.0, "2": 0.0}
     traffic = Traffic(server.address, model)
     try:
-        wait_until(lambda: status(ctl.api, model), 20, "the controller to see the model's first events")
-        d = ctl.api.call("start", model=model, candidate="2", steps=[20, 50, 100], **FAST)
+        d = ctl.api.call("start", model=model, stable="1", candidate="2", steps=[20, 50, 100], **FAST)
         assert d["weights"] == {"1": 0.8, "2": pytest.approx(0.2)}
         seen = set()
 
@@ -169,8 +179,7 @@ def test_bad_candidate_is_rolled_back_and_the_reason_names_the_check(loop, kafka
     traffic = Traffic(server.address, model)
     inject = Injector(kafka_broker.bootstrap_servers)
     try:
-        wait_until(lambda: status(ctl.api, model), 20, "the model's first events")
-        ctl.api.call("start", model=model, candidate="2", steps=[20, 50, 100], **FAST)
+        ctl.api.call("start", model=model, stable="1", candidate="2", steps=[20, 50, 100], **FAST)
         wait_until(lambda: weights(server, model).get("2") == pytest.approx(0.2), 10, "the canary weights on the server")
         # the candidate fails half its requests (synthetic events for version 2)
         def failing():
@@ -193,8 +202,8 @@ def test_one_request_per_second_is_inconclusive_never_a_rollback(loop, kafka_bro
     model, server, ctl = loop("slow")
     traffic = Traffic(server.address, model, rate=1.0)
     try:
-        wait_until(lambda: status(ctl.api, model), 20, "the model's first events")
-        ctl.api.call("start", model=model, candidate="2", steps=[20, 50, 100], **{**FAST, "inconclusive_limit": 3})
+        ctl.api.call("start", model=model, stable="1", candidate="2", steps=[20, 50, 100],
+                     **{**FAST, "inconclusive_limit": 3})
 
         def paused():
             s = status(ctl.api, model)
@@ -232,8 +241,7 @@ def test_two_controllers_one_decides_and_the_other_resumes_mid_rollout(kafka_bro
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     try:
-        wait_until(lambda: status(leader.api, model), 20, "the model's first events")
-        leader.api.call("start", model=model, candidate="2", steps=[10, 30, 60, 100], **FAST)
+        leader.api.call("start", model=model, stable="1", candidate="2", steps=[10, 30, 60, 100], **FAST)
         before = wait_until(lambda: (s := status(leader.api, model)) and s["step"] >= 1 and s, 30, "step 1")
         leader.stop()  # mid-rollout: the standby takes the lease and resumes from vigil.rollout
         wait_until(lambda: standby.service.leader, 30, "the standby to take over")
@@ -259,8 +267,7 @@ def test_bluegreen_is_analysed_on_shadow_copies_then_switches_at_once(loop, kafk
     model, server, ctl = loop("bg")
     traffic = Traffic(server.address, model)
     try:
-        wait_until(lambda: status(ctl.api, model), 20, "the model's first events")
-        ctl.api.call("start", model=model, candidate="2", strategy="bluegreen", **FAST)
+        ctl.api.call("start", model=model, stable="1", candidate="2", strategy="bluegreen", **FAST)
         wait_until(lambda: server.server.router.shadows.get(model) == ("2",), 10, "the server to shadow version 2")
         assert weights(server, model) == {"1": 1.0, "2": 0.0}  # all answers still come from 1
 

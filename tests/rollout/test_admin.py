@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eventbus import topics
-from rollout.cli import OPS
+from rollout.api import OPS
 from tests.helpers.kafka import read_topic
 from tests.helpers.rollout import ServiceThread
 from tests.helpers.waiting import wait_until

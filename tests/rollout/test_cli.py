@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from rollout import Controller, Decision, ManualClock
-from rollout.cli import LocalApi, main
+from rollout.api import LocalApi
+from rollout.cli import main
 
 
 def run(capsys, state, *argv):
@@ -58,21 +59,17 @@ def test_local_api_is_the_controller():
 def test_wire_conversions():
     from protos import events_pb2 as pb
     from rollout import wire
-    ev = pb.InferenceEvent(model="demo", version="v2", route=pb.ROUTE_CANARY, status=pb.STATUS_INTERNAL,
-                           total_seconds=0.25, request_id="r1", label_probabilities={"yes": 0.8, "no": 0.2})
-    ev.time.FromSeconds(100)
-    ev.confidence.mean_logprob = -0.7
-    o = wire.outcome(ev)
-    assert (o.version, o.route, o.error, o.latency, o.confidence, o.time) == ("v2", "canary", True, 0.25, -0.7, 100)
-    assert wire.outcome(pb.InferenceEvent(status=pb.STATUS_INVALID_ARGUMENT)) is None
-    join = wire.FeedbackJoin()
-    join.remember(ev)
-    fb = pb.FeedbackEvent(request_id="r1", label="no")
-    f = join.join(fb)
-    assert (f.version, f.probability, f.correct) == ("v2", 0.8, False)
-    sig = wire.drift_signal(pb.Signal(model="demo", version="v2", kind=pb.SIGNAL_KIND_DRIFT, detector="ks",
-                                      feature="mean_entropy", statistic=0.3, drifted=True))
-    assert (sig.kind, sig.feature, sig.drifted) == ("drift", "mean_entropy", True)
+    sig = wire.signal(pb.Signal(model="demo", version="v2", kind=pb.SIGNAL_KIND_DRIFT, detector="ks",
+                                feature="mean_entropy", statistic=0.3, drifted=True))
+    assert (sig.kind, sig.feature, sig.drifted, sig.p_value, sig.reference_version) == \
+        ("drift", "mean_entropy", True, None, "")
+    cmp = pb.Signal(model="demo", version="v2", kind=pb.SIGNAL_KIND_QUALITY, detector="error_rate_vs_stable",
+                    feature="error", statistic=0.1, p_value=0.001, value=0.12, reference_size=60, window_size=50,
+                    events=150, labels={"reference_version": "v1"})
+    cmp.window_end.FromSeconds(100)
+    sig = wire.signal(cmp)
+    assert (sig.reference_version, sig.p_value, sig.value, sig.reference_size, sig.window_size, sig.events,
+            sig.time) == ("v1", 0.001, 0.12, 60, 50, 150, 100)
     a = wire.alert(pb.Alert(fingerprint="f", rule="R", state=pb.ALERT_STATE_FIRING, labels={"model": "demo"}))
     assert (a.state, a.labels) == ("firing", {"model": "demo"})
 

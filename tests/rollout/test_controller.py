@@ -10,11 +10,17 @@ import random
 
 import pytest
 
-from rollout import (FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, AlertObs, Controller, DriftSignal,
-                     Feedback, ManualClock, Outcome, RolloutConfig, RolloutError, Thresholds, Window, analyse)
+from protos import events_pb2 as pb
+from rollout import (FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, AlertObs, Controller, ManualClock,
+                     RolloutConfig, RolloutError, SignalObs, wire)
+from stream_processors.processor import PartitionState, Settings
+from stream_processors.runner import signal_message
 
 M = "demo"
 FAST = dict(interval=30.0, min_requests=50)
+# the processors' comparisons of candidate and stable: every 25 candidate events, over the latest 300
+PROCESSOR = Settings(compare_every=25, compare_min=20, compare_window=300)
+ROUTES = {"stable": pb.ROUTE_STABLE, "canary": pb.ROUTE_CANARY, "shadow": pb.ROUTE_SHADOW}
 
 
 def good(rng):
@@ -31,16 +37,22 @@ def slow(rng):
 
 class Sim:
     """Traffic at `rps` requests a second split by the controller's weights, copies to
-    shadow versions, the controller ticked every second."""
+    shadow versions, as InferenceEvents (and, with `accuracy`, Classify feedback) through
+    the stream processor's computation; its signals, as they travel on vigil.signals, are
+    what the controller observes. The controller is ticked every second; the processor
+    takes the events every `flush` seconds."""
 
-    def __init__(self, candidate=good, stable=good, *, defaults=None, seed=0):
+    def __init__(self, candidate=good, stable=good, *, defaults=None, seed=0, accuracy=None, flush=5):
         self.clock = ManualClock()
         self.ctl = Controller(self.clock, defaults or RolloutConfig(**FAST))
+        self.processor = PartitionState(0, PROCESSOR)
         self.behave = {"v1": stable, "v2": candidate}
+        self.accuracy = accuracy or {}   # version -> share of right answers (with feedback)
         self.rng = random.Random(seed)
         self.decisions = []
         self.ctl.register(M, "v1", "v2")
         self.drift = {}  # version -> (feature, drifted): a drift signal every 10 s
+        self.events, self.feedback, self.flush, self.n = [], [], flush, 0
 
     def state(self):
         return self.ctl.models[M]
@@ -62,16 +74,42 @@ class Sim:
                     self.outcome(v, "shadow")
             if int(self.clock.now()) % 10 == 0:
                 for v, (feature, drifted) in self.drift.items():
-                    self.decisions += self.ctl.observe(DriftSignal(M, v, self.clock.now(), "ks", feature, drifted, 0.4))
+                    self.decisions += self.ctl.observe(SignalObs(M, v, self.clock.now(), "ks", feature, drifted, 0.4))
             self.clock.advance(1.0)
+            if int(self.clock.now()) % self.flush == 0:
+                self.process()
             self.decisions += self.ctl.tick()
             if until and until(self.state()):
                 break
+        self.process()
         return self
 
     def outcome(self, version, route):
         err, lat, conf = self.behave[version](self.rng)
-        self.decisions += self.ctl.observe(Outcome(M, version, self.clock.now(), err, lat, conf, route))
+        self.n += 1
+        e = pb.InferenceEvent(event_id=f"e{self.n}", request_id=f"r{self.n}", model=M, version=version,
+                              route=ROUTES[route], method="Generate", status=pb.STATUS_INTERNAL if err else pb.STATUS_OK,
+                              prompt_tokens=20, completion_tokens=10, finish_reason="error" if err else "stop",
+                              first_token_seconds=0.05, total_seconds=0.05 + 9 * lat)
+        e.confidence.mean_logprob = conf
+        e.time.FromNanoseconds(int(self.clock.now() * 1e9))
+        if version in self.accuracy:
+            e.method = "Classify"
+            e.label_probabilities.update({"yes": 0.9, "no": 0.1})
+            f = pb.FeedbackEvent(event_id=f"f{self.n}", request_id=e.request_id, model=M, version=version,
+                                 label="yes" if self.rng.random() < self.accuracy[version] else "no")
+            f.time.CopyFrom(e.time)
+            self.feedback.append(f)
+        self.events.append(e)
+
+    def process(self):
+        out = []
+        self.processor.apply_events(self.events, out)
+        self.processor.apply_feedback(self.feedback, out)
+        self.events, self.feedback = [], []
+        for o in out:
+            sig = pb.Signal.FromString(signal_message(o, "sim").SerializeToString())
+            self.decisions += self.ctl.observe(wire.signal(sig))
 
     def phases(self):
         return [d.phase for d in self.decisions]
@@ -229,9 +267,10 @@ def test_restore_mid_rollout_resumes_identically():
     a = Sim(good, seed=3)
     a.ctl.start(M, "v2")
     a.run(200)  # mid step, with data in the windows
-    assert a.state().step >= 1 and a.state().windows["v2"].n > 0
+    assert a.state().step >= 1 and a.state().windows["v2"].sample > 0
     b = Sim(good, seed=3)
     b.ctl = Controller.restore(json.loads(json.dumps(a.ctl.snapshot())), b.clock, a.ctl.defaults)
+    b.processor, b.n = PartitionState.decode(a.processor.encode(), PROCESSOR), a.n  # the processors go on
     b.clock.t, b.rng = a.clock.t, random.Random(7)
     a.rng, a.decisions, b.decisions = random.Random(7), [], []
     a.run(3600, until=ended)
@@ -247,7 +286,7 @@ def test_resume_from_the_last_decision_record():
     records = [json.loads(json.dumps(d.to_dict())) for d in a.decisions]
     b = Sim(good)
     b.ctl = Controller.from_records(reversed(records), b.clock)
-    b.clock.t = a.clock.t
+    b.clock.t, b.processor, b.n = a.clock.t, a.processor, a.n  # the processors go on
     last = a.decisions[-1]
     assert b.ctl.status(M)["step"] == 2 and b.ctl.status(M)["generation"] == last.generation
     b.decisions = []
@@ -278,51 +317,43 @@ def test_validation_errors_name_the_field(kwargs, field):
     assert c.status(M)["phase"] == "stable"
 
 
-def test_analysis_figures_against_scipy_and_calibration():
-    from scipy import stats
-    t = Thresholds()
-    c, s = Window(0.0), Window(0.0)
-    for i in range(400):
-        c.add_outcome(i % 10 == 0, 0.2, -1.0)
-        s.add_outcome(i % 50 == 0, 0.2, -1.0)
-    a = analyse(c, s, t)
-    e = a.figures()["checks"]["error_rate"]
-    a1, a2 = 41 / 402, 9 / 402  # Agresti-Caffo: one error and one success added to each side
-    z = (a1 - a2 - t.error_margin) / math.sqrt(a1 * (1 - a1) / 402 + a2 * (1 - a2) / 402)
-    assert e["verdict"] == "fail" and e["z"] == pytest.approx(z, rel=1e-3)
-    assert e["p"] == pytest.approx(stats.norm.sf(z), rel=1e-3)
-    # calibration: the candidate is confident and wrong half the time
-    c2, s2 = Window(0.0), Window(0.0)
-    for i in range(100):
-        c2.add_outcome(False, 0.2, -1.0)
-        s2.add_outcome(False, 0.2, -1.0)
-        c2.feedback.add((0.9, i % 2 == 0))
-        s2.feedback.add((0.9, i % 10 != 0))
-    a2 = analyse(c2, s2, t)
-    cal = a2.figures()["checks"]["calibration"]
-    assert cal["verdict"] == "fail" and cal["candidate_ece"] == pytest.approx(0.4)
-    assert cal["stable_ece"] == pytest.approx(0.0, abs=1e-9) and cal["candidate_accuracy"] == 0.5
-
-
 def test_feedback_calibration_rolls_back_in_a_rollout():
+    # both versions say "yes" with probability 0.9; feedback says the candidate is right half the time
+    s = Sim(good, accuracy={"v1": 0.9, "v2": 0.5})
+    s.ctl.start(M, "v2")
+    s.run(3600, until=ended)
+    last = s.decisions[-1]
+    assert last.phase == ROLLED_BACK and "failed on calibration" in last.reason, last.reason
+    cal = last.figures["checks"]["calibration"]
+    assert cal["candidate_ece"] > 0.25 and cal["stable_ece"] < 0.1 and cal["candidate_accuracy"] < 0.7
+
+
+def test_the_controller_reads_nothing_but_signals_and_alerts():
+    # the step's sample is the candidate's events the processors compared since it began
     s = Sim(good)
     s.ctl.start(M, "v2")
-    orig = s.outcome
+    s.run(20)
+    w = s.state().windows["v2"]
+    assert w.sample == 0 and not w.readings   # 5% of 20 rps: no comparison of 25 events yet
+    assert s.ctl.status(M)["window"] == {"requests": 0, "comparisons": []}
+    s.run(11)  # the first analysis: one comparison, at the batch that crossed 25 candidate events
+    n = s.state().windows["v2"].sample
+    assert 25 <= n < 30 and f"candidate served {n} of 50 requests needed" in s.decisions[-1].reason
+    s.run(200, until=lambda m: m.step == 1)
+    assert "step 0 (5% on v2) passed" in s.decisions[-1].reason, s.decisions[-1].reason
+    checks = s.decisions[-1].figures["checks"]
+    assert checks["error_rate"]["candidate_n"] >= 50 and checks["latency"]["verdict"] == "pass"
+    assert checks["confidence"]["verdict"] == "pass"
 
-    def with_feedback(version, route):
-        orig(version, route)
-        right = s.rng.random() < (0.5 if version == "v2" else 0.9)
-        s.ctl.observe(Feedback(M, version, s.clock.now(), 0.9, right))
-    s.outcome = with_feedback
-    s.run(3600, until=ended)
-    assert s.decisions[-1].phase == ROLLED_BACK and "failed on calibration" in s.decisions[-1].reason
+
+def test_a_comparison_registers_an_unknown_model_with_its_stable_version():
+    c = Controller(ManualClock())
+    c.observe(SignalObs("m", "2", 0.0, "error_rate_vs_stable", "error", False, 0.0, "quality",
+                        reference_version="1", events=100))
+    assert c.status("m")["stable"] == "1" and c.status("m")["versions"] == ["1", "2"]
 
 
 def test_enum_values_a_newer_writer_may_send_are_read_as_unspecified():
-    from protos import events_pb2 as pb
-    from rollout import wire
-
-    assert wire.outcome(pb.InferenceEvent(model="m", version="1", route=7, status=99)).route == ""
-    assert wire.drift_signal(pb.Signal(model="m", version="1", kind=42)).kind == ""
+    assert wire.signal(pb.Signal(model="m", version="1", kind=42)).kind == ""
     assert wire.alert(pb.Alert(fingerprint="f", state=9)).state == "unspecified"
     assert wire.decision_dict(pb.RolloutState(model="m", phase=77))["phase"] == "unspecified"
