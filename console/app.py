@@ -1,8 +1,15 @@
 """The page's HTTP side (aiohttp): the page at `/`, its assets (plotly.js from the
 installed plotly package), the state as JSON at `/api/state`, and the changes as
 server-sent events at `/api/events`: first the whole state (event `state`), then each
-change (events `signal`, `alert`, `rollout`, `traffic`). A page that cannot keep up is
-cut off; its EventSource reconnects and starts again from a fresh state.
+change (events `signal`, `alert`, `rollout`, `traffic`, `silences`). A page that cannot
+keep up is cut off; its EventSource reconnects and starts again from a fresh state.
+
+`POST /api/actions/<action>` (pause, resume, promote, rollback, undo) with a JSON body
+{"model": ..., "reason": ...} passes an operator's action on to the rollout controller
+(peers.Actions). Against cross-site requests: only `application/json` bodies (a form
+cannot send one, and a script of another origin cannot without a preflight this server
+never answers), and a request whose Origin is not the page's own, or that the browser
+marks as cross-site, is refused; where keys are on, the admin key is required too.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from collections.abc import Callable
 from importlib import resources
 
 from aiohttp import web
+
+from .peers import ActionError, Actions
 
 ASSETS = resources.files("console") / "assets"
 PLOTLY_JS = resources.files("plotly") / "package_data" / "plotly.min.js"
@@ -59,7 +68,15 @@ class Hub:
         self.queues.clear()
 
 
-def make_app(state: Callable[[], dict], hub: Hub) -> web.Application:
+def same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        return False
+    return request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
+
+
+def make_app(state: Callable[[], dict], hub: Hub, actions: Actions | None = None) -> web.Application:
+    actions = actions or Actions("")
     async def page(request: web.Request) -> web.Response:
         return web.Response(body=(ASSETS / "index.html").read_bytes(), content_type="text/html",
                             charset="utf-8", headers=SECURITY_HEADERS)
@@ -100,11 +117,34 @@ def make_app(state: Callable[[], dict], hub: Hub) -> web.Application:
             hub.unsubscribe(q)
         return response
 
-    app = web.Application()
+    async def api_action(request: web.Request) -> web.Response:
+        def refuse(status: int, error: str, field: str = "") -> web.Response:
+            return web.Response(text=dumps({"error": error, "field": field}), status=status,
+                                content_type="application/json", headers=SECURITY_HEADERS)
+
+        if not same_origin(request):
+            return refuse(403, "cross-site request refused: actions are taken from the page itself", "origin")
+        if request.content_type != "application/json":
+            return refuse(415, "the body must be JSON (Content-Type: application/json)", "content-type")
+        try:
+            who = actions.check_key(request.headers.get("Authorization"))
+            try:
+                body = json.loads(await request.read() or b"{}")
+            except ValueError:
+                raise ActionError(400, "the body is not JSON", "body") from None
+            if not isinstance(body, dict):
+                raise ActionError(400, "the body must be a JSON object", "body")
+            done = await actions.call(request.match_info["action"], body, request.headers.get("Authorization"), who)
+        except ActionError as e:
+            return refuse(e.status, str(e), e.field)
+        return web.Response(text=dumps(done), content_type="application/json", headers=SECURITY_HEADERS)
+
+    app = web.Application(client_max_size=64 * 1024)
     app.router.add_get("/", page)
     app.router.add_get("/assets/{name}", asset)
     app.router.add_get("/api/state", api_state)
     app.router.add_get("/api/events", api_events)
+    app.router.add_post("/api/actions/{action}", api_action)
     app.router.add_get("/favicon.ico", no_icon)
     return app
 

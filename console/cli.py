@@ -27,6 +27,15 @@ def add_parser(subparsers, option):
     g = p.add_argument_group("page")
     option(g, "--host", env="VIGIL_UI_HOST", default=d.host, help="address to listen on")
     option(g, "--port", env="VIGIL_UI_PORT", type=port, default=d.port, help="port; 0 picks a free port")
+    g = p.add_argument_group("the other services", "their HTTP APIs")
+    option(g, "--rollout-url", env="VIGIL_UI_ROLLOUT_URL", default=d.rollout_url,
+           help="the rollout controller's admin API (http://HOST:8004): the page's pause, resume, promote, roll "
+                "back and undo go there; empty: no actions")
+    option(g, "--alerting-url", env="VIGIL_UI_ALERTING_URL", default=d.alerting_url,
+           help="alerting's (or an Alertmanager's) API (http://HOST:9095): which alerts are silenced")
+    option(g, "--auth-keys", env="VIGIL_UI_AUTH_KEYS", default=d.auth_keys,
+           help="key file (as `vigil serve --auth-keys`): actions then need a key with admin: true, sent as "
+                "'Authorization: Bearer <key>' and passed on to the controller")
     g = p.add_argument_group("kafka")
     option(g, "--bootstrap-servers", default=d.bootstrap_servers, help="Kafka brokers, HOST:PORT[,HOST:PORT...]")
     option(g, "--backlog", env="VIGIL_UI_BACKLOG", type=int, default=d.backlog,
@@ -69,7 +78,10 @@ def run(args) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        print(f"vigil ui: {console.url} (topics from {options.bootstrap_servers})", flush=True)
+        print(f"vigil ui: {console.url} (topics from {options.bootstrap_servers}"
+              + (f"; actions to {options.rollout_url}" + (" with an admin key" if options.auth_keys else "")
+                 if options.rollout_url else "; no actions: no --rollout-url")
+              + (f"; silences from {options.alerting_url}" if options.alerting_url else "") + ")", flush=True)
         try:
             await stop.wait()
         finally:
@@ -77,9 +89,10 @@ def run(args) -> int:
 
     try:
         options = Options(bootstrap_servers=args.bootstrap_servers, host=args.host, port=args.port,
-                          backlog=args.backlog, security=kafka_security.from_args(args))
+                          backlog=args.backlog, security=kafka_security.from_args(args),
+                          rollout_url=args.rollout_url, alerting_url=args.alerting_url, auth_keys=args.auth_keys)
         asyncio.run(main(options))
-    except (PortError, ValueError) as e:  # ValueError: Kafka security settings, naming the option
+    except (PortError, ValueError) as e:  # ValueError: Kafka security settings, the key file, naming it
         print(f"vigil ui: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -174,6 +174,11 @@ def rollout_dict(m: events_pb2.RolloutState, t: float) -> dict:
             "step": m.step, "reason": m.reason, "attention": m.attention, "figures": figures_}
 
 
+def label_key(labels: dict) -> str:
+    """An alert's identity across vigil.alerts and Alertmanager's API: its labels, whole."""
+    return json.dumps(sorted(labels.items()), separators=(",", ":"))
+
+
 def alert_dict(m: events_pb2.Alert, t: float) -> dict:
     return {"time": t, "fingerprint": m.fingerprint, "rule": m.rule,
             "state": enum_name(events_pb2.AlertState, m.state, "ALERT_STATE_"),
@@ -193,6 +198,9 @@ class Model:
         self.traffic: Bounded = Bounded(caps.versions)          # (model, version) -> Traffic
         self.changed_traffic: set = set()                       # versions with events since take_traffic()
         self.records = 0
+        self.silenced: dict = {}        # alert labels (label_key) -> ids of the silences that mute it
+        self.silences: list = []        # as alerting's API lists them
+        self.silences_error: str | None = None
 
     def apply(self, m, record_time: float) -> dict | None:
         """Take one decoded message; returns the change for the pages, if any (request
@@ -205,6 +213,7 @@ class Model:
             return {"type": "signal", "series": s.to_dict(readings=False), "reading": reading}
         if isinstance(m, events_pb2.Alert):
             a = alert_dict(m, t)
+            a["silenced_by"] = self.silenced.get(label_key(a["labels"]), [])
             self.alerts.touch(m.fingerprint, dict).update(a)
             self.alert_changes.append(a)
             return {"type": "alert", "alert": a}
@@ -223,6 +232,17 @@ class Model:
             self.changed_traffic.add(key)
         return None
 
+    def set_silences(self, silenced: dict, silences: list, error: str | None) -> list[dict]:
+        """What alerting's API says is muted; returns the alerts whose silences changed."""
+        self.silenced, self.silences, self.silences_error = silenced, silences, error
+        changed = []
+        for a in self.alerts.values():
+            by = silenced.get(label_key(a["labels"]), [])
+            if by != a.get("silenced_by", []):
+                a["silenced_by"] = by
+                changed.append(a)
+        return changed
+
     def take_traffic(self, now: float | None = None) -> dict | None:
         """The request figures of the versions that had events since the last call, with
         their latest points."""
@@ -240,4 +260,5 @@ class Model:
             "signals": [s.to_dict() for s in self.series.values()],
             "alerts": list(self.alerts.values()),
             "alert_changes": list(self.alert_changes),
+            "silences": self.silences, "silences_error": self.silences_error,
         }

@@ -40,10 +40,13 @@ class Service:
 
 
 def services(bootstrap: str, processor_metrics_port: int, alerting_port: int, rollout_port: int,
-             skip: set[str], extra: dict[str, list[str]] | None = None, ui_port: int = -1) -> list[Service]:
+             skip: set[str], extra: dict[str, list[str]] | None = None, ui_port: int = -1,
+             ui_keys: str = "") -> list[Service]:
     """The child services, each with its own port; `extra` adds options per service name
     (e.g. {"process": ["--ks-window", "60"]}), after the defaults so they win. The page
-    (`vigil ui`) runs only where a `ui_port` is given."""
+    (`vigil ui`) runs only where a `ui_port` is given: its actions go to the rollout
+    controller, its silences come from alerting (each where it runs), and `ui_keys`, the
+    server's key file, puts its actions behind an admin key."""
     known = {
         "process": Service("process", ["--metrics-host", HOST, "--metrics-port", str(processor_metrics_port)],
                            f"http://{HOST}:{processor_metrics_port}/metrics"),
@@ -53,7 +56,14 @@ def services(bootstrap: str, processor_metrics_port: int, alerting_port: int, ro
                            f"http://{HOST}:{rollout_port}"),
     }
     if ui_port >= 0:
-        known["ui"] = Service("ui", ["--host", HOST, "--port", str(ui_port)], f"http://{HOST}:{ui_port}/")
+        ui = ["--host", HOST, "--port", str(ui_port)]
+        if "rollout" not in skip:
+            ui += ["--rollout-url", f"http://{HOST}:{rollout_port}"]
+        if "alerting" not in skip:
+            ui += ["--alerting-url", f"http://{HOST}:{alerting_port}"]
+        if ui_keys:
+            ui += ["--auth-keys", os.path.abspath(ui_keys)]
+        known["ui"] = Service("ui", ui, f"http://{HOST}:{ui_port}/")
     chosen = [s for name, s in known.items() if name not in skip]
     for s in chosen:
         s.args = [s.name, "--bootstrap-servers", bootstrap, *s.args, *(extra or {}).get(s.name, [])]

@@ -8,7 +8,9 @@ const POINTS = 720;            // request figure points per version
 const HISTORY = 200;           // decisions per model
 const DRIFT = new Set(["ks", "psi", "adwin", "chi2", "page_hinkley", "mann_kendall"]);
 const VS_STABLE = new Set(["ks_vs_stable", "chi2_vs_stable"]);
-const STATE_ORDER = {firing: 0, pending: 1, resolved: 2, inactive: 3};
+const STATE_ORDER = {firing: 0, pending: 1, silenced: 2, resolved: 3, inactive: 4};
+const ACTIONS = [["pause", "pause"], ["resume", "resume"], ["promote", "promote"], ["rollback", "roll back"], ["undo", "undo"]];
+const KEY = "vigil.admin-key";   // sessionStorage: the admin key, for this tab only
 
 let state = null;
 const series = new Map();      // id -> series with readings
@@ -88,6 +90,7 @@ function schedule() {
 }
 
 function render() {
+  renderKey();
   renderModels();
   renderTraffic();
   renderDrift();
@@ -116,6 +119,7 @@ function renderModels() {
          ` ${d.strategy || ""} step ${d.step} · generation ${d.generation}`,
          d.attention ? el("span", {class: "badge attention"}, "needs attention") : null),
       el("p", {class: "reason"}, d.reason),
+      actionsOf(model),
       table(["version", "role", "weight"], [...versions].sort().map((v) =>
         el("tr", {}, el("td", {}, v), el("td", {}, role(v)),
            el("td", {}, d.weights[v] !== undefined ? `${(d.weights[v] * 100).toFixed(1)} %` : "—")))),
@@ -128,6 +132,46 @@ function renderModels() {
                                            el("pre", {}, JSON.stringify(h.figures, null, 1))) : "")))))));
   }
   document.getElementById("models").replaceChildren(...(out.length ? out : [el("p", {}, "no rollout state yet")]));
+}
+
+const results = new Map();   // model -> the latest action's outcome, shown under its buttons
+
+function actionsOf(model) {
+  const a = state.actions || {};
+  if (!a.enabled) return el("p", {class: "note"}, "actions are off: the page was started without --rollout-url");
+  return el("div", {class: "actions", "data-model": model},
+    ...ACTIONS.map(([action, label]) => el("button", {type: "button", "data-action": action,
+      onclick: () => act(model, action, label)}, label)),
+    el("span", {class: "action-result"}, results.get(model) || ""));
+}
+
+async function act(model, action, label) {
+  const headers = {"Content-Type": "application/json"};
+  const key = sessionStorage.getItem(KEY) || "";
+  if (state.actions.key_required) {
+    if (!key) { results.set(model, `${label}: enter the admin key above first`); renderModels(); return; }
+    headers.Authorization = `Bearer ${key}`;
+  }
+  results.set(model, `${label}: sent`);
+  renderModels();
+  let text;
+  try {
+    const r = await fetch(`/api/actions/${action}`, {method: "POST", headers, body: JSON.stringify({model}),
+                                                    credentials: "same-origin"});
+    const answer = await r.json();
+    text = r.ok ? `${label}: done` + (answer.result && answer.result.reason ? ` (${answer.result.reason})` : "")
+      : `${label} refused: ${answer.error}`;
+  } catch (e) {
+    text = `${label} failed: ${e}`;
+  }
+  results.set(model, text);
+  renderModels();
+}
+
+function renderKey() {
+  const box = document.getElementById("key-box");
+  const needed = state.actions && state.actions.enabled && state.actions.key_required;
+  box.hidden = !needed;
 }
 
 function renderTraffic() {
@@ -220,11 +264,15 @@ function signalsLink(labels) {
   return "#signals?" + q.toString();
 }
 
+// silenced: muted by a silence (alerting's API) while pending or firing
+const shownState = (a) => (a.silenced_by || []).length && (a.state === "firing" || a.state === "pending") ? "silenced" : a.state;
+
 function renderAlerts() {
   const alerts = state.alerts.slice().sort((a, b) =>
-    (STATE_ORDER[a.state] ?? 9) - (STATE_ORDER[b.state] ?? 9) || b.time - a.time);
-  const rows = alerts.map((a) => el("tr", {class: "alert", "data-state": a.state, "data-fingerprint": a.fingerprint},
-    el("td", {}, el("span", {class: `badge state-${a.state}`}, a.state)),
+    (STATE_ORDER[shownState(a)] ?? 9) - (STATE_ORDER[shownState(b)] ?? 9) || b.time - a.time);
+  const rows = alerts.map((a) => el("tr", {class: "alert", "data-state": shownState(a), "data-fingerprint": a.fingerprint},
+    el("td", {}, el("span", {class: `badge state-${shownState(a)}`}, shownState(a)),
+       shownState(a) === "silenced" ? el("div", {class: "note"}, `${a.state}, silenced by ${a.silenced_by.join(", ")}`) : null),
     el("td", {}, a.rule), el("td", {}, a.severity),
     el("td", {class: "labels"}, ...Object.entries(a.labels).sort().map(([k, v]) => el("span", {class: "label"}, `${k}=${v}`))),
     el("td", {class: "annotations"}, ...Object.entries(a.annotations).sort().map(([k, v]) =>
@@ -233,6 +281,14 @@ function renderAlerts() {
     el("td", {}, a.labels.model ? el("a", {href: signalsLink(a.labels), class: "signals-link"}, "signals") : "")));
   document.getElementById("alert-list").replaceChildren(rows.length ? table(
     ["state", "rule", "severity", "labels", "annotations", "since", "ended", "value", ""], rows) : el("p", {}, "no alerts"));
+  const silences = (state.silences || []).filter((x) => x.state !== "expired");
+  document.getElementById("silence-list").replaceChildren(
+    state.silences_error ? el("p", {class: "note"}, state.silences_error) : null,
+    !state.alerting_url ? el("p", {class: "note"}, "silences are not shown: the page was started without --alerting-url")
+      : silences.length ? table(["id", "state", "matchers", "by", "comment", "until"], silences.map((x) =>
+        el("tr", {class: "silence"}, el("td", {}, x.id), el("td", {}, x.state), el("td", {}, x.matchers.join(", ")),
+           el("td", {}, x.created_by), el("td", {}, x.comment), el("td", {}, x.ends_at))))
+      : el("p", {}, "no active silences"));
 }
 
 function renderSelected() {
@@ -289,9 +345,15 @@ function connect() {
   on("alert", onAlert);
   on("rollout", onRollout);
   on("traffic", onTraffic);
+  on("silences", (d) => { state.silences = d.silences; state.silences_error = d.error; schedule(); });
   source.onerror = () => { status.textContent = "reconnecting"; status.className = "connection down"; };
 }
 
+document.getElementById("admin-key").addEventListener("change", (e) => {
+  sessionStorage.setItem(KEY, e.target.value.trim());
+  e.target.value = "";
+  e.target.placeholder = "admin key set for this tab";
+});
 document.getElementById("detector").addEventListener("change", () => { if (state) renderDrift(); });
 window.addEventListener("hashchange", () => { if (state) renderSelected(); });
 connect();
