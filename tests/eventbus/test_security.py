@@ -216,7 +216,8 @@ def test_vigil_refuses_to_start_naming_the_option(capsys, restore_logging):
 def test_the_server_and_vigil_up_take_the_settings(command, password_file):
     """The event publisher and the rollout follower of `vigil serve` (and what `vigil up`
     hands its children) use the same settings as every other client."""
-    from vigil.cli import build_parser, server_options
+    from inference.cli import server_options
+    from vigil.cli import build_parser
 
     args = build_parser().parse_args([command, "--kafka-sasl-mechanism", "PLAIN", "--kafka-sasl-username", "u",
                                       "--kafka-sasl-password-file", password_file])

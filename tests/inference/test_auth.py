@@ -387,7 +387,8 @@ def test_vigil_keys_add_prints_the_entry_and_the_secret_once(tmp_path, capsys, m
 
 
 def test_cli_security_options_come_from_the_environment(monkeypatch, tmp_path):
-    from vigil.cli import build_parser, server_options
+    from inference.cli import server_options
+    from vigil.cli import build_parser
 
     monkeypatch.setenv("VIGIL_AUTH_KEYS", str(tmp_path / "k.yml"))
     monkeypatch.setenv("VIGIL_TLS_CERT", "/c.pem")
