@@ -119,14 +119,18 @@ def test_n_requests_give_n_events_in_order_and_feedback_follows_them(proto_serve
     assert metric(proto_server.metrics_url, "vigil_event_publish_latency_seconds_count", topic=topics.INFERENCE) > 0
 
 
-def test_topics_are_created_with_partitions_retention_and_compaction(proto_server, kafka_broker):
-    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap_servers, "log_level": 3})
-    described = admin.list_topics(timeout=10).topics
+def test_topics_are_created_with_partitions_retention_and_compaction(start_server, tiny_llama, tmp_path):
+    """On a broker of its own: on the shared one, whichever test's server came first made the topics."""
+    with EmbeddedBroker() as broker:
+        server = kafka_server(start_server, tiny_llama, tmp_path, broker.bootstrap_servers)
+        flush(server)
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers, "log_level": 3})
+        described = admin.list_topics(timeout=10).topics
+        futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, t)
+                                          for t in (topics.ROLLOUT, topics.INFERENCE)])
+        configs = {r.name: {k: v.value for k, v in f.result(timeout=10).items()} for r, f in futures.items()}
     assert set(topics.ALL) <= set(described)
     assert len(described[topics.INFERENCE].partitions) == 3
-    futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, t)
-                                      for t in (topics.ROLLOUT, topics.INFERENCE)])
-    configs = {r.name: {k: v.value for k, v in f.result(timeout=10).items()} for r, f in futures.items()}
     assert configs[topics.ROLLOUT]["cleanup.policy"] == "compact"
     assert configs[topics.INFERENCE]["cleanup.policy"] == "delete"
     assert configs[topics.INFERENCE]["retention.ms"] == str(EventOptions().topic_retention_ms)
