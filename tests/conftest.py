@@ -77,9 +77,14 @@ def start_server():
 def kafka_broker():
     """The embedded Kafka-compatible broker (Tansu), on a free loopback port. Tests that
     stop or restart a broker start their own."""
+    from eventbus import topics
     from eventbus.broker import EmbeddedBroker
+    from eventbus.kafka import Kafka
 
     with EmbeddedBroker() as broker:
+        # the same topics whichever test comes first (a server would make them with its own partitions)
+        asyncio.run(Kafka(broker.bootstrap_servers).ensure_topics("vigil-tests", topics.ALL,
+                                                                   topics.TopicOptions(partitions=3)))
         yield broker
 
 
