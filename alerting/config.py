@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 from .labels import LABEL_NAME, Matcher, matchers_string, parse_matcher
 from .rules import RuleError, RuleLoadError, _Checker
 from .vocabulary import DEFAULT
-from .yamlpos import Map, Seq, YamlError, load
+from eventbus.yamlpos import Map, Seq, YamlError, load
 
 
 @dataclass

@@ -43,7 +43,7 @@ from .durations import parse_duration
 from .labels import LABEL_NAME, Matcher
 from .templates import Template, TemplateError
 from .vocabulary import AGGREGATES, DEFAULT, Vocabulary, did_you_mean
-from .yamlpos import Map, Seq, YamlError, load
+from eventbus.yamlpos import Map, Seq, YamlError, load
 
 SIGNAL_LABELS = ("detector", "feature", "model", "version")
 DEFAULT_STALE_AFTER = 15 * 60.0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import random
@@ -27,27 +26,20 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
+from eventbus.signing import SIGNATURE_HEADER, sign, verify  # noqa: F401 (verify: for receivers and tests)
+
 from .config import AlertmanagerTarget, WebhookConfig
 from .durations import rfc3339
 from .signals import Alert, Notification
 
 log = logging.getLogger("vigil.alerting")
 
-SIGNATURE_HEADER = "X-Vigil-Signature"
 USER_AGENT = "Vigil-Alerting/0.1"
 _GO_META = set("\\.+*?()|[]{}^$")
 
 
 def go_quote_meta(s: str) -> str:
     return "".join("\\" + c if c in _GO_META else c for c in s)
-
-
-def sign(secret: bytes, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-
-
-def verify(secret: bytes, body: bytes, header: str | None) -> bool:
-    return header is not None and hmac.compare_digest(sign(secret, body), header)
 
 
 def alert_json(a: Alert, now: float) -> dict:
