@@ -21,7 +21,7 @@ FORMATS = {"protobuf": PROTOBUF, "json": JSON}
 MESSAGES: dict[str, type[Message]] = {
     cls.DESCRIPTOR.full_name: cls
     for cls in (events_pb2.InferenceEvent, events_pb2.FeedbackEvent, events_pb2.Signal,
-                events_pb2.Alert, events_pb2.RolloutState, events_pb2.DeadLetter)
+                events_pb2.Alert, events_pb2.RolloutState, events_pb2.DeadLetter, events_pb2.Action)
 }
 
 TOPIC_MESSAGES: dict[str, type[Message]] = {
@@ -31,6 +31,7 @@ TOPIC_MESSAGES: dict[str, type[Message]] = {
     topics.ALERTS: events_pb2.Alert,
     topics.ROLLOUT: events_pb2.RolloutState,
     topics.DEADLETTER: events_pb2.DeadLetter,
+    topics.ACTIONS: events_pb2.Action,
 }
 
 

@@ -16,6 +16,9 @@ SIGNALS = "vigil.signals"
 ALERTS = "vigil.alerts"
 ROLLOUT = "vigil.rollout"
 DEADLETTER = "vigil.deadletter"
+# what the rollout controller did about alerts, by its response policy (Action, keyed by the
+# action's id; compacted: the latest record of an action is its outcome, read back at start)
+ACTIONS = "vigil.actions"
 # vigil alerting's own state (JSON values, not events): "snapshot/<instance>" (alerts, timers,
 # read offsets of vigil.signals), "nflog/<group key>/<receiver>" and "silence/<id>", which every
 # instance of an HA pair reads and merges, so each notification goes out once.
@@ -25,8 +28,8 @@ ALERTING_STATE = "vigil.alerting.state"
 # offset of each, so a restart or rebalance resumes exactly where the state stands.
 CHECKPOINTS = "vigil.checkpoints"
 
-ALL = (INFERENCE, FEEDBACK, SIGNALS, ALERTS, ROLLOUT, DEADLETTER)
-COMPACTED = frozenset({ROLLOUT, ALERTING_STATE, CHECKPOINTS})  # a consumer wants the latest state per key, not the history
+ALL = (INFERENCE, FEEDBACK, SIGNALS, ALERTS, ROLLOUT, DEADLETTER, ACTIONS)
+COMPACTED = frozenset({ROLLOUT, ALERTING_STATE, CHECKPOINTS, ACTIONS})  # a consumer wants the latest state per key, not the history
 
 
 def event_key(model: str) -> str:

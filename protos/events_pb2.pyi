@@ -341,7 +341,14 @@ class VersionWeight(_message.Message):
     def __init__(self, version: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class RolloutState(_message.Message):
-    __slots__ = ("event_id", "time", "source", "model", "stable_version", "candidate_version", "weights", "shadow_versions", "phase", "strategy", "step", "reason", "generation", "controller_state", "figures_json", "attention", "flags_json")
+    __slots__ = ("event_id", "time", "source", "model", "stable_version", "candidate_version", "weights", "shadow_versions", "phase", "strategy", "step", "reason", "generation", "controller_state", "figures_json", "attention", "flags_json", "temperatures", "keep_loaded")
+    class TemperaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +366,8 @@ class RolloutState(_message.Message):
     FIGURES_JSON_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     FLAGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LOADED_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     time: _timestamp_pb2.Timestamp
     source: str
@@ -376,7 +385,54 @@ class RolloutState(_message.Message):
     figures_json: str
     attention: bool
     flags_json: str
-    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., stable_version: _Optional[str] = ..., candidate_version: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow_versions: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., strategy: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., controller_state: _Optional[str] = ..., figures_json: _Optional[str] = ..., attention: bool = ..., flags_json: _Optional[str] = ...) -> None: ...
+    temperatures: _containers.ScalarMap[str, float]
+    keep_loaded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., model: _Optional[str] = ..., stable_version: _Optional[str] = ..., candidate_version: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow_versions: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[RolloutPhase, str]] = ..., strategy: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., controller_state: _Optional[str] = ..., figures_json: _Optional[str] = ..., attention: bool = ..., flags_json: _Optional[str] = ..., temperatures: _Optional[_Mapping[str, float]] = ..., keep_loaded: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Action(_message.Message):
+    __slots__ = ("event_id", "time", "source", "action_id", "action", "model", "version", "target_version", "policy", "reason", "outcome", "alert_fingerprint", "alert_name", "alert_starts_at", "alert_labels", "generation", "details_json")
+    class AlertLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ALERT_NAME_FIELD_NUMBER: _ClassVar[int]
+    ALERT_STARTS_AT_FIELD_NUMBER: _ClassVar[int]
+    ALERT_LABELS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    time: _timestamp_pb2.Timestamp
+    source: str
+    action_id: str
+    action: str
+    model: str
+    version: str
+    target_version: str
+    policy: str
+    reason: str
+    outcome: str
+    alert_fingerprint: str
+    alert_name: str
+    alert_starts_at: _timestamp_pb2.Timestamp
+    alert_labels: _containers.ScalarMap[str, str]
+    generation: int
+    details_json: str
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., action_id: _Optional[str] = ..., action: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., target_version: _Optional[str] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., outcome: _Optional[str] = ..., alert_fingerprint: _Optional[str] = ..., alert_name: _Optional[str] = ..., alert_starts_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., alert_labels: _Optional[_Mapping[str, str]] = ..., generation: _Optional[int] = ..., details_json: _Optional[str] = ...) -> None: ...
 
 class Header(_message.Message):
     __slots__ = ("key", "value")
