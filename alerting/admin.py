@@ -20,6 +20,8 @@ import json
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from eventbus.service import listen
+
 from .durations import rfc3339
 from .labels import parse_matchers
 from .signals import FIRING, PENDING, RESOLVED
@@ -52,11 +54,7 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await listen(self.app, self.host, self.port, "--admin-port")
         return self.port
 
     async def stop(self) -> None:
@@ -92,7 +90,7 @@ class AdminServer:
         for inst in core.engine.instances.values():
             if inst.state not in (FIRING, PENDING, RESOLVED):
                 continue
-            a = core.engine._alert(inst, now)
+            a = core.engine.alert_of(inst, now)
             silenced = core.silences.silenced_by(a.labels, now)
             inhibited = [f"{x:016x}" for x in core.dispatcher.inhibitor.inhibited_by(a, now)]
             state = "suppressed" if (silenced or inhibited) else ("active" if inst.state == FIRING else "unprocessed")
@@ -129,7 +127,7 @@ class AdminServer:
             s = self.core.silences.add(now=now, **kw)
         except (SilenceError, ValueError) as e:
             return _json({"error": str(e)} if not isinstance(e, SilenceError) else str(e), 400)
-        self.core._maybe_wake_now()
+        self.core.wake()
         return _json({"silenceID": s.id})
 
     async def get_silence(self, request):
@@ -143,7 +141,7 @@ class AdminServer:
             self.core.silences.expire(request.match_info["id"], self.core.clock.now())
         except SilenceError as e:
             return _json(str(e), 404 if "no silence" in str(e) else 400)
-        self.core._maybe_wake_now()
+        self.core.wake()
         return web.Response(status=200)
 
     async def rules(self, request):

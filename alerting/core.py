@@ -199,8 +199,8 @@ class AlertingCore:
     def _maybe_wake(self) -> None:
         if self._wake is None:
             return
-        eh, dh = self.engine._heap, self.dispatcher._heap
-        t = min(eh[0][0] if eh else float("inf"), dh[0][0] if dh else float("inf"))
+        t = min((d for d in (self.engine.next_deadline(), self.dispatcher.next_deadline()) if d is not None),
+                default=float("inf"))
         if t < self._planned:
             self._wake.set()
 
@@ -310,9 +310,10 @@ class AlertingCore:
 
     def merge_silence(self, d: dict) -> None:
         self.silences.merge(d)
-        self._maybe_wake_now()
+        self.wake()
 
-    def _maybe_wake_now(self) -> None:
+    def wake(self) -> None:
+        """Have the timer loop look again (a silence or an alert changed outside it)."""
         if self._wake is not None:
             self._wake.set()
 
@@ -330,7 +331,7 @@ class AlertingCore:
         now = self.clock.now()
         for inst in self.engine.instances.values():
             if inst.state in (FIRING, RESOLVED):
-                self.dispatcher.put(self.engine._alert(inst, now), now)
+                self.dispatcher.put(self.engine.alert_of(inst, now), now)
 
     # -- reload --------------------------------------------------------------------------
     def reload(self, rule_files: list[str] | None = None, config_file: str | None = None) -> list[RuleError]:
@@ -351,7 +352,7 @@ class AlertingCore:
             if self.started:
                 self._build_sinks()
         self.rule_files, self.config_file = list(rule_files), config_file
-        self._maybe_wake_now()
+        self.wake()
         log.info("reloaded %d rules from %s", len(rules), ", ".join(map(str, rule_files)))
         return []
 

@@ -284,7 +284,8 @@ class RuleEngine:
         base = self.external_url or ""
         return f"{base}/api/v1/rules?group={quote(rule.group)}&alert={quote(rule.name)}"
 
-    def _alert(self, inst: Instance, at: float) -> Alert:
+    def alert_of(self, inst: Instance, at: float) -> Alert:
+        """The alert a dispatcher groups and sends for `inst`, as of `at`."""
         return Alert(labels=inst.labels, annotations=inst.annotations, starts_at=inst.fired_at,
                      ends_at=inst.resolved_at, fingerprint=inst.fp,
                      generator_url=self.generator_url(inst.rule), updated_at=at)
@@ -292,12 +293,12 @@ class RuleEngine:
     def _fire(self, inst: Instance, at: float) -> None:
         inst.fired_at = at
         self._transition(inst, FIRING, at)
-        self.on_alert(self._alert(inst, at))
+        self.on_alert(self.alert_of(inst, at))
 
     def _resolve(self, inst: Instance, at: float) -> None:
         inst.resolved_at = at
         self._transition(inst, RESOLVED, at)
-        self.on_alert(self._alert(inst, at))
+        self.on_alert(self.alert_of(inst, at))
 
     # -- timers ---------------------------------------------------------------------
     def _next_deadline(self, inst: Instance) -> float | None:

@@ -110,7 +110,7 @@ async def listen(app: web.Application, host: str, port: int, what: str) -> tuple
     except OSError as e:
         await runner.cleanup()
         raise cannot_listen(what, host, port) from e  # asyncio's message repeats the address
-    return runner, site._server.sockets[0].getsockname()[1]
+    return runner, runner.addresses[0][1]
 
 
 class MetricsServer:

@@ -17,6 +17,7 @@ from alerting.core import AlertingCore
 from alerting.labels import fingerprint_hex
 from alerting.rules import rules_from_text
 from alerting.sinks import SIGNATURE_HEADER, sign
+from eventbus.service import listen
 from tests.helpers.waiting import until
 from tests.helpers.webhooks import ALERT_V4_FIELDS, WEBHOOK_V4_FIELDS, WebhookRecorder, drift_signal
 
@@ -328,11 +329,8 @@ async def test_a_failure_building_an_alertmanager_post_is_counted_and_the_feed_g
         posts.append(await request.json())
         return web.Response()
     app.router.add_post("/api/v2/alerts", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, port = await listen(app, "127.0.0.1", 0, "the Alertmanager stand-in")
+    url = f"http://127.0.0.1:{port}"
     session = aiohttp.ClientSession()
     sink = AlertmanagerSink(AlertmanagerTarget(url, backoff=0.01), lambda: session, SystemClock(), lambda: [],
                             on_result=lambda ok, n, err: results.append((ok, n, err)))

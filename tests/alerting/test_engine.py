@@ -307,7 +307,7 @@ def test_restart_neither_resends_nor_forgets():
     h2.disp.nflog.restore(snap["nflog"])
     assert h2.eng.restore(snap["engine"]) == 1
     for inst in h2.eng.instances.values():
-        h2.disp.put(h2.eng._alert(inst, h2.clock.now()))
+        h2.disp.put(h2.eng.alert_of(inst, h2.clock.now()))
     h2.sig()  # still drifting
     h2.run_until(T0 + 1000)
     assert h2.sent == [] and h2.changes == []  # nothing re-sent, nothing re-announced

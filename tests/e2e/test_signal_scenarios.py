@@ -27,6 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from eventbus import cloudevents, codec, compat, topics
 from eventbus.broker import EmbeddedBroker
+from eventbus.service import listen
 from protos import events_pb2
 from tests.helpers import ROOT
 
@@ -266,11 +267,7 @@ async def run_scenarios(bootstrap: str, folder: Path) -> Receiver:
     hook = Receiver()
     app = web.Application()
     app.router.add_post("/hook", hook.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await listen(app, "127.0.0.1", 0, "the webhook receiver")
     (folder / "config.yml").write_text(CONFIG.format(url=f"http://127.0.0.1:{port}/hook"))
     (folder / "secret").write_bytes(SECRET)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from eventbus.service import listen
+
 from alerting.signals import Signal
 from alerting.sinks import SIGNATURE_HEADER, verify
 
@@ -61,11 +63,7 @@ class WebhookRecorder:
         return web.Response(text="ok")
 
     async def start(self) -> "WebhookRecorder":
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await listen(self.app, self.host, self.port, "the webhook receiver")
         return self
 
     async def stop(self) -> None:
