@@ -282,13 +282,13 @@ function renderAlerts() {
   document.getElementById("alert-list").replaceChildren(rows.length ? table(
     ["state", "rule", "severity", "labels", "annotations", "since", "ended", "value", ""], rows) : el("p", {}, "no alerts"));
   const silences = (state.silences || []).filter((x) => x.state !== "expired");
-  document.getElementById("silence-list").replaceChildren(
+  document.getElementById("silence-list").replaceChildren(...[
     state.silences_error ? el("p", {class: "note"}, state.silences_error) : null,
     !state.alerting_url ? el("p", {class: "note"}, "silences are not shown: the page was started without --alerting-url")
       : silences.length ? table(["id", "state", "matchers", "by", "comment", "until"], silences.map((x) =>
         el("tr", {class: "silence"}, el("td", {}, x.id), el("td", {}, x.state), el("td", {}, x.matchers.join(", ")),
            el("td", {}, x.created_by), el("td", {}, x.comment), el("td", {}, x.ends_at))))
-      : el("p", {}, "no active silences"));
+      : el("p", {}, "no active silences")].filter((x) => x !== null));
 }
 
 function renderSelected() {

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
 import uuid
 
 import pytest
-from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from protos import events_pb2
 from tests.helpers import ROOT
+from tests.helpers.browser import texts, wait
 from tests.helpers.messages import alert, drift, ece, ensure_topics, produce, request, rollout
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCRIPT = "<script>window.injected = 1</script>"
 
 
@@ -39,35 +34,6 @@ def ui(kafka_broker):
     yield line.split()[2]
     proc.terminate()
     proc.wait(timeout=30)
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.fail("chromium and chromedriver are missing: scripts/setup.sh --test installs them "
-                    "(apt-get install chromium chromium-driver)")
-    o = webdriver.ChromeOptions()
-    o.binary_location = CHROMIUM
-    o.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-                 "--window-size=1400,2600", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        o.add_argument(flag)
-    driver = webdriver.Chrome(options=o, service=Service(CHROMEDRIVER))
-    yield driver
-    driver.quit()
-
-
-def wait(driver, condition, what: str, timeout: float = 30.0):
-    try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1,  # the page redraws what it shows as changes come
-                             ignored_exceptions=[StaleElementReferenceException]).until(condition)
-    except TimeoutException:
-        page = driver.find_element(By.TAG_NAME, "main").text
-        raise AssertionError(f"the page did not show {what} within {timeout} s; it shows:\n{page}") from None
-
-
-def texts(driver, css: str) -> list[str]:
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
 
 
 def test_the_page_shows_drift_alerts_and_decisions_live(kafka_broker, ui, browser, tmp_path):
