@@ -145,12 +145,12 @@ ARGUMENTS = {
     "register": obj({**MODEL, "versions": listof(name)}, {"stable": name}),
     "start": obj({**MODEL, "candidate": name}, {
         "stable": name, "strategy": choice(*STRATEGIES), "steps": listof(number), "min_requests": whole,
-        "interval": number, "inconclusive_limit": whole, "failure_limit": whole, "keep_old_for": number,
+        "interval": number, "inconclusive_limit": whole, "failure_limit": whole, "keep_old_for": number, "watch": number,
         "thresholds": THRESHOLDS}),
     "status": obj(MODEL),
     "list_models": obj(),
     "pause": obj(MODEL, {"reason": text}),
-    **{op: obj(MODEL) for op in ("resume", "promote", "abort", "undo", "history")},
+    **{op: obj(MODEL) for op in ("resume", "promote", "abort", "undo", "history", "actions")},
     "set_flag": obj({**MODEL, "flag": FLAG}),
     "remove_flag": obj({**MODEL, "name": name}),
 }

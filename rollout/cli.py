@@ -2,10 +2,11 @@
 
     vigil rollout start MODEL --candidate V [--strategy canary|bluegreen|shadow] [--steps 5,10,25,50,100]
                         [--min-requests N] [--interval S] [--inconclusive-limit N] [--failure-limit N]
-                        [--keep-old-for S]
+                        [--keep-old-for S] [--watch S]
     vigil rollout status [MODEL] [--json]
     vigil rollout pause|resume|promote|abort|undo MODEL
-    vigil rollout history MODEL [--json]
+    vigil rollout history MODEL [--json]       (decisions, then the response policy's actions)
+    vigil rollout check-policy FILE...         (no controller needed)
     vigil rollout register MODEL VERSION... [--stable V]
     vigil rollout set-flag MODEL NAME --percentage P [--rule ATTRIBUTE:OP[:VALUE]]... [--disabled]
     vigil rollout remove-flag MODEL NAME
@@ -31,6 +32,7 @@ from eventbus.ports import check_free, port
 
 from .api import LocalApi
 from .controller import Controller
+from .policy import PolicyLoadError, load_policy
 from .records import STRATEGIES, RolloutError
 
 DEFAULT_STATE = "~/.vigil/rollout.json"
@@ -125,11 +127,15 @@ def add_commands(sub) -> None:
     s.add_argument("--inconclusive-limit", type=int, help="inconclusive analyses in a row before pausing")
     s.add_argument("--failure-limit", type=int, help="failed analyses tolerated before rolling back")
     s.add_argument("--keep-old-for", type=float, help="blue/green: seconds the old version stays loaded")
+    s.add_argument("--watch", type=float, help="seconds after the promotion that the old version stays loaded "
+                                               "as the last healthy one, for the response policy's fallback")
     s.add_argument("--stable", help="the stable version, when the controller has seen no event of the model yet")
     st = sub.add_parser("status", help="phase, weights and last reason")
     st.add_argument("model", nargs="?")
     st.add_argument("--json", action="store_true")
-    h = sub.add_parser("history", help="promotions and rollbacks with their reasons")
+    cp = sub.add_parser("check-policy", help="validate response policy files (every error names its line)")
+    cp.add_argument("files", nargs="+", metavar="FILE")
+    h = sub.add_parser("history", help="promotions, rollbacks and the response policy's actions, with reasons")
     h.add_argument("model")
     h.add_argument("--json", action="store_true")
     for name, text in (("pause", "hold the current step"), ("resume", "continue a paused rollout"),
@@ -175,11 +181,36 @@ def show_status(d: dict) -> str:
     return "\n".join(lines)
 
 
-def show_history(rows: list[dict]) -> str:
-    if not rows:
-        return "no promotions or rollbacks yet"
-    return "\n".join(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r['time']))}Z {r['action']:<11} "
-                     f"{r['from']} -> {r['to']}  {r['reason']}" for r in rows)
+def _when(t: float) -> str:
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(t))}Z"
+
+
+def show_history(rows: list[dict], actions: list[dict] | None = None) -> str:
+    lines = [f"{_when(r['time'])} {r['action']:<11} {r['from']} -> {r['to']}  {r['reason']}" for r in rows] \
+        or ["no promotions or rollbacks yet"]
+    if actions:
+        lines.append("actions by the response policy:")
+        lines += [f"{_when(a['time'])} {a['action']:<11} {a['outcome']:<8} {a['version']}"
+                  + (f" -> {a['target_version']}" if a.get("target_version") else "")
+                  + f"  [{a['policy']}] {a['reason']}" for a in actions]
+    return "\n".join(lines)
+
+
+def check_policy(files: list[str]) -> int:
+    """Like `vigil alerting check-rules`: every error as FILE:LINE: FIELD: MESSAGE on stderr."""
+    bad = False
+    for f in files:
+        try:
+            p = load_policy(f)
+        except PolicyLoadError as e:
+            bad = True
+            for err in e.errors:
+                print(err, file=sys.stderr)
+            continue
+        print(f"{f}: {len(p)} rules OK")
+        for r in p.rules:
+            print(f"  {r.describe()}")
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None, api=None) -> int:
@@ -193,10 +224,12 @@ def main(argv: list[str] | None = None, api=None) -> int:
 
 def execute(a, api, command: str | None = None) -> int:
     command = command or a.command
+    if command == "check-policy":
+        return check_policy(a.files)
     try:
         if command == "start":
             kw = {"min_requests": a.min_requests, "interval": a.interval, "inconclusive_limit": a.inconclusive_limit,
-                  "failure_limit": a.failure_limit, "keep_old_for": a.keep_old_for,
+                  "failure_limit": a.failure_limit, "keep_old_for": a.keep_old_for, "watch": a.watch,
                   "stable": getattr(a, "stable", None)}
             d = api.call("start", model=a.model, candidate=a.candidate, strategy=a.strategy,
                          steps=parse_steps(a.steps) if a.steps else None, **{k: v for k, v in kw.items() if v is not None})
@@ -208,7 +241,8 @@ def execute(a, api, command: str | None = None) -> int:
                   else "\n".join(show_status(d) for d in found) or "no models")
         elif command == "history":
             rows = api.call("history", model=a.model)
-            print(json.dumps(rows, indent=2) if a.json else show_history(rows))
+            acts = api.call("actions", model=a.model)
+            print(json.dumps({"decisions": rows, "actions": acts}, indent=2) if a.json else show_history(rows, acts))
         elif command == "set-flag":
             flag = {"name": a.name, "percentage": a.percentage, "enabled": not a.disabled,
                     "rules": [parse_rule(r) for r in a.rule]}
@@ -259,6 +293,17 @@ def add_parser(subparsers, option, cache_dir: str | os.PathLike = "") -> argpars
            help="candidate requests an analysis needs, for rollouts started without --min-requests")
     option(g, "--default-interval", type=float, default=d.interval,
            help="seconds between analyses, for rollouts started without --interval")
+    option(g, "--default-watch", type=float, default=d.watch,
+           help="seconds after a promotion that the old version stays loaded as the last healthy one, for "
+                "rollouts started without --watch")
+    from .policy import DEFAULT_POLICY
+
+    option(g, "--policy", env="VIGIL_ROLLOUT_POLICY", default=str(DEFAULT_POLICY),
+           help="response policy (YAML): which alerts on a version in production lead to a fallback, retrain, "
+                "recalibrate or notify-only action; reloaded on SIGHUP (a bad file keeps the last good one); "
+                "empty: none (default: the shipped conservative policy, %(default)s)")
+    option(g, "--policy-dry-run", env="VIGIL_ROLLOUT_POLICY_DRY_RUN", action="store_true",
+           help="record the actions the policy would take (outcome dry-run on vigil.actions), take none")
     from eventbus import security as kafka_security
 
     kafka_security.add_options(p, option)
@@ -290,16 +335,25 @@ def run(args) -> int:
         await stop.wait()
 
     try:
-        defaults = RolloutConfig(min_requests=args.default_min_requests, interval=args.default_interval)
+        defaults = RolloutConfig(min_requests=args.default_min_requests, interval=args.default_interval,
+                                 watch=args.default_watch)
+        if args.policy:
+            load_policy(args.policy)  # a bad policy file stops the start, every error named
         options = ServiceOptions(bootstrap_servers=args.bootstrap_servers, host=args.host,
                                  admin_port=args.admin_port, group_id=args.group_id, tick=args.tick,
                                  session_timeout_ms=args.session_timeout_ms, outbox_dir=args.outbox_dir,
                                  cache_dir=getattr(args, "rollout_cache_dir", ""),
-                                 defaults=defaults, security=kafka_security.from_args(args))
+                                 defaults=defaults, security=kafka_security.from_args(args),
+                                 policy=args.policy, policy_dry_run=args.policy_dry_run)
         check_free("--admin-port", args.host, args.admin_port)  # before any Kafka client is made
         asyncio.run(run_service(options, until_signalled))
     except RolloutError as e:
         print(f"vigil rollout: {e}", file=sys.stderr)
+        return 2
+    except PolicyLoadError as e:
+        print(f"vigil rollout: --policy {args.policy}:", file=sys.stderr)
+        for err in e.errors:
+            print(err, file=sys.stderr)
         return 2
     except (OSError, ValueError) as e:  # ValueError: Kafka security settings, naming the option
         print(f"vigil rollout: {e}", file=sys.stderr)

@@ -47,6 +47,8 @@ class RolloutConfig:
     inconclusive_limit: int = 5     # inconclusive or marginal analyses in a row before pausing
     failure_limit: int = 0          # failed analyses tolerated; one more rolls back
     keep_old_for: float = 600.0     # blue/green: seconds the old version stays loaded after the switch
+    watch: float = 1800.0           # seconds after a promotion that the old version stays loaded as the
+                                    # last healthy one, for a response policy's fallback (0: none)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self):
@@ -95,6 +97,7 @@ def validate(c: RolloutConfig) -> None:
         prev = s
     _finite("interval", c.interval, 0.0, positive=True)
     _finite("keep_old_for", c.keep_old_for)
+    _finite("watch", c.watch)
     for name in ("min_requests", "inconclusive_limit", "failure_limit"):
         v = getattr(c, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -17,10 +17,23 @@ and marginal analyses hold the step (the window keeps growing) and are counted; 
 `inconclusive_limit` in a row the rollout pauses with `attention` set. It never rolls back
 for lack of data. Failed analyses past `failure_limit`, a firing alert, or `abort` put all
 traffic back on the stable version in one decision.
+
+After a rollout, the response policy (policy.py, `Controller.policy`) decides what a firing
+alert on a version in production leads to: `fallback` (the promoted version's traffic goes
+back to the last healthy one: the previous stable version, kept loaded for the rollout's
+`watch` seconds after the promotion, listed in `keep_loaded`), `recalibrate` (the
+processors' latest fitted temperature for the version, published in `temperatures`, where
+it lowers held-out ECE), `retrain` (left to the service, which sends the request: the
+record's outcome is "pending"), `notify-only`. Each is an ActionRecord, queued for the
+service (`take_actions`), keyed by (rule, alert fingerprint, alert start), so one alert
+instance acts once per rule (`load_actions` takes those already recorded); a rule acts on a
+model version again only after its cooldown, and on a model at most `limit` times per
+`window`. With `dry_run` an action is recorded with outcome "dry-run" and changes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -29,11 +42,20 @@ from eventbus.flags import Flag, FlagError
 from eventbus.signals import Feature
 
 from . import analysis as an
+from . import policy as pol
 from .config import RolloutConfig, plan
 from .records import (ACTIVE, BLUEGREEN, FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOW,
-                      STABLE, AlertObs, Decision, Observation, RolloutError, SignalObs, SystemClock)
+                      STABLE, ActionRecord, AlertObs, Decision, Observation, RolloutError, SignalObs, SystemClock)
 
 HISTORY_LIMIT = 500
+ACTED_LIMIT = 10000   # action ids remembered (the actions topic keeps them all)
+SIGNALS_KEPT = 20     # drifted series remembered per version, for a retrain request
+
+
+def action_id(rule: str, fingerprint: str, starts_at: float) -> str:
+    """The identity of one rule's action on one alert instance (its fingerprint and start)."""
+    raw = f"{rule}\0{fingerprint}\0{int(round(starts_at * 1000))}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
 
 
 @dataclass
@@ -64,6 +86,12 @@ class ModelState:
     reason: str = ""
     figures: dict = field(default_factory=dict)
     time: float = 0.0
+    last_healthy: str = ""    # the stable version before the latest promotion, while it is watched
+    watch_until: float = 0.0
+    keep_loaded: list[str] = field(default_factory=list)
+    temperatures: dict[str, float] = field(default_factory=dict)
+    recalibration: dict[str, dict] = field(default_factory=dict)  # version -> latest temperature reading
+    drifted: dict[str, dict] = field(default_factory=dict)        # version -> series -> latest drifted reading
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -84,10 +112,15 @@ class ModelState:
 
 
 class Controller:
-    def __init__(self, clock=None, defaults: RolloutConfig | None = None):
+    def __init__(self, clock=None, defaults: RolloutConfig | None = None, policy: pol.Policy | None = None,
+                 dry_run: bool = False):
         self.clock = clock or SystemClock()
         self.defaults = defaults or RolloutConfig()
         self.models: dict[str, ModelState] = {}
+        self.policy = policy or pol.EMPTY
+        self.dry_run = dry_run
+        self.acted: dict[str, ActionRecord] = {}   # action id -> its record (done, dry-run, skipped, ...)
+        self.queued: list[ActionRecord] = []       # made since the service last took them
 
     # ---- versions -------------------------------------------------------------------
 
@@ -146,6 +179,7 @@ class Controller:
             m.versions.append(candidate)
         m.config = config
         m.candidate, m.phase, m.attention, m.baseline, m.keep_until = candidate, PROGRESSING, False, None, 0.0
+        m.last_healthy, m.watch_until, m.keep_loaded = "", 0.0, []
         m.windows, m.counted = {}, 0
         return self._enter_step(m, 0, f"started {m.config.strategy} of {candidate} against {m.stable}")
 
@@ -179,6 +213,7 @@ class Controller:
             raise RolloutError("model", f"{model} has no earlier version to go back to")
         prev, cur = m.lineage.pop(), m.stable
         m.stable, m.phase, m.weights, m.shadow = prev, ROLLED_BACK, {prev: 1.0}, []
+        m.last_healthy, m.watch_until, m.keep_loaded = "", 0.0, []
         reason = f"undo by operator: back to {prev} from {cur}"
         self._record(m, "undo", prev, cur, reason, {})
         return self._decide(m, reason)
@@ -235,6 +270,7 @@ class Controller:
             return []
         if obs.version not in m.versions:
             m.versions.append(obs.version)
+        self._remember(m, obs)
         if m.phase not in ACTIVE:
             return []
         ours = obs.version == m.candidate and obs.reference_version == m.stable
@@ -258,6 +294,11 @@ class Controller:
                 out.append(self._alert_rollback(m, alert))
             elif m.phase == PROGRESSING and now >= m.next_analysis:
                 out.append(self._analyse(m, now))
+            elif m.last_healthy and now >= m.watch_until and m.phase not in ACTIVE:
+                old = m.last_healthy
+                m.last_healthy, m.watch_until, m.keep_loaded = "", 0.0, []
+                out.append(self._decide(m, f"watch of {m.stable} ended without a fallback; {old} need no longer "
+                                           f"stay loaded"))
         return out
 
     # ---- persistence ----------------------------------------------------------------
@@ -266,21 +307,22 @@ class Controller:
         return {"models": {n: m.to_dict() for n, m in self.models.items()}}
 
     @classmethod
-    def restore(cls, snapshot: dict, clock=None, defaults: RolloutConfig | None = None) -> "Controller":
-        c = cls(clock, defaults)
+    def restore(cls, snapshot: dict, clock=None, defaults: RolloutConfig | None = None,
+                policy: pol.Policy | None = None, dry_run: bool = False) -> "Controller":
+        c = cls(clock, defaults, policy, dry_run)
         c.models = {n: ModelState.from_dict(d) for n, d in snapshot.get("models", {}).items()}
         return c
 
     @classmethod
-    def from_records(cls, records: Iterable[Decision | dict], clock=None,
-                     defaults: RolloutConfig | None = None) -> "Controller":
+    def from_records(cls, records: Iterable[Decision | dict], clock=None, defaults: RolloutConfig | None = None,
+                     policy: pol.Policy | None = None, dry_run: bool = False) -> "Controller":
         """Resume from decision records (vigil.rollout read to its end): the latest per model."""
         latest: dict[str, dict] = {}
         for r in records:
             d = r.to_dict() if isinstance(r, Decision) else r
             if d.get("state") and d["generation"] >= latest.get(d["model"], {}).get("generation", -1):
                 latest[d["model"]] = d
-        return cls.restore({"models": {n: d["state"] for n, d in latest.items()}}, clock, defaults)
+        return cls.restore({"models": {n: d["state"] for n, d in latest.items()}}, clock, defaults, policy, dry_run)
 
     # ---- internals ------------------------------------------------------------------
 
@@ -379,7 +421,11 @@ class Controller:
         m.lineage.append(old)
         m.stable, m.candidate, m.phase, m.attention = new, "", PROMOTED, False
         m.weights, m.shadow, m.windows, m.baseline = {new: 1.0}, [], {}, None
-        reason = f"promoted {new} over {old}: {reason}"
+        watch = m.config.watch if m.config else 0.0
+        if watch > 0:
+            m.last_healthy, m.watch_until, m.keep_loaded = old, self._now() + watch, [old]
+        reason = f"promoted {new} over {old}: {reason}" + (f"; {old} stays loaded for {watch:g}s as the last "
+                                                           f"healthy version" if watch > 0 else "")
         self._record(m, "promoted", new, old, reason, figures)
         return self._decide(m, reason, figures)
 
@@ -394,10 +440,12 @@ class Controller:
     def _alert(self, a: AlertObs) -> list[Decision]:
         if a.state == "firing":
             target = self.models.get(a.labels.get("model", ""))
+            out = []
             if target is not None:
                 target.firing[a.fingerprint] = {"rule": a.rule, "labels": dict(a.labels), "time": a.time}
                 if target.phase in ACTIVE and self._firing_for(target):
-                    return [self._alert_rollback(target, self._firing_for(target))]
+                    out.append(self._alert_rollback(target, self._firing_for(target)))
+            return out + self._respond(a)
         else:
             for m in self.models.values():
                 m.firing.pop(a.fingerprint, None)
@@ -416,6 +464,177 @@ class Controller:
                          f"alert {alert['rule']}{{{labels}}} firing at step {m.step}",
                          {"alert": alert["rule"], "labels": alert["labels"], "fingerprint": alert["fingerprint"]})
 
+    # ---- response policy ------------------------------------------------------------
+
+    def set_policy(self, policy: pol.Policy, dry_run: bool | None = None) -> None:
+        self.policy = policy
+        if dry_run is not None:
+            self.dry_run = dry_run
+
+    def load_actions(self, records: Iterable[ActionRecord | dict]) -> None:
+        """Actions already recorded (vigil.actions read back): none of them is taken again,
+        and they count towards cooldowns and limits."""
+        for r in records:
+            a = r if isinstance(r, ActionRecord) else ActionRecord.from_dict(r)
+            self.acted[a.action_id] = a
+        self._trim()
+
+    def take_actions(self) -> list[ActionRecord]:
+        out, self.queued = self.queued, []
+        return out
+
+    def actions(self, model: str) -> list[dict]:
+        """The response policy's actions about the model's alerts, oldest first."""
+        return sorted((a.to_dict() for a in self.acted.values() if a.model == model), key=lambda a: a["time"])
+
+    def settle(self, record: ActionRecord) -> None:
+        """The final outcome of an action the service carried out (retrain: sent or failed)."""
+        self.acted[record.action_id] = record
+
+    def _trim(self) -> None:
+        if len(self.acted) > ACTED_LIMIT:
+            for k in sorted(self.acted, key=lambda k: self.acted[k].time)[:len(self.acted) - ACTED_LIMIT]:
+                del self.acted[k]
+
+    def _remember(self, m: ModelState, obs: SignalObs) -> None:
+        t = obs.time or self._now()
+        if obs.recalibration is not None:
+            m.recalibration[obs.version] = {**obs.recalibration, "time": t}
+        if obs.drifted and not obs.reference_version:
+            series = m.drifted.setdefault(obs.version, {})
+            series[f"{obs.detector}/{obs.feature}"] = {"detector": obs.detector, "feature": obs.feature,
+                                                       "kind": obs.kind, "statistic": obs.statistic,
+                                                       "p_value": obs.p_value, "time": t}
+            if len(series) > SIGNALS_KEPT:
+                del series[min(series, key=lambda k: series[k]["time"])]
+
+    def _respond(self, a: AlertObs) -> list[Decision]:
+        if not self.policy.rules:
+            return []
+        labels = dict(a.labels)
+        labels.setdefault("alertname", a.rule)
+        out = []
+        for rule in self.policy.matching(labels):
+            aid = action_id(rule.name, a.fingerprint, a.starts_at)
+            if aid in self.acted:
+                continue  # this alert instance was acted on by this rule already (a redelivery, a restart)
+            rec = ActionRecord(aid, rule.action, labels.get("model", ""), labels.get("version", ""), rule.name, "",
+                               "", a.fingerprint, a.rule, a.starts_at, labels, self._now())
+            decision = self._act(rule, rec, a)
+            if decision is not None:
+                out.append(decision)
+                rec.generation = decision.generation
+            self.acted[aid] = rec
+            self.queued.append(rec)
+        self._trim()
+        return out
+
+    def _skip(self, rec: ActionRecord, why: str) -> None:
+        rec.outcome, rec.reason = "skipped", f"{rec.action} by {rec.policy} skipped: {why}"
+
+    def _limited(self, rule: pol.PolicyRule, rec: ActionRecord) -> str:
+        now = self._now()
+        mine = [x for x in self.acted.values() if x.policy == rule.name and x.model == rec.model
+                and x.outcome not in ("skipped",)]
+        recent = [x for x in mine if x.version == rec.version and now - x.time < rule.cooldown]
+        if recent:
+            last = max(x.time for x in recent)
+            return (f"in the cooldown of {rule.cooldown:g}s after the action on {rec.model} {rec.version} "
+                    f"{now - last:.0f}s ago")
+        in_window = [x for x in mine if now - x.time < rule.window]
+        if len(in_window) >= rule.limit:
+            return f"{len(in_window)} actions on {rec.model} in the last {rule.window:g}s (limit {rule.limit})"
+        return ""
+
+    def _act(self, rule: pol.PolicyRule, rec: ActionRecord, a: AlertObs) -> Decision | None:
+        m = self.models.get(rec.model)
+        what = f"alert {a.rule}{{{_labels(rec.alert_labels)}}}"
+        if rule.action == pol.NOTIFY:
+            if why := self._limited(rule, rec):
+                return self._skip(rec, why)
+            rec.outcome = "dry-run" if self.dry_run else "done"
+            rec.reason = f"{what} noted by {rule.name} (notify-only)"
+            return None
+        if m is None:
+            return self._skip(rec, f"model {rec.model or '(no model label)'} is not known to the controller")
+        if not rec.version:
+            return self._skip(rec, "the alert names no version")
+        if rule.action == pol.FALLBACK:
+            return self._fallback(m, rule, rec, what)
+        if rule.action == pol.RECALIBRATE:
+            return self._recalibrate(m, rule, rec, what)
+        assert rule.action == pol.RETRAIN
+        if why := self._limited(rule, rec):
+            return self._skip(rec, why)
+        rec.outcome = "dry-run" if self.dry_run else "pending"
+        rec.reason = f"retrain {rec.model} {rec.version}: {what} (policy rule {rule.name})"
+        rec.details = {"url": rule.url, "signals": sorted(m.drifted.get(rec.version, {}).values(),
+                                                          key=lambda s: s["time"]),
+                       "since": max(0.0, (a.starts_at or a.time) - rule.lookback)}
+        return None
+
+    def _fallback(self, m: ModelState, rule: pol.PolicyRule, rec: ActionRecord, what: str) -> Decision | None:
+        now = self._now()
+        if m.phase in ACTIVE:
+            return self._skip(rec, f"a rollout of {m.candidate} is in progress; its analysis decides")
+        if rec.version != m.stable:
+            return self._skip(rec, f"{rec.version} is not the version in production ({m.stable})")
+        watched = bool(m.last_healthy) and now < m.watch_until
+        if watched:
+            prev = m.last_healthy
+        elif rule.during == pol.ALWAYS and m.lineage:
+            prev = m.lineage[-1]
+        else:
+            return self._skip(rec, f"no earlier version of {m.model} is watched (rule {rule.name} falls back "
+                                   f"only during the watch after a promotion)" if rule.during == pol.WATCH
+                              else f"{m.model} has no earlier version")
+        if why := self._limited(rule, rec):
+            return self._skip(rec, why)
+        rec.target_version = prev
+        cur = m.stable
+        since = f", {now - (m.watch_until - m.config.watch):.0f}s after its promotion" if watched and m.config else ""
+        reason = f"fallback of {m.model} from {cur} to {prev}: {what} firing on {cur}{since} (policy rule {rule.name})"
+        rec.details = {"from": cur, "to": prev, "watched": watched}
+        if self.dry_run:
+            rec.outcome, rec.reason = "dry-run", f"would have done: {reason}"
+            return None
+        if m.lineage and m.lineage[-1] == prev:
+            m.lineage.pop()
+        m.stable, m.phase, m.weights, m.shadow = prev, ROLLED_BACK, {prev: 1.0}, []
+        m.last_healthy, m.watch_until, m.keep_loaded = "", 0.0, []
+        figures = {"alert": rec.alert_name, "labels": rec.alert_labels, "fingerprint": rec.alert_fingerprint,
+                   "policy": rule.name, "action_id": rec.action_id}
+        self._record(m, "fallback", prev, cur, reason, figures)
+        rec.outcome, rec.reason = "done", reason
+        return self._decide(m, reason, figures)
+
+    def _recalibrate(self, m: ModelState, rule: pol.PolicyRule, rec: ActionRecord, what: str) -> Decision | None:
+        r = m.recalibration.get(rec.version)
+        if r is None:
+            return self._skip(rec, f"no temperature from the processors for {m.model} {rec.version} yet")
+        t, before, after, held = r.get("temperature", 0.0), r.get("ece_before", 0.0), r.get("ece_after", 0.0),             int(r.get("held_out", 0))
+        rec.details = {"temperature": t, "ece_before": before, "ece_after": after, "held_out": held,
+                       "fitted": int(r.get("fitted", 0)), "accuracy": r.get("accuracy")}
+        if not (math.isfinite(t) and t > 0):
+            return self._skip(rec, f"the fitted temperature {t!r} is not a positive number")
+        if held < rule.min_held_out:
+            return self._skip(rec, f"the temperature was judged on {held} held-out feedbacks, {rule.min_held_out} "
+                                   f"needed")
+        if not after < before - rule.min_improvement:
+            return self._skip(rec, f"temperature {t:.3g} does not lower held-out ECE enough ({before:.4f} -> "
+                                   f"{after:.4f}, {rule.min_improvement:g} needed); the current one is kept")
+        if why := self._limited(rule, rec):
+            return self._skip(rec, why)
+        reason = (f"recalibrated {m.model} {rec.version}: temperature {t:.4g} (held-out ECE {before:.4f} -> "
+                  f"{after:.4f} over {held}) on {what} (policy rule {rule.name})")
+        if self.dry_run:
+            rec.outcome, rec.reason = "dry-run", f"would have done: {reason}"
+            return None
+        m.temperatures[rec.version] = float(t)
+        self._record(m, "recalibrated", rec.version, rec.version, reason, dict(rec.details))
+        rec.outcome, rec.reason = "done", reason
+        return self._decide(m, reason, dict(rec.details))
+
     def _record(self, m: ModelState, action: str, to: str, frm: str, reason: str, figures: dict) -> None:
         m.history.append({"time": self._now(), "action": action, "to": to, "from": frm,
                           "strategy": m.config.strategy if m.config else "", "step": m.step,
@@ -432,7 +651,11 @@ class Controller:
                         candidate=m.candidate, strategy=m.config.strategy if m.config else "", step=m.step,
                         weights=dict(m.weights), shadow=list(m.shadow), reason=m.reason, figures=m.figures,
                         attention=m.attention, flags={n: f.to_dict() for n, f in m.flags.items()},
-                        state=m.to_dict())
+                        state=m.to_dict(), keep_loaded=list(m.keep_loaded), temperatures=dict(m.temperatures))
+
+
+def _labels(labels: dict) -> str:
+    return ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
 
 
 def _clean(x: Any) -> Any:

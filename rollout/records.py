@@ -47,6 +47,8 @@ class SignalObs:
     reference_size: int = 0
     window_size: int = 0
     events: int = 0                  # the candidate's events (or joined feedbacks) compared so far
+    recalibration: dict | None = None  # detector temperature: temperature, ece_before, ece_after,
+                                       # accuracy, fitted, held_out
 
 
 @dataclass(slots=True)
@@ -57,6 +59,8 @@ class AlertObs:
     state: str  # firing, resolved, pending, inactive
     labels: dict[str, str]
     time: float
+    starts_at: float = 0.0  # when it started firing: with the fingerprint, one instance of an alert
+    value: float = 0.0
 
 
 Observation = SignalObs | AlertObs
@@ -87,12 +91,42 @@ class Decision:
     attention: bool = False
     flags: dict[str, dict] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    keep_loaded: list[str] = field(default_factory=list)  # versions at weight 0 the servers must keep
+    temperatures: dict[str, float] = field(default_factory=dict)  # version -> temperature (recalibrate)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Decision":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class ActionRecord:
+    """What the controller did (or would have done, `outcome` "dry-run") about an alert by a
+    response policy's rule: an Action on vigil.actions, keyed by `action_id`."""
+    action_id: str
+    action: str            # fallback, retrain, recalibrate, notify-only
+    model: str
+    version: str
+    policy: str            # the rule's name
+    reason: str
+    outcome: str           # done, dry-run, skipped, pending (retrain: being sent), sent, failed
+    alert_fingerprint: str
+    alert_name: str
+    alert_starts_at: float
+    alert_labels: dict[str, str]
+    time: float
+    target_version: str = ""
+    generation: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ActionRecord":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 

@@ -22,6 +22,18 @@
   and changes and publishes nothing. A standby answers 503 naming itself.
 - Tasks: the lease, the observer and the tick run under an eventbus.supervise.Supervisor;
   while one waits to be restarted after a failure, /healthz answers 503 naming it.
+- Response policy (--policy, policy.py): loaded at start (a bad file stops the start) and
+  again on SIGHUP (`reload_policy`; a bad file is logged, every error named, and the last
+  good policy kept). The controller's actions go to vigil.actions (an Action keyed by the
+  action's id, compacted), counted in vigil_rollout_actions_total{action,outcome}; on
+  becoming leader the instance reads vigil.actions back, so no alert instance is acted on
+  twice by a rule, whatever restarts. A retrain is sent here: its Action is published
+  "pending" first (at most once, even if this instance dies while sending), then "sent" or
+  "failed"; the request is a signed webhook (eventbus/signing.py, the scheme alerting
+  uses) with a manifest naming the model, version, alerts, signals and the offset ranges
+  of vigil.inference.events and vigil.feedback since the drift began (`data_ranges`: the
+  first offset at or after that time per partition, from ListOffsets by time, to the end
+  found as eventbus.state.seek_to_end finds it; the records are not read).
 """
 
 from __future__ import annotations
@@ -41,17 +53,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from eventbus import compat, service, topics
 from eventbus.consumer import decode
+from eventbus.signing import SIGNATURE_HEADER, sign
 from eventbus.kafka import Kafka
 from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.security import KafkaSecurity
 from eventbus.state import TopicReader, seek_to_end, stop_consumer
 from eventbus.supervise import Supervisor
 
+from . import policy as pol
 from . import wire
 from .api import LocalApi, plain
 from .config import RolloutConfig
 from .controller import Controller
-from .records import PHASES, RolloutError
+from .records import PHASES, ActionRecord, RolloutError
 
 log = logging.getLogger("vigil.rollout")
 compat.install()
@@ -73,6 +87,8 @@ class ServiceOptions:
     instance: str = ""              # empty: <host>-<pid>
     defaults: RolloutConfig = field(default_factory=RolloutConfig)
     security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS (repr hides passwords)
+    policy: str = ""                # response policy file; empty: none
+    policy_dry_run: bool = False    # record the policy's actions as "dry-run", take none
 
 
 class Metrics:
@@ -86,6 +102,11 @@ class Metrics:
         self.step = Gauge("vigil_rollout_step", "canary step index", ["model"], registry=r)
         self.phase = Gauge("vigil_rollout_phase", "1 for the model's current phase, 0 for the others",
                            ["model", "phase"], registry=r)
+        self.actions = Counter("vigil_rollout_actions_total", "response policy actions recorded",
+                               ["action", "outcome"], registry=r)
+        self.policy_rules = Gauge("vigil_rollout_policy_rules", "rules of the response policy in force", registry=r)
+        self.policy_reloads = Counter("vigil_rollout_policy_reloads_total", "response policy reloads",
+                                      ["result"], registry=r)
 
 
 class RolloutService:
@@ -105,7 +126,30 @@ class RolloutService:
         self.runner: web.AppRunner | None = None
         self.admin_port = 0
         self.became_leader = asyncio.Event()
+        self.policy = pol.load_policy(o.policy) if o.policy else pol.EMPTY
+        self.metrics.policy_rules.set(len(self.policy))
+        self.sending: set[asyncio.Task] = set()
 
+    def reload_policy(self) -> bool:
+        """Load the policy file again (SIGHUP); a file with errors is logged and the
+        policy in force kept. Returns whether the new one is in force."""
+        path = self.options.policy
+        if not path:
+            return False
+        try:
+            new = pol.load_policy(path)
+        except pol.PolicyLoadError as e:
+            self.metrics.policy_reloads.labels("error").inc()
+            log.error("response policy %s not reloaded, keeping the %d rules in force:\n%s", path,
+                      len(self.policy), e)
+            return False
+        self.policy = new
+        if self.controller is not None:
+            self.controller.set_policy(new)
+        self.metrics.policy_reloads.labels("ok").inc()
+        self.metrics.policy_rules.set(len(new))
+        log.info("response policy %s reloaded: %d rules", path, len(new))
+        return True
     @property
     def leader(self) -> bool:
         return self.controller is not None
@@ -121,6 +165,7 @@ class RolloutService:
             client_id="vigil-rollout", publish_timeout_ms=3000, security=o.security))
         await self.publisher.start()
         await self.kafka.ensure_topics("vigil-rollout", [LEASE_TOPIC], topics.TopicOptions(partitions=1))
+        await self.kafka.ensure_topics("vigil-rollout", [topics.ACTIONS])
         self.observer = self.kafka.consumer(f"vigil-rollout-{self.instance}")
         await self.observer.start()
         tps = []
@@ -142,6 +187,9 @@ class RolloutService:
                  self.instance, o.host, self.admin_port, LEASE_TOPIC)
 
     async def stop(self) -> None:
+        for t in list(self.sending):
+            t.cancel()
+        await asyncio.gather(*self.sending, return_exceptions=True)
         await self.tasks.stop()
         await self._step_down("stopping")
         if self.lease is not None:
@@ -169,6 +217,12 @@ class RolloutService:
                 records = [wire.decision_dict(r.message) for r in await reader.start() if r.message is not None]
             finally:
                 await reader.stop()
+            reader = TopicReader(self.options.bootstrap_servers, topics.ACTIONS, client_id="vigil-rollout-actions",
+                                 security=self.options.security)
+            try:
+                done = [wire.action_record(r.message) for r in await reader.start() if r.message is not None]
+            finally:
+                await reader.stop()
             tps = list(self.observer.assignment())
             self.observer.resume(*tps)
             await seek_to_end(self.observer, tps)  # the high watermark, which ListOffsets may not say
@@ -180,12 +234,15 @@ class RolloutService:
                 c = Controller.from_records(records, defaults=self.options.defaults)
             # else: the lease came back and nobody decided meanwhile: keep the windows in memory
             self.suspended = None
+            c.set_policy(self.policy, self.options.policy_dry_run)
+            c.load_actions(done)
             self.published = {n: m.generation for n, m in c.models.items()}
             self.controller = c
             self.metrics.leader.set(1)
             self.became_leader.set()
-            log.info("%s is the leader: resumed %d models from %d records on %s", self.instance,
-                     len(c.models), len(records), topics.ROLLOUT)
+            log.info("%s is the leader: resumed %d models from %d records on %s; %d actions on %s; response "
+                     "policy of %d rules%s", self.instance, len(c.models), len(records), topics.ROLLOUT, len(done),
+                     topics.ACTIONS, len(self.policy), " (dry run)" if self.options.policy_dry_run else "")
             for n, m in c.models.items():
                 log.info("  %s: %s, stable %s%s, generation %d", n, m.phase, m.stable,
                          f", candidate {m.candidate} step {m.step}" if m.candidate else "", m.generation)
@@ -258,6 +315,85 @@ class RolloutService:
                     self.metrics.weight.labels(name, v).set(d.weights.get(v, 0.0))
                 log.info("%s generation %d: %s; weights %s; %s", name, d.generation, d.phase,
                          ", ".join(f"{v} {w:.0%}" for v, w in d.weights.items()), d.reason)
+        for a in self.controller.take_actions():
+            self._publish_action(a)
+            if a.action == pol.RETRAIN and a.outcome in ("pending", "dry-run"):
+                task = asyncio.get_running_loop().create_task(self._retrain(a))
+                self.sending.add(task)
+                task.add_done_callback(self.sending.discard)
+
+    def _publish_action(self, a: ActionRecord) -> None:
+        self.publisher.publish(topics.ACTIONS, a.action_id, wire.action(a, source=f"vigil-rollout/{self.instance}"))
+        self.metrics.actions.labels(a.action, a.outcome).inc()
+        log.info("action %s on %s %s by %s: %s; %s", a.action, a.model, a.version, a.policy, a.outcome, a.reason)
+
+    # ---- retrain --------------------------------------------------------------------
+
+    async def _retrain(self, a: ActionRecord) -> None:
+        """Build the manifest, send it (not in dry-run), publish the outcome."""
+        import dataclasses
+        import time as _time
+
+        rule = self.policy.rule(a.policy)
+        details = dict(a.details)
+        try:
+            manifest = await self.manifest(a)
+        except Exception as e:
+            log.exception("retrain manifest for %s %s", a.model, a.version)
+            manifest, error = None, f"the data ranges could not be found: {e}"
+        else:
+            error = ""
+        details["manifest"] = manifest
+        outcome = "dry-run" if a.outcome == "dry-run" else "failed"
+        if a.outcome == "pending" and manifest is not None:
+            if rule is None:
+                error = f"policy rule {a.policy} is no longer in force"
+            else:
+                status, error = await send_signed(rule.url, rule.secret, manifest, rule.timeout)
+                details["status"] = status
+                if not error:
+                    outcome = "sent"
+        if error:
+            details["error"] = error
+        reason = a.reason + (f"; sent to {details.get('url')}" if outcome == "sent" else
+                             f"; not sent: {error}" if outcome == "failed" else "")
+        final = dataclasses.replace(a, outcome=outcome, details=details, reason=reason, time=_time.time())
+        async with self.lock:
+            if self.controller is not None:
+                self.controller.settle(final)
+            self._publish_action(final)
+
+    async def manifest(self, a: ActionRecord) -> dict:
+        since = float(a.details.get("since") or a.alert_starts_at or a.time)
+        ranges = await self.data_ranges(since)
+        return {"kind": "vigil.retrain", "schema": 1, "action_id": a.action_id, "model": a.model, "version": a.version,
+                "policy": a.policy, "reason": a.reason,
+                "alerts": [{"alertname": a.alert_name, "fingerprint": a.alert_fingerprint, "labels": a.alert_labels,
+                            "starts_at": _rfc3339(a.alert_starts_at)}],
+                "signals": a.details.get("signals", []),
+                "since": _rfc3339(since), "key": topics.event_key(a.model), "data": ranges}
+
+    async def data_ranges(self, since: float) -> list[dict]:
+        """Per topic (vigil.inference.events, vigil.feedback) and partition: [start_offset,
+        end_offset) of the records written at or after `since` (seconds), up to now."""
+        consumer = self.kafka.consumer(f"vigil-rollout-manifest-{self.instance}")
+        await consumer.start()
+        try:
+            out = []
+            for topic in (topics.INFERENCE, topics.FEEDBACK):
+                tps = await self.kafka.partitions(consumer, topic, 10.0)
+                consumer.assign(tps)
+                found = await consumer.offsets_for_times({tp: int(since * 1000) for tp in tps})
+                ends = await seek_to_end(consumer, tps)
+                parts = []
+                for tp in tps:
+                    end = ends[tp]
+                    start = found[tp].offset if found.get(tp) is not None else end
+                    parts.append({"partition": tp.partition, "start_offset": min(start, end), "end_offset": end})
+                out.append({"topic": topic, "partitions": parts})
+            return out
+        finally:
+            await stop_consumer(consumer)
 
     # ---- admin API ------------------------------------------------------------------
 
@@ -342,9 +478,42 @@ class _Lease(ConsumerRebalanceListener):
                 log.exception("taking over the rollout state failed")
 
 
+async def send_signed(url: str, secret: bytes, body: dict, timeout: float, attempts: int = 3) -> tuple[int, str]:
+    """POST `body` as JSON with the signature header; (HTTP status, "" or the error). A
+    connection failure or a 5xx is tried again, up to `attempts` times."""
+    import aiohttp
+
+    raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    headers = {"Content-Type": "application/json", "User-Agent": "Vigil-Rollout/0.1", SIGNATURE_HEADER: sign(secret, raw)}
+    status, error = 0, ""
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(0.5 * 2 ** attempt)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+                async with http.post(url, data=raw, headers=headers) as r:
+                    status = r.status
+                    if 200 <= r.status < 300:
+                        return status, ""
+                    error = f"{url} answered HTTP {r.status}: {(await r.text())[:200]}"
+                    if r.status < 500:
+                        return status, error
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            error = f"{url}: {type(e).__name__}: {e}"
+    return status, error
+
+
+def _rfc3339(t: float) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat().replace("+00:00", "Z") if t else ""
+
+
 async def run(options: ServiceOptions, until=None) -> None:
-    """Run until SIGINT or SIGTERM, or until `until()` returns when it is given."""
+    """Run until SIGINT or SIGTERM, or until `until()` returns when it is given; SIGHUP
+    reloads the response policy."""
     s = RolloutService(options)
     await service.serve(s, "vigil rollout", lambda s: (
         f"vigil rollout {s.instance}: admin API on http://{options.host}:{s.admin_port} "
-        f"(/api/<op>, /healthz, /metrics), Kafka at {options.bootstrap_servers}"), run=until)
+        f"(/api/<op>, /healthz, /metrics), Kafka at {options.bootstrap_servers}; response policy "
+        f"{options.policy or 'none'} ({len(s.policy)} rules{', dry run' if options.policy_dry_run else ''})"),
+        run=until, reload=s.reload_policy)

@@ -4,6 +4,7 @@ records, for the service that runs the controller on Kafka. No Kafka here.
     vigil.signals           Signal         -> signal()
     vigil.alerts            Alert          -> alert()
     vigil.rollout           Decision       -> rollout_state();  RolloutState -> decision_dict()
+    vigil.actions           ActionRecord   -> action();         Action -> action_record()
 
 RolloutState carries the controller's state, the figures and the flags as strings of JSON
 (EXTRA_FIELDS), so a restarted controller resumes from vigil.rollout alone.
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import json
 
-from .records import FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, STABLE, BLUEGREEN, AlertObs, \
-    Decision, SignalObs
+from .records import FAILED, PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, STABLE, BLUEGREEN, ActionRecord, \
+    AlertObs, Decision, SignalObs
 
 EXTRA_FIELDS = ("controller_state", "figures_json", "attention", "flags_json")  # proposed additions
 
@@ -36,15 +37,25 @@ def _t(ts) -> float:
 
 def signal(sig) -> SignalObs:
     kind = _name(_pb().SignalKind, sig.kind, "SIGNAL_KIND_")
+    recal = None
+    if sig.HasField("recalibration"):
+        r = sig.recalibration
+        recal = {"temperature": r.temperature, "ece_before": r.ece_before, "ece_after": r.ece_after,
+                 "accuracy": r.accuracy, "fitted": r.fitted, "held_out": r.held_out}
     return SignalObs(sig.model, sig.version, _t(sig.window_end) if sig.HasField("window_end") else _t(sig.time),
                      sig.detector, sig.feature, sig.drifted, sig.statistic, "" if kind == "unspecified" else kind,
                      sig.p_value if sig.HasField("p_value") else None, sig.value if sig.HasField("value") else None,
-                     sig.labels.get("reference_version", ""), sig.reference_size, sig.window_size, sig.events)
+                     sig.labels.get("reference_version", ""), sig.reference_size, sig.window_size, sig.events,
+                     recal)
 
 
 def alert(a) -> AlertObs:
     state = _name(_pb().AlertState, a.state, "ALERT_STATE_")
-    return AlertObs(a.fingerprint, a.rule, state, dict(a.labels), _t(a.time))
+    labels = dict(a.labels)
+    if a.severity:
+        labels.setdefault("severity", a.severity)
+    return AlertObs(a.fingerprint, a.rule, state, labels, _t(a.time),
+                    _t(a.starts_at) if a.HasField("starts_at") else 0.0, a.value)
 
 
 def _phase(d: Decision) -> int:
@@ -75,6 +86,9 @@ def rollout_state(d: Decision, source: str = "rollout", event_id: str = ""):
         msg.attention = d.attention
     if "flags_json" in have:
         msg.flags_json = json.dumps(d.flags, separators=(",", ":"))
+    if "keep_loaded" in have:
+        msg.keep_loaded.extend(d.keep_loaded)
+        msg.temperatures.update(d.temperatures)
     return msg
 
 
@@ -91,4 +105,33 @@ def decision_dict(msg) -> dict:
             "figures": json.loads(msg.figures_json) if "figures_json" in have and msg.figures_json else {},
             "attention": bool(getattr(msg, "attention", False)),
             "flags": json.loads(msg.flags_json) if "flags_json" in have and msg.flags_json else {},
+            "keep_loaded": list(getattr(msg, "keep_loaded", [])), "temperatures": dict(getattr(msg, "temperatures", {})),
             "source": msg.source}
+
+
+def action(a: ActionRecord, source: str = "rollout"):
+    """An Action for vigil.actions; `event_id` names the action and its outcome, so the
+    final record of a retrain (sent or failed) is a record of its own."""
+    pb = _pb()
+    msg = pb.Action(event_id=f"{a.action_id}:{a.outcome}", source=source, action_id=a.action_id, action=a.action,
+                    model=a.model, version=a.version, target_version=a.target_version, policy=a.policy,
+                    reason=a.reason, outcome=a.outcome, alert_fingerprint=a.alert_fingerprint,
+                    alert_name=a.alert_name, generation=a.generation,
+                    details_json=json.dumps(a.details, separators=(",", ":"), default=str))
+    msg.time.FromNanoseconds(int(a.time * 1e9))
+    if a.alert_starts_at:
+        msg.alert_starts_at.FromNanoseconds(int(a.alert_starts_at * 1e9))
+    msg.alert_labels.update(a.alert_labels)
+    return msg
+
+
+def action_record(msg) -> ActionRecord:
+    try:
+        details = json.loads(msg.details_json) if msg.details_json else {}
+    except ValueError:
+        details = {"details_json": msg.details_json}
+    return ActionRecord(msg.action_id, msg.action, msg.model, msg.version, msg.policy, msg.reason, msg.outcome,
+                        msg.alert_fingerprint, msg.alert_name,
+                        _t(msg.alert_starts_at) if msg.HasField("alert_starts_at") else 0.0,
+                        dict(msg.alert_labels), _t(msg.time), msg.target_version, msg.generation,
+                        details if isinstance(details, dict) else {})
