@@ -54,7 +54,7 @@ def start(name: str, args: list[str], folder: Path) -> tuple[subprocess.Popen, P
     return proc, log
 
 
-def line(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 90) -> re.Match:
+def line(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 150) -> re.Match:
     def found():
         assert proc.poll() is None, f"{log.name}: exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
         return re.search(pattern, log.read_text())
@@ -165,7 +165,7 @@ def loop(kafka_broker, tmp_path):
         ui = line(procs["ui"][1], r"vigil ui: (http://\S+/)", procs["ui"][0])[1]
         line(procs["alerting"][1], "admin and metrics on", procs["alerting"][0])
         line(procs["process"][1], r"vigil process", procs["process"][0])
-        wait_until(lambda: leader(rollout_url), 90, "the controller to hold the lease")
+        wait_until(lambda: leader(rollout_url), 150, "the controller to hold the lease")
         print(f"\nthe loop's processes ready in {time.monotonic() - began:.1f} s")
         yield {"ui": ui, "rollout": rollout_url, "bootstrap": bootstrap, "logs": tmp_path}
     finally:
