@@ -8,7 +8,7 @@ import sys
 
 from eventbus import security as kafka_security
 from eventbus.ports import PortError, port_or_minus_one
-from stream_processors.processor import Settings
+from stream_processors.settings import Settings
 
 
 def add_parser(subparsers, option):

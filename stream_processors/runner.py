@@ -48,7 +48,8 @@ from eventbus.security import KafkaSecurity
 from eventbus.state import read_compacted
 from eventbus.supervise import Supervisor
 from protos import events_pb2
-from stream_processors.processor import Out, PartitionState, Settings, unusable
+from stream_processors.processor import Out, PartitionState, unusable
+from stream_processors.settings import Settings
 
 log = logging.getLogger(__name__)
 compat.install()

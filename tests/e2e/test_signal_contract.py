@@ -15,7 +15,8 @@ from eventbus import cloudevents, codec, topics
 from eventbus.signals import PUBLISHED, SERIES_LABELS, Detector, Feature, kind_of
 from inference.api.events import TokenHasher, inference_event
 from protos import events_pb2, llm_pb2, llm_pb2_grpc
-from stream_processors.processor import PartitionState, Settings
+from stream_processors.processor import PartitionState
+from stream_processors.settings import Settings
 from stream_processors.runner import Runner, RunnerOptions, signal_message
 
 DEFAULT_RULES = "alerting/default_rules.yml"

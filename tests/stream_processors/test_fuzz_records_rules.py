@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from alerting.rules import parse_rules
 from eventbus import cloudevents, codec, topics
 from protos import events_pb2
-from stream_processors.processor import PartitionState, Settings
+from stream_processors.processor import PartitionState
+from stream_processors.settings import Settings
 from stream_processors.runner import Runner, RunnerOptions, signal_message
 
 # derandomize: the suite sees the same inputs every run (explore with a larger max_examples by hand)

@@ -21,7 +21,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from eventbus import cloudevents, codec, compat, topics  # noqa: F401  (compat patches aiokafka)
 from protos import events_pb2
-from stream_processors.processor import PartitionState, Settings
+from stream_processors.processor import PartitionState
+from stream_processors.settings import Settings
 from stream_processors.runner import Runner, RunnerOptions
 from tests.helpers.waiting import until
 
@@ -337,7 +338,7 @@ async def group_takeover_and_crash_restart(bootstrap: str, tmp_path) -> None:
 def test_processor_consume_task_failing_is_shown_and_reads_its_fetch_again(caplog):
     """The fault is injected where the consumer loop hands a fetch to Runner.process: it
     raises until the test has seen the task down; then every event is counted once."""
-    from stream_processors.processor import Settings
+    from stream_processors.settings import Settings
     from stream_processors.runner import Runner, RunnerOptions
 
     async def main(bootstrap: str):

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from protos import events_pb2
 from stream_processors.compare import Rows, VersionComparison
 from eventbus.signals import SignalKind
-from stream_processors.processor import PartitionState, Settings
+from stream_processors.processor import PartitionState
+from stream_processors.settings import Settings
 from stream_processors.runner import signal_message
 
 STABLE, CANARY, SHADOW, PINNED = 1, 2, 3, 4
