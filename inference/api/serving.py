@@ -96,11 +96,12 @@ class Serving:
         with self.track(request.call, request.invalid) as out:
             mv, ids, params = self.start_generation(out, request)
             served = out.served()
-            async for update in self.run(out, mv, ids, params, chunks=True):
-                if isinstance(update, TextChunk):
-                    yield Chunk(served, update.text, update.token_ids)
-                else:
-                    yield Generated(served, update)
+            async with contextlib.aclosing(self.run(out, mv, ids, params, chunks=True)) as updates:
+                async for update in updates:
+                    if isinstance(update, TextChunk):
+                        yield Chunk(served, update.text, update.token_ids)
+                    else:
+                        yield Generated(served, update)
 
     async def classify(self, request: ClassifyRequest) -> Classified:
         with self.track(request.call, request.invalid) as out:
