@@ -376,24 +376,27 @@ class RolloutService:
     async def data_ranges(self, since: float) -> list[dict]:
         """Per topic (vigil.inference.events, vigil.feedback) and partition: [start_offset,
         end_offset) of the records written at or after `since` (seconds), up to now."""
-        consumer = self.kafka.consumer(f"vigil-rollout-manifest-{self.instance}")
-        await consumer.start()
-        try:
-            out = []
-            for topic in (topics.INFERENCE, topics.FEEDBACK):
+        out = []
+        for topic in (topics.INFERENCE, topics.FEEDBACK):
+            consumer = self.kafka.consumer(f"vigil-rollout-manifest-{self.instance}")  # one per topic: an
+            await consumer.start()                                                   # assigned one asks no other
+            try:
                 tps = await self.kafka.partitions(consumer, topic, 10.0)
                 consumer.assign(tps)
-                found = await consumer.offsets_for_times({tp: int(since * 1000) for tp in tps})
+                since_ms = int(since * 1000)
+                found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
                 ends = await seek_to_end(consumer, tps)
+                begins = await consumer.beginning_offsets(tps)
                 parts = []
                 for tp in tps:
                     end = ends[tp]
-                    start = found[tp].offset if found.get(tp) is not None else end
-                    parts.append({"partition": tp.partition, "start_offset": min(start, end), "end_offset": end})
-                out.append({"topic": topic, "partitions": parts})
-            return out
-        finally:
-            await stop_consumer(consumer)
+                    guess = found[tp].offset if found.get(tp) is not None else None
+                    start = await first_offset_at(consumer, tp, since_ms, begins.get(tp, 0), end, guess)
+                    parts.append({"partition": tp.partition, "start_offset": start, "end_offset": end})
+            finally:
+                await stop_consumer(consumer)
+            out.append({"topic": topic, "partitions": parts})
+        return out
 
     # ---- admin API ------------------------------------------------------------------
 
@@ -476,6 +479,37 @@ class _Lease(ConsumerRebalanceListener):
                 await self.service._take_over()
             except Exception:
                 log.exception("taking over the rollout state failed")
+
+
+async def _timestamp_at(consumer, tp, offset: int):
+    """(offset, timestamp in ms) of the first record at or after `offset`; None past the end."""
+    consumer.seek(tp, offset)
+    got = await consumer.getmany(tp, timeout_ms=2000, max_records=1)
+    records = got.get(tp) or []
+    return (records[0].offset, records[0].timestamp) if records else None
+
+
+async def first_offset_at(consumer, tp, since_ms: int, begin: int, end: int, guess: int | None) -> int:
+    """The first offset in [begin, end) whose record's timestamp is at or after `since_ms`
+    (`end` if none). ListOffsets by time (`guess`) is taken where the records around it
+    bear it out; otherwise (Tansu answers 0 whatever the time) a binary search reads the
+    timestamps of about log2(end - begin) single records, none of the rest."""
+    if begin >= end:
+        return end
+    if guess is not None and begin <= guess <= end:
+        at = await _timestamp_at(consumer, tp, guess) if guess < end else None
+        before = await _timestamp_at(consumer, tp, guess - 1) if guess > begin else None
+        if (at is None or at[1] >= since_ms) and (guess == begin or (before is not None and before[1] < since_ms)):
+            return guess
+    lo, hi = begin, end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        rec = await _timestamp_at(consumer, tp, mid)
+        if rec is None or rec[0] >= hi or rec[1] >= since_ms:
+            hi = mid
+        else:
+            lo = rec[0] + 1
+    return lo
 
 
 async def send_signed(url: str, secret: bytes, body: dict, timeout: float, attempts: int = 3) -> tuple[int, str]:

@@ -17,10 +17,11 @@ FAST_COMPARISONS = Settings(compare_every=5, compare_min=10, compare_window=60)
 
 
 class ServiceThread:
-    def __init__(self, bootstrap: str, group: str, tmp_path, name: str):
+    def __init__(self, bootstrap: str, group: str, tmp_path, name: str, **options):
+        """`options`: more of ServiceOptions (a response policy, say)."""
         self.service = RolloutService(ServiceOptions(
             bootstrap_servers=bootstrap, admin_port=0, group_id=group, tick=0.25, instance=name,
-            session_timeout_ms=6000, outbox_dir=str(tmp_path / f"outbox-{name}")))
+            session_timeout_ms=6000, outbox_dir=str(tmp_path / f"outbox-{name}"), **options))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
