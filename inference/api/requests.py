@@ -20,6 +20,7 @@ class Call:
     id_field: str = "request_id"  # what the front calls the request id, in error messages
     metadata: Mapping[str, str] | None = None  # the caller's headers, keys in lower case; None: made by the server
     deadline: float | None = None  # time.monotonic() at which the caller stops waiting
+    protocol: str = "grpc"       # the front it came through (grpc, http): a label of the request metrics
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Chunk:
     served: Served
     text: str
     token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)  # of each of token_ids, as sampled
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class RequestRecord:
     """What a request's event is made of; filled in as the request goes."""
     method: str
     request_id: str
+    protocol: str = "grpc"
     model: str = ""
     version: str = ""
     route: str = ""
@@ -99,7 +100,7 @@ class Serving:
             async with contextlib.aclosing(self.run(out, mv, ids, params, chunks=True)) as updates:
                 async for update in updates:
                     if isinstance(update, TextChunk):
-                        yield Chunk(served, update.text, update.token_ids)
+                        yield Chunk(served, update.text, update.token_ids, update.logprobs)
                     else:
                         yield Generated(served, update)
 
@@ -155,7 +156,7 @@ class Serving:
             raise Overloaded(str(refusal))
         caller = ratelimit.current_caller()  # the API key behind the call, where keys are checked
         fits = len(call.request_id) <= self.limits.max_id_chars  # one too long is not recorded, a UUID is
-        out = RequestRecord(call.method, (call.request_id if fits else "") or str(uuid.uuid4()))
+        out = RequestRecord(call.method, (call.request_id if fits else "") or str(uuid.uuid4()), call.protocol)
         if caller is not None:
             out.tenant = caller.tenant
         self.tracing.begin(out, call.metadata)  # the request's span; out.trace_id
@@ -253,7 +254,7 @@ class Serving:
             task.add_done_callback(self.shadow_tasks.discard)
 
     async def run_shadow(self, primary: RequestRecord, mv: ModelVersion, request: ModelRequest, run) -> None:
-        with contextlib.suppress(Exception), self.track(Call(primary.method)) as out:  # recorded, not raised
+        with contextlib.suppress(Exception), self.track(Call(primary.method, protocol=primary.protocol)) as out:  # recorded, not raised
             out.model, out.version, out.route, out.shadow_of = mv.model, mv.version, "shadow", primary.request_id
             out.tenant, out.flags = primary.tenant, primary.flags
             await run(out, mv, self.prompt_ids(out, mv, request))
@@ -421,7 +422,7 @@ class Serving:
         log_request(event, self.tracing.span_id(out) if out.span is not None else "",
                     out.prompt_text if self.log_text else None, (f.text if f else "") if self.log_text else None)
         m, labels = self.metrics, (out.model or "unknown", out.version or "unknown")
-        m.requests.labels(*labels, out.method, out.status).inc()
+        m.requests.labels(*labels, out.method, out.status, out.protocol).inc()
         m.e2e.labels(*labels).observe(total)
         if out.prompt_tokens and out.status == "ok":
             m.prompt_tokens.labels(*labels).inc(out.prompt_tokens)

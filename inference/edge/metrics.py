@@ -20,8 +20,8 @@ class ServerMetrics:
     def __init__(self, router):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("vigil_requests", "Requests by method and final status",
-                                LABELS + ("method", "status"), registry=r)
+        self.requests = Counter("vigil_requests", "Requests by method, final status and the front they came "
+                                "through (protocol: grpc or http)", LABELS + ("method", "status", "protocol"), registry=r)
         self.e2e = Histogram("vigil_e2e_request_latency_seconds", "End-to-end request latency",
                              LABELS, buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("vigil_time_to_first_token_seconds", "Time to first token",

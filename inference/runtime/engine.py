@@ -51,6 +51,7 @@ class Confidence:
 class TextChunk:
     text: str
     token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)  # of each of token_ids, as sampled
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Finished:
     confidence: Confidence
     timing: Timing
     error: str = ""
+    logprobs: list[float] = field(default_factory=list)  # of each of token_ids, as sampled
 
     @property
     def completion_tokens(self) -> int:
@@ -304,7 +306,7 @@ class Engine:
         if r.job.stream and (ready > r.emitted or hold == 0):
             chunk = r.text[r.emitted:max(ready, r.emitted)]
             r.emitted += len(chunk)
-            r.job.emit(TextChunk(chunk, r.unsent))
+            r.job.emit(TextChunk(chunk, r.unsent, r.logprobs[len(r.tokens) - len(r.unsent):len(r.tokens)]))
             r.unsent = []
 
     def finish(self, r: Running, reason: str, error: str = "") -> None:
@@ -312,13 +314,15 @@ class Engine:
         self.running.remove(r)
         self.release(r.slot)
         if r.job.stream and (r.emitted < len(r.text) or r.unsent):
-            r.job.emit(TextChunk(r.text[r.emitted:], r.unsent))
+            r.job.emit(TextChunk(r.text[r.emitted:], r.unsent,
+                                 r.logprobs[len(r.tokens) - len(r.unsent):len(r.tokens)]))
         n = len(r.logprobs)
         confidence = Confidence(sum(r.logprobs) / n, sum(r.entropies) / n, min(r.top1)) if n else Confidence()
         timing = Timing(queue_s=r.started - r.job.arrival,
                         first_token_s=(r.first_token_at or now) - r.job.arrival,
                         total_s=now - r.job.arrival)
-        r.job.emit(Finished(r.text, r.tokens, len(r.job.prompt_ids), reason, confidence, timing, error))
+        r.job.emit(Finished(r.text, r.tokens, len(r.job.prompt_ids), reason, confidence, timing, error,
+                            logprobs=r.logprobs[:len(r.tokens)]))  # not the end-of-sequence token's
 
     def classify(self, job: Job, slot: int) -> None:
         started = time.monotonic()

@@ -339,8 +339,9 @@ def test_metrics(llm, demo_server):
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("vigil_requests_total", **mv, method="Generate", status="ok") == 2
-    assert delta("vigil_requests_total", **mv, method="Generate", status="invalid_argument") == 1
+    assert delta("vigil_requests_total", **mv, method="Generate", status="ok", protocol="grpc") == 2
+    assert delta("vigil_requests_total", **mv, method="Generate", status="invalid_argument",
+                 protocol="grpc") == 1
     assert delta("vigil_e2e_request_latency_seconds_count", **mv) == 3
     assert delta("vigil_e2e_request_latency_seconds_sum", **mv) >= a.timing.total_seconds + b.timing.total_seconds
     assert delta("vigil_time_to_first_token_seconds_count", **mv) == 2
@@ -365,7 +366,7 @@ def test_metrics(llm, demo_server):
         llm.Generate(llm_pb2.GenerateRequest(model="no-such-model", prompt="x"))
     final = scrape(demo_server.metrics_url)
     assert value(final, "vigil_requests_total", model="unknown", version="unknown", method="Generate",
-                 status="not_found") >= 1
+                 status="not_found", protocol="grpc") >= 1
 
 
 # -- admin: versions and traffic (tiny model) -------------------------------------------
