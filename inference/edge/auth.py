@@ -59,6 +59,8 @@ DATA_METHODS = frozenset({
     "/inference.GRPCInferenceService/ModelMetadata", "/inference.GRPCInferenceService/ModelInfer",
     "/inference.GRPCInferenceService/ModelStreamInfer", "/inference.GRPCInferenceService/ModelConfig",
     "/inference.GRPCInferenceService/ModelStatistics", "/inference.GRPCInferenceService/RepositoryIndex",
+    # the HTTP front's OpenAI-compatible endpoints, by path (inference/api/http_front.py)
+    "/v1/chat/completions", "/v1/completions", "/v1/models",
 })
 
 

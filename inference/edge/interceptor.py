@@ -95,18 +95,21 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
     # -- the checks --------------------------------------------------------------------
 
-    async def gate(self, context, method: str, request_streaming: bool) -> Caller:
-        """Authenticate, authorize and admit a call, or abort it."""
+    def admit(self, metadata, method: str, request_streaming: bool = False) -> Caller:
+        """Authenticate, authorize and admit a call of any front (gRPC here, the HTTP front
+        too): metadata is the call's (name, value) pairs, names in lower case. Raises
+        AuthError or Refused, counted in the metrics; the Caller returned holds one of its
+        key's streams until `release`."""
         self.store.maybe_reload()
         try:
-            key = self.store.authenticate(context.invocation_metadata())
+            key = self.store.authenticate(metadata)
             self.store.authorize(key, method)
         except AuthError as e:
             if e.code == "permission_denied":
                 self.metrics.denied.labels(key.name, key.tenant, method.rsplit("/", 1)[-1]).inc()
-                await context.abort(CODES[e.code], str(e))
-            self.metrics.failures.labels(e.reason).inc()
-            await context.abort(CODES[e.code], str(e), trailing_metadata=(("www-authenticate", 'Bearer realm="vigil"'),))
+            else:
+                self.metrics.failures.labels(e.reason).inc()
+            raise
         caller = Caller(key, self.limiter.state(key), self.limiter, self.metrics)
         try:
             caller.state.check_stream()
@@ -115,9 +118,21 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         except Refused as r:
             if r.limit == "max_streams":
                 self.metrics.refused(key, r.limit)
-            await self.refuse(context, r)
+            raise
         caller.state.open_stream()
         caller.streams_open = True
+        return caller
+
+    async def gate(self, context, method: str, request_streaming: bool) -> Caller:
+        """Authenticate, authorize and admit a call, or abort it."""
+        try:
+            caller = self.admit(context.invocation_metadata(), method, request_streaming)
+        except AuthError as e:
+            if e.code == "permission_denied":
+                await context.abort(CODES[e.code], str(e))
+            await context.abort(CODES[e.code], str(e), trailing_metadata=(("www-authenticate", 'Bearer realm="vigil"'),))
+        except Refused as r:
+            await self.refuse(context, r)
         context.add_done_callback(lambda _ctx: self.release(caller))
         CALLER.set(caller)
         return caller
