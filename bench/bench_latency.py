@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO))
 from bench import common  # noqa: E402
 from bench.common import drive, interleaved, percentile  # noqa: E402
 from eventbus.broker import EmbeddedBroker  # noqa: E402
-from inference.api.server import ServerOptions, model_name  # noqa: E402
+from inference.api.options import ServerOptions  # noqa: E402
+from inference.api.server import model_name  # noqa: E402
 
 PUBLISH = "publish vigil.inference.events"
 

@@ -42,8 +42,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition  # noqa: E402
 from eventbus import cloudevents, codec, topics  # noqa: E402
 from protos import events_pb2  # noqa: E402
 from stream_processors.processor import PartitionState  # noqa: E402
-from stream_processors.settings import Settings  # noqa: E402
-from stream_processors.runner import Runner, RunnerOptions  # noqa: E402
+from stream_processors.settings import RunnerOptions, Settings  # noqa: E402
+from stream_processors.runner import Runner  # noqa: E402
 
 FETCH = 5000
 

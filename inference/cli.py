@@ -15,13 +15,12 @@ from pathlib import Path
 from eventbus import security as kafka_security
 from eventbus.ports import port, port_or_minus_one
 from inference.api.limits import Limits
-from inference.api.server import EventOptions, InferenceServer, ServerOptions
-from inference.api.versions import EngineOptions
+from inference.api.options import EngineOptions, EventOptions, ServerOptions
 from inference.edge.auth import AuthOptions
 from inference.edge.tls import TlsOptions
 from inference.edge.tracing import TracingOptions
 from inference.runtime.demo import demo_model_path
-from inference.runtime.loading import INT4_GROUP_SIZES, QUANTIZE_MODES
+from inference.runtime.precision import INT4_GROUP_SIZES, QUANTIZE_MODES
 
 
 def add_parser(subparsers, option) -> argparse.ArgumentParser:
@@ -215,6 +214,8 @@ def server_options(args) -> ServerOptions:
 
 
 async def run_server(options: ServerOptions, banner: str, started=None) -> None:
+    from inference.api.server import InferenceServer  # torch: only where a server runs
+
     server = InferenceServer(options)
     await server.start()
     stop = stop_on_signals()  # before the lines that say it runs: a SIGTERM after them stops it cleanly

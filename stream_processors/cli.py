@@ -8,7 +8,7 @@ import sys
 
 from eventbus import security as kafka_security
 from eventbus.ports import PortError, port_or_minus_one
-from stream_processors.settings import Settings
+from stream_processors.settings import RunnerOptions, Settings
 
 
 def add_parser(subparsers, option):
@@ -18,7 +18,7 @@ def add_parser(subparsers, option):
                     "calibration, quality and latency detectors per model version, compare each candidate "
                     "version with the stable one, and publish vigil.signals. "
                     "Start more processes with the same group id to spread the partitions.")
-    d, s = RunnerDefaults(), Settings()
+    d, s = RunnerOptions(), Settings()
     g = p.add_argument_group("kafka")
     option(g, "--bootstrap-servers", default=d.bootstrap_servers, help="Kafka brokers, HOST:PORT[,HOST:PORT...]")
     option(g, "--group-id", default=d.group_id, help="consumer group; also names the checkpoints")
@@ -75,15 +75,7 @@ def add_parser(subparsers, option):
     return p
 
 
-class RunnerDefaults:
-    def __init__(self):
-        from stream_processors.runner import RunnerOptions
-        o = RunnerOptions()
-        self.__dict__.update(o.__dict__)
-
-
 def options(args):
-    from stream_processors.runner import RunnerOptions
     s = Settings.from_dict({**vars(args), "feedback_ttl_s": args.feedback_ttl})  # options are named as the fields
     return RunnerOptions(bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
                          metrics_host=args.metrics_host, metrics_port=args.metrics_port,

@@ -32,7 +32,6 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
@@ -44,12 +43,11 @@ from prometheus_client.core import GaugeMetricFamily
 from eventbus import cloudevents, codec, compat, service, topics
 from eventbus.consumer import dead_letter, decode
 from eventbus.kafka import Kafka
-from eventbus.security import KafkaSecurity
 from eventbus.state import read_compacted
 from eventbus.supervise import Supervisor
 from protos import events_pb2
 from stream_processors.processor import Out, PartitionState, unusable
-from stream_processors.settings import Settings
+from stream_processors.settings import RunnerOptions
 
 log = logging.getLogger(__name__)
 compat.install()
@@ -130,19 +128,6 @@ def _decode_one(value: bytes, cls):
         return cls.FromString(value)
     except DecodeError:
         return None
-
-
-@dataclass
-class RunnerOptions:
-    bootstrap_servers: str = "127.0.0.1:9092"
-    group_id: str = "vigil-processors"
-    metrics_port: int = 8003          # 0: a free port, -1: none
-    metrics_host: str = "127.0.0.1"
-    checkpoint_interval: float = 5.0  # seconds
-    max_records: int = 5000           # per fetch
-    session_timeout_ms: int = 10_000
-    settings: Settings = field(default_factory=Settings)
-    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS (repr hides passwords)
 
 
 class Metrics:

@@ -1,10 +1,13 @@
-"""The processor's settings: detector windows and thresholds, how often it publishes, what
-it keeps. `vigil process` makes its options from these defaults (without importing the
-computation and its numerical libraries)."""
+"""What a processor is started with: the computation's settings (detector windows and
+thresholds, how often it publishes, what it keeps) and the runner's (Kafka, group,
+checkpoints, metrics). `vigil process` makes its options from these defaults without
+importing the computation and its numerical libraries."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from eventbus.security import KafkaSecurity
 
 
 @dataclass
@@ -44,3 +47,16 @@ class Settings:
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class RunnerOptions:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "vigil-processors"
+    metrics_port: int = 8003          # 0: a free port, -1: none
+    metrics_host: str = "127.0.0.1"
+    checkpoint_interval: float = 5.0  # seconds
+    max_records: int = 5000           # per fetch
+    session_timeout_ms: int = 10_000
+    settings: Settings = field(default_factory=Settings)
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS (repr hides passwords)

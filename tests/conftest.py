@@ -12,7 +12,8 @@ import pytest
 
 from inference.runtime.demo import demo_model_path
 from inference.api.events import MemorySink
-from inference.api.server import InferenceServer, ServerOptions
+from inference.api.options import ServerOptions
+from inference.api.server import InferenceServer
 from tests.helpers.models import make_tiny_llama
 
 

@@ -231,7 +231,8 @@ class Demo:
     # ---- the run --------------------------------------------------------------------
 
     async def run(self) -> int:
-        from inference.api.server import EventOptions, InferenceServer, ServerOptions
+        from inference.api.options import EventOptions, ServerOptions
+        from inference.api.server import InferenceServer
         from protos import llm_pb2, llm_pb2_grpc
         import grpc
 

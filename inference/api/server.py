@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import logging
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -18,67 +17,27 @@ from eventbus import codec
 from eventbus.metrics import PublisherMetrics
 from eventbus.ports import cannot_listen, serve_metrics
 from eventbus.publisher import Publisher, PublisherOptions
-from eventbus.security import KafkaSecurity
 from eventbus.supervise import Supervisor
 from eventbus.topics import TopicOptions
 from inference.api.events import EventSink, MemorySink, to_message
 from inference.api.kserve import KServeService
-from inference.api.limits import Limits
 from inference.api.llm_service import LLMService
 from inference.api.rollout_follower import RolloutFollower
 from inference.api.router import Router
 from inference.api.serving import Serving
-from inference.api.versions import EngineOptions, VersionManager
-from inference.edge.auth import AuthOptions
+from inference.api.options import ServerOptions
+from inference.api.versions import VersionManager
 from inference.edge.interceptor import EdgeInterceptor
 from inference.edge.metrics import ServerMetrics
 from inference.edge.parse_errors import DecodeErrors
-from inference.edge.tls import TlsOptions, server_credentials
-from inference.edge.tracing import Tracing, TracingOptions
+from inference.edge.tls import server_credentials
+from inference.edge.tracing import Tracing
 from inference.runtime.compute import ComputeThread
 from inference.runtime.demo import DEMO_MODEL_NAME, cache_dir
 from protos import grpc_service_pb2_grpc, llm_pb2_grpc
 from protos.reflection import SERVICE_NAMES, reflection_pool
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EventOptions:
-    bootstrap_servers: str = ""  # empty: events stay in process (MemorySink)
-    format: str = "protobuf"     # or "json"
-    include_text: bool = False   # prompt and completion text in events, not only hash and length
-    token_key: bytes = b""       # key of the completion token hashes in events (events.TokenHasher)
-    outbox_dir: str = ""         # empty: <cache>/outbox/<host>-<port>
-    outbox_fsync_ms: int = 1000
-    outbox_max_bytes: int = 1 << 30
-    queue_size: int = 10_000
-    publish_timeout_ms: int = 5_000
-    compression: str = "gzip"    # gzip or none (lz4, zstd, snappy need cramjam)
-    topic_partitions: int = 6
-    topic_replication_factor: int = 1
-    topic_retention_ms: int = 7 * 24 * 3600 * 1000
-    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SASL and TLS of every Kafka client
-
-
-@dataclass
-class ServerOptions:
-    host: str = "127.0.0.1"
-    port: int = 8001
-    metrics_port: int = 8002  # 0: any free port; negative: no metrics endpoint
-    model: str = "demo"
-    model_name: str = ""       # default: the demo's name, or the file/folder name
-    version: str = "1"
-    quantize: str = "int4"
-    group_size: int = 32
-    engine: EngineOptions = field(default_factory=EngineOptions)
-    limits: Limits = field(default_factory=Limits)
-    threads: int = 0  # torch intra-op threads; 0: torch's default
-    events: EventOptions = field(default_factory=EventOptions)
-    tracing: TracingOptions = field(default_factory=TracingOptions)  # OpenTelemetry spans; off without an endpoint
-    log_include_text: bool = False  # prompt and completion text in the per-request log line
-    auth: AuthOptions = field(default_factory=AuthOptions)  # API keys and their limits; off without a key file
-    tls: TlsOptions = field(default_factory=TlsOptions)     # TLS and mutual TLS on the gRPC port; off without files
 
 
 class InferenceServer:

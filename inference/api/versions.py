@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
 
 from inference.api.errors import InvalidArgument
 from inference.api.router import ModelVersion, Router
 from inference.runtime.compute import single_threaded_torch
 from inference.runtime.demo import demo_model_path
 from inference.runtime.engine import Engine, Finished, Job
-from inference.runtime.loading import INT4_GROUP_SIZES, QUANTIZE_MODES, build_model, load_checkpoint
+from inference.api.options import EngineOptions
+from inference.runtime.loading import build_model, load_checkpoint
+from inference.runtime.precision import INT4_GROUP_SIZES, QUANTIZE_MODES
 from inference.runtime.sampling import SamplingParams
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    kv_slots: int = 16
-    max_seq_len: int = 1024
-    max_waiting: int = 64
 
 
 class VersionManager:

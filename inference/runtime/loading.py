@@ -21,12 +21,11 @@ import torch
 from torch import nn
 
 from inference.runtime.model import Llama, ModelConfig
+from inference.runtime.precision import INT4_GROUP_SIZES, QUANTIZE_MODES
 from inference.runtime.quantize import (CastLinear, Int4Linear, Int8GroupEmbedding, q4_blocks_to_groups,
                                 q8_blocks_to_groups, quantize_model)
 from inference.runtime.tokenizer import Tokenizer
 
-QUANTIZE_MODES = ("none", "int8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128)
 
 # Per layer: the fused module of inference.runtime.model and the source tensors it concatenates.
 FUSED = {

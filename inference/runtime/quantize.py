@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.runtime.kernels.quant_matmul import quant_matmul
+from inference.runtime.precision import INT4_GROUP_SIZES
 
-INT4_GROUP_SIZES = (32, 64, 128)
 _CPU_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

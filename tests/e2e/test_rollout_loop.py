@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 from google.protobuf.message import DecodeError
 
 from eventbus import topics
-from inference.api.server import EventOptions
+from inference.api.options import EventOptions
 from protos import events_pb2, llm_pb2, llm_pb2_grpc
 from rollout.records import RolloutError
 from tests.helpers.kafka import read_topic

@@ -16,8 +16,8 @@ from eventbus.signals import PUBLISHED, SERIES_LABELS, Detector, Feature, kind_o
 from inference.api.events import TokenHasher, inference_event
 from protos import events_pb2, llm_pb2, llm_pb2_grpc
 from stream_processors.processor import PartitionState
-from stream_processors.settings import Settings
-from stream_processors.runner import Runner, RunnerOptions, signal_message
+from stream_processors.settings import RunnerOptions, Settings
+from stream_processors.runner import Runner, signal_message
 
 DEFAULT_RULES = "alerting/default_rules.yml"
 SMALL = Settings(ks_window=50, psi_window=80, chi2_window=80, signal_every=100, calibration_every=40,

@@ -236,7 +236,7 @@ def test_secret_hidden_in_reprs(password_file, encrypted_pki):
                "--kafka-ssl-certfile", encrypted_pki["cert"], "--kafka-ssl-keyfile", encrypted_pki["key"]],
               {"VIGIL_KAFKA_SSL_KEY_PASSWORD": KEY_PASSWORD})
     from alerting.service import ServiceOptions as AlertingOptions
-    from inference.api.server import EventOptions, ServerOptions
+    from inference.api.options import EventOptions, ServerOptions
     from rollout.service import ServiceOptions as RolloutOptions
 
     shown = [repr(s), str(s), f"{s}", s.describe(), repr(s.sasl_password), str(s.ssl_key_password),

@@ -8,8 +8,8 @@ import threading
 
 from rollout.cli import HttpApi
 from rollout.service import RolloutService, ServiceOptions
-from stream_processors.processor import Settings
-from stream_processors.runner import Runner, RunnerOptions
+from stream_processors.runner import Runner
+from stream_processors.settings import RunnerOptions, Settings
 
 # comparisons of a candidate with stable every 5 of its events, over its latest 60 and
 # from 10 a side: what a rollout of a dozen requests a step needs

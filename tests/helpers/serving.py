@@ -7,7 +7,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference.api.server import EventOptions
+from inference.api.options import EventOptions
 from protos import events_pb2, llm_pb2
 
 

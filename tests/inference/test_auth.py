@@ -22,7 +22,8 @@ from tritonclient.utils import InferenceServerException
 from inference.edge.auth import (AuthError, AuthOptions, KeyFileError, bearer_token, hash_secret, needs_admin,
                             parse_keys)
 from inference.api.events import INFERENCE_TOPIC
-from inference.api.server import InferenceServer, ServerOptions
+from inference.api.options import ServerOptions
+from inference.api.server import InferenceServer
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
 from tests.helpers.waiting import wait_until

@@ -14,7 +14,7 @@ import pytest
 
 from inference.api.events import INFERENCE_TOPIC
 from inference.api.limits import Limits
-from inference.api.versions import EngineOptions
+from inference.api.options import EngineOptions
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
 

@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from eventbus import topics
 from eventbus.broker import EmbeddedBroker, api_versions_ok
-from inference.api.server import EventOptions
+from inference.api.options import EventOptions
 from protos import events_pb2, llm_pb2, llm_pb2_grpc
 from tests.helpers.kafka import read_topic
 from tests.helpers.serving import PROMPT, TINY, generate, inference_event, kafka_server, metric

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers.models import make_tiny_llama
 from inference.api.events import INFERENCE_TOPIC
-from inference.api.versions import EngineOptions
+from inference.api.options import EngineOptions
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc, llm_pb2, llm_pb2_grpc
 

@@ -22,7 +22,7 @@ def test_server_follower_task_failing_turns_grpc_health_not_serving(start_server
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from eventbus import topics
-    from inference.api.server import EventOptions
+    from inference.api.options import EventOptions
     from protos import events_pb2
 
     model = f"follow-{uuid.uuid4().hex[:6]}"
@@ -77,7 +77,7 @@ def test_server_publisher_pump_failing_is_shown_and_loses_nothing(start_server, 
 
     from eventbus import topics
     from eventbus.consumer import tail
-    from inference.api.server import EventOptions
+    from inference.api.options import EventOptions
     from protos import llm_pb2, llm_pb2_grpc
 
     model = f"pump-{uuid.uuid4().hex[:6]}"

@@ -18,7 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference.edge.auth import AuthOptions, hash_secret
-from inference.api.server import InferenceServer, ServerOptions
+from inference.api.options import ServerOptions
+from inference.api.server import InferenceServer
 from inference.edge.tls import TlsError, TlsOptions, load
 from protos import llm_pb2, llm_pb2_grpc
 

@@ -23,7 +23,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 
 from inference.api.events import INFERENCE_TOPIC, MemorySink
-from inference.api.server import InferenceServer, ServerOptions
+from inference.api.options import ServerOptions
+from inference.api.server import InferenceServer
 from inference.edge.tracing import TracingOptions, caller_trace_id
 from protos import llm_pb2, llm_pb2_grpc
 
@@ -297,7 +298,7 @@ def test_spans_exported_by_otlp(tiny_llama):
 
 
 def test_publish_span_ends_at_the_brokers_acknowledgement(tiny_llama, kafka_broker, tmp_path):
-    from inference.api.server import EventOptions
+    from inference.api.options import EventOptions
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

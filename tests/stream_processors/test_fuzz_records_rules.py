@@ -17,8 +17,8 @@ from alerting.rules import parse_rules
 from eventbus import cloudevents, codec, topics
 from protos import events_pb2
 from stream_processors.processor import PartitionState
-from stream_processors.settings import Settings
-from stream_processors.runner import Runner, RunnerOptions, signal_message
+from stream_processors.settings import RunnerOptions, Settings
+from stream_processors.runner import Runner, signal_message
 
 # derandomize: the suite sees the same inputs every run (explore with a larger max_examples by hand)
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

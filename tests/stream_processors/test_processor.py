@@ -22,8 +22,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from eventbus import cloudevents, codec, compat, topics  # noqa: F401  (compat patches aiokafka)
 from protos import events_pb2
 from stream_processors.processor import PartitionState
-from stream_processors.settings import Settings
-from stream_processors.runner import Runner, RunnerOptions
+from stream_processors.runner import Runner
+from stream_processors.settings import RunnerOptions, Settings
 from tests.helpers.waiting import until
 
 SMALL = dict(ks_window=100, psi_window=200, chi2_window=200, signal_every=200, calibration_every=50,
@@ -339,7 +339,6 @@ def test_processor_consume_task_failing_is_shown_and_reads_its_fetch_again(caplo
     """The fault is injected where the consumer loop hands a fetch to Runner.process: it
     raises until the test has seen the task down; then every event is counted once."""
     from stream_processors.settings import Settings
-    from stream_processors.runner import Runner, RunnerOptions
 
     async def main(bootstrap: str):
         await produce(bootstrap, [record(event(i, "sup", "v1"), "vigil.inference.events") for i in range(300)])

@@ -16,8 +16,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from eventbus import cloudevents, codec, topics
 from protos import events_pb2
 from stream_processors.processor import CONTINUOUS, PartitionState, read_events
-from stream_processors.settings import Settings
-from stream_processors.runner import Runner, RunnerOptions, fast_decode
+from stream_processors.settings import RunnerOptions, Settings
+from stream_processors.runner import Runner, fast_decode
 
 SMALL = dict(ks_window=50, psi_window=80, chi2_window=80, signal_every=150, calibration_every=40, quality_window=10,
              calibration_window=300)

@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from inference.api.events import INFERENCE_TOPIC, MemorySink
-from inference.api.server import InferenceServer, ServerOptions
+from inference.api.options import ServerOptions
+from inference.api.server import InferenceServer
 from protos import llm_pb2, llm_pb2_grpc
 from vigil import logs
 from vigil.cli import main
