@@ -208,3 +208,27 @@ def test_check_policy_names_each_error_with_file_and_line(tmp_path, capsys):
                    f"{bad}:5: rules[0].cooldown: 'soon' is not a duration (e.g. 30s, 5m, 1h30m, 1d)"]
     assert main(["check-policy", str(tmp_path / "none.yml")]) == 1
     assert "none.yml:0: file: cannot read" in capsys.readouterr().err
+
+
+def test_the_wire_carries_temperatures_keep_loaded_recalibrations_and_actions():
+    from protos import events_pb2
+    from rollout import wire
+    c, clock, d = promoted(RECAL)
+    sig = events_pb2.Signal(model=M, version="v2", detector="temperature", feature="label",
+                            kind=events_pb2.SIGNAL_KIND_CALIBRATION, statistic=2.5)
+    sig.recalibration.temperature, sig.recalibration.ece_before, sig.recalibration.ece_after = 2.5, 0.2, 0.04
+    sig.recalibration.held_out = 100
+    c.observe(wire.signal(sig))
+    a = events_pb2.Alert(fingerprint="g", rule="HighCalibrationError", state=events_pb2.ALERT_STATE_FIRING,
+                         severity="warning", labels={"model": M, "version": "v2"})
+    a.starts_at.FromSeconds(1_700_000_000)
+    obs = wire.alert(a)
+    assert obs.starts_at == 1_700_000_000 and obs.labels["severity"] == "warning"
+    [dec] = c.observe(obs)
+    msg = wire.rollout_state(dec)
+    assert dict(msg.temperatures) == {"v2": 2.5} and list(msg.keep_loaded) == ["v1"]
+    back = wire.decision_dict(events_pb2.RolloutState.FromString(msg.SerializeToString()))
+    assert back["temperatures"] == {"v2": 2.5} and back["keep_loaded"] == ["v1"]
+    [rec] = c.take_actions()
+    again = wire.action_record(events_pb2.Action.FromString(wire.action(rec).SerializeToString()))
+    assert again == rec
