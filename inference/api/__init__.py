@@ -3,7 +3,7 @@
 around it, the router and the model versions it routes to, the rollout follower that
 sets their traffic, and the events each request leaves. The gRPC services (vigil.v1 in
 `llm_service`, the Open Inference Protocol in `kserve`) only translate messages to and
-from it; `server` puts the server together.
+from it; `server` puts the server together, from the plain settings of `options`.
 
 May import `inference.runtime` and `inference.edge`.
 """
