@@ -57,13 +57,18 @@ def positive(text: str) -> int:
     return value
 
 
-def add_server_options(p: argparse.ArgumentParser, option) -> None:
+def add_server_options(p: argparse.ArgumentParser, option, http_port: int | None = None) -> None:
+    """http_port: the default of --http-port (`vigil up` serves HTTP by default, `vigil serve` does not)."""
     d = ServerOptions()
     g = p.add_argument_group("network")
     option(g, "--host", default=d.host, help="address to listen on, gRPC and metrics")
     option(g, "--port", type=port, default=d.port, help="gRPC port (Open Inference Protocol and vigil.v1)")
     option(g, "--metrics-port", type=port_or_minus_one, default=d.metrics_port,
                    help="Prometheus metrics port; 0 picks a free port, -1 turns metrics off")
+    option(g, "--http-port", type=port_or_minus_one, default=d.http_port if http_port is None else http_port,
+           help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, with SSE "
+                "streaming; the same keys, limits and events as gRPC); 0 picks a free port, -1 turns it off")
+    option(g, "--http-host", default=d.http_host, help="address of the HTTP API; empty: --host")
     g = p.add_argument_group("model")
     option(g, "--model", default=d.model,
                    help="a GGUF file, a Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'demo'")
@@ -200,7 +205,8 @@ def event_options(args) -> EventOptions:
 
 def server_options(args) -> ServerOptions:
     return ServerOptions(
-        host=args.host, port=args.port, metrics_port=args.metrics_port, model=args.model,
+        host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
+        http_host=args.http_host, model=args.model,
         model_name=args.model_name, version=args.model_version, quantize=args.quantize,
         group_size=args.group_size, threads=args.threads,
         engine=EngineOptions(kv_slots=args.kv_slots, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting),
@@ -223,6 +229,10 @@ async def run_server(options: ServerOptions, banner: str, started=None) -> None:
     metrics = f"on http://{o.host}:{server.metrics_port}/metrics" if server.metrics_http else "off"
     print(f"{banner}: gRPC on {o.host}:{server.port} (Open Inference Protocol + vigil.v1), metrics {metrics}",
           flush=True)
+    if server.http is not None:
+        scheme = "https" if o.tls.enabled else "http"
+        print(f"  HTTP on {scheme}://{o.http_host or o.host}:{server.http_port}/v1 (OpenAI-compatible: "
+              "chat/completions, completions, models)", flush=True)
     for mv in server.router.all():
         print(f"  model {mv.model} version {mv.version} ({mv.quantize}) from {mv.source}", flush=True)
     if server.publisher is not None:

@@ -106,7 +106,8 @@ async def run_up(options: inference_cli.ServerOptions, args) -> None:
 def check_up_ports(options: inference_cli.ServerOptions, args) -> None:
     """Refuse at once, naming the option, a port that `vigil up` or a service it starts
     could not listen on."""
-    wanted = [("--port", options.host, options.port), ("--metrics-port", options.host, options.metrics_port)]
+    wanted = [("--port", options.host, options.port), ("--metrics-port", options.host, options.metrics_port),
+              ("--http-port", options.http_host or options.host, options.http_port)]
     if not options.events.bootstrap_servers:
         wanted.append(("--broker-port", "127.0.0.1", args.broker_port))
     children = {"process": ("--processor-metrics-port", args.processor_metrics_port),
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole loop on this machine",
                         description="Run Vigil on this machine: an embedded Kafka broker (unless "
                                     "--bootstrap-servers is given) and the inference server with the demo model.")
-    inference_cli.add_server_options(up, option)
+    inference_cli.add_server_options(up, option, http_port=8000)  # OpenAI's API on, where clients look for it
     option(up.add_argument_group("embedded broker"), "--broker-port", type=port_or_minus_one, default=-1,
            help="port of the embedded broker; 0 picks a free port, -1 takes 9092 if it is free, else any")
     g = up.add_argument_group("the other services", "run as child processes on the same broker")

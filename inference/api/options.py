@@ -43,6 +43,8 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int = 8002  # 0: any free port; negative: no metrics endpoint
+    http_port: int = -1       # OpenAI-compatible HTTP API; 0: any free port; negative: off
+    http_host: str = ""        # the HTTP API's address; empty: host
     model: str = "demo"
     model_name: str = ""       # default: the demo's name, or the file/folder name
     version: str = "1"

@@ -1,5 +1,6 @@
 """The inference server: one grpc.aio port with the Open Inference Protocol, the native
-vigil.v1 LLM service, gRPC health and reflection; Prometheus metrics on a second port."""
+vigil.v1 LLM service, gRPC health and reflection; Prometheus metrics on a second port;
+OpenAI's HTTP API on a third, where asked (inference.api.http_front)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.supervise import Supervisor
 from eventbus.topics import TopicOptions
 from inference.api.events import EventSink, MemorySink, to_message
+from inference.api.http_front import HttpFront
 from inference.api.kserve import KServeService
 from inference.api.llm_service import LLMService
 from inference.api.rollout_follower import RolloutFollower
@@ -68,6 +70,8 @@ class InferenceServer:
         self.grpc: grpc.aio.Server | None = None
         self.edge: EdgeInterceptor | None = None  # API keys and limits, with a key file
         self.metrics_http = None
+        self.http: HttpFront | None = None  # OpenAI's HTTP API, where options.http_port >= 0
+        self.http_port = 0
         self.follower: RolloutFollower | None = None  # follows vigil.rollout when events go to Kafka
         self.port = 0
         self.metrics_port = 0
@@ -96,7 +100,7 @@ class InferenceServer:
             raise
 
     async def _start(self, server: grpc.aio.Server, credentials) -> None:
-        """Both ports are taken before the model loads, so a busy one stops start-up at once."""
+        """Every port is taken before the model loads, so a busy one stops start-up at once."""
         o = self.options
         address = f"{o.host}:{o.port}"
         try:
@@ -108,6 +112,9 @@ class InferenceServer:
         if o.metrics_port >= 0:
             self.metrics_http = serve_metrics(self.metrics.registry, o.host, o.metrics_port)
             self.metrics_port = self.metrics_http.server_port
+        if o.http_port >= 0:  # bound now, served with the gRPC port once the model is loaded
+            self.http = HttpFront(self.serving, self.edge)
+            self.http_port = self.http.bind(o.http_host or o.host, o.http_port)
         if o.model:
             await self.versions.load(model_name(o), o.version, o.model, o.quantize, o.group_size)
         self.serving.source = f"vigil-inference/{socket.gethostname()}:{self.port}"
@@ -124,6 +131,8 @@ class InferenceServer:
                                             tasks=self.tasks)
             await self.follower.start()
         await server.start()
+        if self.http is not None:
+            await self.http.serve(o.tls)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -136,6 +145,9 @@ class InferenceServer:
     async def _close_listeners(self) -> None:
         await self.grpc.stop(None)
         self.grpc = None
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.metrics_http:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
@@ -145,6 +157,8 @@ class InferenceServer:
         await self.health.enter_graceful_shutdown()
         if self.grpc:
             await self.grpc.stop(grace)
+        if self.http is not None:
+            await self.http.stop()
         if self.metrics_http:
             self.metrics_http.shutdown()
         if self.follower is not None:
