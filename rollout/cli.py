@@ -169,6 +169,10 @@ def show_status(d: dict) -> str:
                                           if d["candidate"] else ""),
              "  weights " + ", ".join(f"{v} {_pct(w)}" for v, w in d["weights"].items())
              + (f"; shadow {', '.join(d['shadow'])}" if d["shadow"] else "")]
+    if d.get("keep_loaded"):
+        lines.append(f"  kept loaded as the last healthy version: {', '.join(d['keep_loaded'])}")
+    if d.get("temperatures"):
+        lines.append("  temperatures " + ", ".join(f"{v} {t:.4g}" for v, t in sorted(d["temperatures"].items())))
     for name, f in sorted(d.get("flags", {}).items()):
         rules = " and ".join(f"{r['attribute']} {r['op']} {r['value']}" for r in f["rules"])
         lines.append(f"  flag {name} {f['percentage']:g}%" + (f" where {rules}" if rules else "")

@@ -232,3 +232,13 @@ def test_the_wire_carries_temperatures_keep_loaded_recalibrations_and_actions():
     [rec] = c.take_actions()
     again = wire.action_record(events_pb2.Action.FromString(wire.action(rec).SerializeToString()))
     assert again == rec
+
+
+def test_status_shows_the_version_kept_loaded_and_the_temperatures():
+    from rollout.api import LocalApi
+    from rollout.cli import show_status
+    c, clock, _ = promoted(RECAL)
+    c.observe(temperature("v2", 2.5, 0.20, 0.04))
+    c.observe(alert(rule="HighCalibrationError", category="calibration", severity="warning"))
+    text = show_status(LocalApi(c).call("status", model=M))
+    assert "kept loaded as the last healthy version: v1" in text and "temperatures v2 2.5" in text, text
