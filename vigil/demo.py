@@ -14,8 +14,18 @@
 4. A canary starts through the rollout admin API; the log shows every decision (step,
    weights, reason), the drifted signals, the alerts, and at the end the rollout history.
 
-Exit status: 0 once the rollout is rolled back or promoted (the summary says which),
-1 when neither happened within --timeout, 2 when the stack did not start.
+`--scenario fallback`: the candidate is like stable (`--candidate good`) and is promoted
+(by the operator, once its first canary step has passed);
+every answer gets a Feedback score (users rating it, about 0.8); once the candidate is
+promoted its scores fall to about 0.2. The processors' ADWIN on the scores fires
+FeedbackScoreShift, and the controller's response policy (the shipped default plus a
+fallback on that alert) puts all traffic back on the previous version, still loaded as
+the last healthy one: the log shows the fallback with its reason, and the summary the
+time from the alert to it.
+
+Exit status: 0 once the rollout is rolled back or promoted (the summary says which), or
+in the fallback scenario once the promoted version fell back; 1 when that did not happen
+within --timeout, 2 when the stack did not start.
 """
 
 from __future__ import annotations
@@ -46,6 +56,16 @@ CANDIDATES = {
     "good": ("2-same", ""),
 }
 END_PHASES = ("promoted", "rolled_back", "failed")
+SCENARIOS = ("canary", "fallback")
+# the fallback scenario's response policy: the shipped default, and a fallback on the
+# Feedback-score alert (a warning in the default rules)
+FALLBACK_POLICY = """
+rules:
+  - name: fallback-on-feedback-scores
+    matchers: ['alertname="FeedbackScoreShift"']
+    action: fallback
+    during: watch
+"""
 
 PROMPTS = [
     "What is the capital of France?", "Name three primary colours.", "Why is the sky blue?",
@@ -89,6 +109,10 @@ def add_parser(sub, option) -> None:
     option(p, "--candidate", env="VIGIL_DEMO_CANDIDATE", choices=tuple(CANDIDATES), default="bad",
            help="bad: the same weights with a system prompt that stops the model answering; "
                 "good: the same weights and prompts as stable")
+    option(p, "--scenario", env="VIGIL_DEMO_SCENARIO", choices=SCENARIOS, default="canary",
+           help="canary: roll the candidate out and see it promoted or rolled back; fallback: promote a good "
+                "candidate, then let its Feedback scores fall and see the controller fall back to the "
+                "previous version")
     option(p, "--model", env="VIGIL_DEMO_MODEL", default="demo",
            help="model source: 'demo', a GGUF file or a Hugging Face folder")
     option(p, "--timeout", env="VIGIL_DEMO_TIMEOUT", type=float, default=300.0,
@@ -160,6 +184,12 @@ class Demo:
         self.done = asyncio.Event()     # traffic and the log stop
         self.model = ""
         self.stable = ""
+        self.scenario = getattr(args, "scenario", "canary")
+        self.sour = False               # fallback scenario: the promoted candidate's scores have fallen
+        self.soured_at = 0.0
+        self.fell_back = asyncio.Event()
+        self.fallback: dict = {}
+        self.scores: dict[str, list[float]] = {}
 
     # ---- traffic --------------------------------------------------------------------
 
@@ -179,6 +209,12 @@ class Demo:
                 try:
                     r = await stub.Generate(req, timeout=60)
                     self.counts[r.version] = self.counts.get(r.version, 0) + 1
+                    if self.scenario == "fallback":  # the user rates the answer
+                        mean = 0.2 if self.sour and r.version == self.candidate else 0.8
+                        score = min(1.0, max(0.0, rng.gauss(mean, 0.1)))
+                        self.scores.setdefault(f"{r.version}{' (after)' if self.sour else ''}", []).append(score)
+                        await stub.Feedback(llm_pb2.FeedbackRequest(request_id=r.request_id, model=self.model,
+                                                                    score=score), timeout=10)
                 except grpc.aio.AioRpcError as e:
                     self.errors += 1
                     if self.errors <= 3:
@@ -211,7 +247,8 @@ class Demo:
             elif topic == topics.ALERTS:
                 state = pb.AlertState.Name(m.state).removeprefix("ALERT_STATE_").lower()
                 labels = dict(m.labels)
-                self.alerts.append({"rule": m.rule, "state": state, "labels": labels})
+                self.alerts.append({"rule": m.rule, "state": state, "labels": labels,
+                                    "time": m.time.ToNanoseconds() / 1e9})
                 self.log("alert", f"{m.rule} {state} for {labels.get('model', '?')}/{labels.get('version', '?')}: "
                                   f"{m.annotations.get('summary', '')}")
             elif topic == topics.ROLLOUT and m.model == self.model:
@@ -227,6 +264,10 @@ class Demo:
                                     + (f"\n{'':19}{m.reason}" if m.reason else ""))
                 if phase in END_PHASES and m.candidate_version in ("", self.candidate) and self.started:
                     self.decided.set()
+                if self.sour and phase == "rolled_back" and m.reason.startswith("fallback"):
+                    self.fallback = {"reason": m.reason, "time": m.time.ToNanoseconds() / 1e9,
+                                     "after_sour": round(time.monotonic() - self.soured_at, 1)}
+                    self.fell_back.set()
 
     # ---- the run --------------------------------------------------------------------
 
@@ -238,7 +279,7 @@ class Demo:
 
         a, sp = self.args, self.speed
         self.started = False
-        cand_version, system_prompt = CANDIDATES[a.candidate]
+        cand_version, system_prompt = CANDIDATES["good" if self.scenario == "fallback" else a.candidate]
         self.candidate = cand_version
         work = Path(tempfile.mkdtemp(prefix="vigil-demo-"))
         log = self.log
@@ -259,6 +300,12 @@ class Demo:
             "rollout": ["--tick", "0.5", "--default-min-requests", str(sp.min_requests),
                         "--default-interval", str(sp.interval), "--outbox-dir", str(work / "rollout-outbox")],
         }
+        if self.scenario == "fallback":
+            policy = work / "policy.yml"
+            default = (Path(__file__).resolve().parent.parent / "rollout" / "default_policy.yml").read_text()
+            policy.write_text(default.rstrip() + "\n" + FALLBACK_POLICY.split("rules:\n", 1)[1])
+            extra["rollout"] += ["--policy", str(policy)]
+            extra["process"] += ["--score-every", "10", "--score-window", "50"]
         children = stack.services(bootstrap, -1, alerting_port, rollout_port, set(), extra)
         server = None
         tasks: list[asyncio.Task] = []
@@ -280,7 +327,7 @@ class Demo:
                 await llm_pb2_grpc.LLMStub(ch).LoadVersion(llm_pb2.LoadVersionRequest(
                     model=self.model, version=cand_version, source=a.model, quantize="int4",
                     system_prompt=system_prompt), timeout=300)
-            log("stack", f"candidate {cand_version} loaded ({a.candidate}: "
+            log("stack", f"candidate {cand_version} loaded ({'good' if self.scenario == 'fallback' else a.candidate}: "
                          f"{'system prompt ' + repr(system_prompt) if system_prompt else 'same as stable'}) "
                          f"in {time.monotonic() - t:.1f}s")
             for topic in (topics.SIGNALS, topics.ALERTS, topics.ROLLOUT):
@@ -304,7 +351,18 @@ class Demo:
             log("rollout", f"started a canary of {cand_version} (steps {sp.steps} percent, at least "
                            f"{sp.min_requests} candidate requests and {sp.interval:g}s per step): {r.get('reason', '')}")
             try:
+                if self.scenario == "fallback":  # the operator promotes once the first step has passed
+                    await asyncio.wait_for(self.first_step_passed(), max(1.0, deadline - time.monotonic()))
+                    if not self.decided.is_set():
+                        r = await http("POST", f"{url}/api/promote", {"model": self.model})
+                        log("rollout", f"the operator promotes {cand_version} after its first step passed: "
+                                       f"{r.get('reason', '')}")
                 await asyncio.wait_for(self.decided.wait(), max(1.0, deadline - time.monotonic()))
+                if self.scenario == "fallback" and self.decisions and self.decisions[-1]["phase"] == "promoted":
+                    self.soured_at, self.sour = time.monotonic(), True
+                    log("traffic", f"{cand_version} is promoted; from now on its users rate its answers about 0.2 "
+                                   f"instead of 0.8 (Feedback scores)")
+                    await asyncio.wait_for(self.fell_back.wait(), max(1.0, deadline - time.monotonic()))
                 seconds = time.monotonic() - log.t0
                 if a.linger > 0:
                     log("stack", f"following the loop for {a.linger:g}s more")
@@ -314,6 +372,7 @@ class Demo:
             self.done.set()
             history = await http("POST", f"{url}/api/history", {"model": self.model})
             status = await http("POST", f"{url}/api/status", {"model": self.model})
+            self.actions = await http("POST", f"{url}/api/actions", {"model": self.model})
             return self.summary(history, status, seconds)
         finally:
             self.done.set()
@@ -324,6 +383,10 @@ class Demo:
                 await server.stop()
             await stack.stop(children)
             await asyncio.to_thread(broker.stop)
+
+    async def first_step_passed(self) -> None:
+        while not self.decided.is_set() and not any(d["step"] >= 1 for d in self.decisions):
+            await asyncio.sleep(0.2)
 
     async def _wait_leader(self, url: str, deadline: float) -> None:
         while True:
@@ -342,7 +405,14 @@ class Demo:
              "outcome": outcome, "reason": last.get("reason", ""), "seconds": round(seconds, 1),
              "requests": dict(self.counts), "errors": self.errors, "steps_seen": steps,
              "decisions": self.decisions, "drifted_signals": self.drifted, "alerts": self.alerts,
-             "history": history, "status": status}
+             "history": history, "status": status, "scenario": self.scenario,
+             "actions": getattr(self, "actions", []), "fallback": self.fallback}
+        if self.scenario == "fallback":
+            fired = [x for x in self.alerts if x["rule"] == "FeedbackScoreShift" and x["state"] == "firing"
+                     and x["labels"].get("version") == self.candidate]
+            if self.fallback and fired:
+                s["fallback"]["alert_to_fallback"] = round(self.fallback["time"] - fired[0]["time"], 3)
+            s["outcome"] = outcome = "fallback" if self.fallback else "none"
         print("\n=== vigil demo summary ===", flush=True)
         print(f"candidate {self.candidate} ({self.args.candidate}) against stable {self.stable}: {outcome} "
               f"after {seconds:.0f}s", flush=True)
@@ -353,10 +423,21 @@ class Demo:
         print(f"alerts fired: {', '.join(fired) or 'none'}")
         for h in history if isinstance(history, list) else []:
             print(f"history: {h.get('action')} -> {h.get('to')} (step {h.get('step')}): {h.get('reason')}")
+        for x in s["actions"]:
+            print(f"action: {x['action']} {x['outcome']} ({x['policy']}): {x['reason']}")
+        if self.scenario == "fallback":
+            means = ", ".join(f"{v} {sum(x) / len(x):.2f} over {len(x)}" for v, x in sorted(self.scores.items()))
+            print(f"feedback scores: {means}")
+            if self.fallback:
+                f = self.fallback
+                print(f"fallback {f['after_sour']:.1f}s after the scores fell"
+                      + (f", {f['alert_to_fallback']:.2f}s after the alert" if "alert_to_fallback" in f else "")
+                      + f": {f['reason']}", flush=True)
         if self.args.summary_json:
             Path(self.args.summary_json).write_text(json.dumps(s, indent=1, default=str))
         if outcome == "none":
-            print(f"neither a rollback nor a promotion within {self.args.timeout:g}s", flush=True)
+            print(f"no fallback after the promotion within {self.args.timeout:g}s" if self.scenario == "fallback"
+                  else f"neither a rollback nor a promotion within {self.args.timeout:g}s", flush=True)
             return 1
         return 0
 
