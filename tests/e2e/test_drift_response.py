@@ -7,6 +7,8 @@ Two models, each promoted from version 1 to 2 through the controller's admin API
   the scores (the processors) -> a critical alert (alerting) -> the policy's fallback
   (the controller): all traffic back on version 1, the reason naming the alert.
 - `quiet`: version 2 stays healthy through a long, low-traffic run: no action at all.
+Then SIGHUP with a bad policy file is refused (the error names its line), with a good one
+reloads it.
 
 Printed: the time from the alert (its record on vigil.alerts) to the fallback (the
 RolloutState on vigil.rollout), and the false actions of the quiet run."""
@@ -17,6 +19,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -221,6 +224,14 @@ async def run(bootstrap: str, folder: Path, t0: float) -> None:
         assert false == [] and quiet_alerts == []
         assert api(url, "status", model=quiet)["phase"] == "promoted"
         assert [(a.action, a.outcome, a.target_version) for a in actions] == [("fallback", "done", "1")]
+        # SIGHUP reloads the policy; a bad one is refused, naming its line, and the last good one kept
+        (folder / "policy.yml").write_text("rules:\n  - name: x\n    matchers: ['a=\"b\"']\n    action: explode\n")
+        procs["rollout"].send_signal(signal.SIGHUP)
+        await asyncio.to_thread(wait_for_line, logs["rollout"], "policy.yml:4: rules[0].action: 'explode'",
+                                procs["rollout"])
+        (folder / "policy.yml").write_text(POLICY + "  - {name: more, matchers: ['a=\"b\"'], action: notify-only}\n")
+        procs["rollout"].send_signal(signal.SIGHUP)
+        await asyncio.to_thread(wait_for_line, logs["rollout"], "reloaded: 2 rules", procs["rollout"])
     finally:
         for p in procs.values():
             p.terminate()
