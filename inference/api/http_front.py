@@ -560,7 +560,8 @@ class EventStream:
         """One server-sent event (None: `[DONE]`), once the socket's buffer has room for it."""
         data = b"data: [DONE]\n\n" if event is None else b"data: " + compact(event).encode() + b"\n\n"
         try:
-            await asyncio.wait_for(self.response.write(data), self.stall_s)
+            async with asyncio.timeout(self.stall_s):  # a timer, not a task per event
+                await self.response.write(data)
         except (ConnectionError, asyncio.TimeoutError) as e:
             stalled = isinstance(e, asyncio.TimeoutError)
             log.info("%s: the reader %s; its generation is stopped", self.call.request_id,
