@@ -13,8 +13,9 @@ load them from): they are left out, with a warning, and the remaining weights ar
 record is skipped. The latest record per model is kept, and applied again when the set of
 loaded versions changes (a version loaded later through the admin API gets its share).
 The record's stable version, its shadow versions (those loaded here) and its feature
-flags are applied in the same call as the weights; a record the router refuses (a
-negative or infinite weight) is logged and skipped.
+flags are applied in the same call as the weights, and with them each loaded version's
+temperature for its label probabilities (1, none, where the record names none); a
+record the router refuses (a negative or infinite weight) is logged and skipped.
 
 Its tasks (following the topic, watching the loaded versions, retrying an unreadable
 broker) run under the server's eventbus.supervise.Supervisor, which the server's health
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 from aiokafka.errors import KafkaError
 
@@ -132,6 +134,9 @@ class RolloutFollower:
         except ValueError as exc:  # a negative or infinite weight, which Router.set_weights names
             log.warning("rollout of %s generation %d not applied: %s", model, msg.generation, exc)
             return None
+        for version, mv in self.router.versions[model].items():
+            t = msg.temperatures.get(version, 1.0)
+            mv.temperature = t if math.isfinite(t) and t > 0 else 1.0
         log.info("rollout of %s generation %d: weights %s%s (%s)", model, msg.generation,
                  ", ".join(f"{v} {w:.0%}" for v, w in sorted(new.items())),
                  f"; shadow {', '.join(shadows)}" if shadows else "", msg.reason)

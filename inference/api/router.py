@@ -35,6 +35,7 @@ class ModelVersion:
     group_size: int = 32
     system_prompt: str = ""
     loaded_at: float = field(default_factory=time.time)
+    temperature: float = 1.0  # of its label probabilities (eventbus/temperature.py), set by the rollout
 
 
 class Router:

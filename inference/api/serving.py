@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from eventbus import topics
+from eventbus import temperature, topics
 from inference.api.errors import Failed, InvalidArgument, NotFound, Overloaded, ServingError, shown
 from inference.api.events import FEEDBACK_TOPIC, INFERENCE_TOPIC, EventSink, TokenHasher
 from inference.api.limits import Limits, check_chars
@@ -380,7 +380,10 @@ class Serving:
         top = max(result.logprobs)
         weights = [math.exp(lp - top) for lp in result.logprobs]
         total = sum(weights)
-        scores = [LabelScore(label, w / total, lp) for label, w, lp in zip(labels, weights, result.logprobs)]
+        probabilities = [w / total for w in weights]
+        if mv.temperature != 1.0:  # the rollout's recalibration of this version
+            probabilities = temperature.scale(probabilities, mv.temperature)
+        scores = [LabelScore(label, p, lp) for label, p, lp in zip(labels, probabilities, result.logprobs)]
         out.scores = {s.label: s.probability for s in scores}
         return scores
 
