@@ -11,7 +11,9 @@ a time, so a quantised model is never held in fp32 whole.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +116,24 @@ def load_hf_folder(folder: Path) -> Checkpoint:
 
 
 def load_gguf(path: Path) -> Checkpoint:
-    from gguf import GGMLQuantizationType, GGUFReader
+    checkpoint = read_gguf(path)
+    # the reader's parsed metadata (a Python object per vocabulary entry) is garbage now
+    gc.collect()
+    release_freed_memory()
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where a tensor's bytes are in the file: all a checkpoint keeps of the reader."""
+    kind: str          # GGML type name: F32, Q4_1, ...
+    dtype: np.dtype    # of the stored array
+    shape: tuple[int, ...]
+    offset: int
+
+
+def read_gguf(path: Path) -> Checkpoint:
+    from gguf import GGUFReader
 
     reader = GGUFReader(path)
     meta = {name: f.contents() for name, f in reader.fields.items()
@@ -126,39 +145,42 @@ def load_gguf(path: Path) -> Checkpoint:
     config = gguf_config(meta, arch, reader)
 
     tensors, q4_groups, q8_groups, storage = {}, {}, {}, {}
-    for t in reader.tensors:
-        name = gguf_tensor_name(t.name)
+    for rt in reader.tensors:
+        name = gguf_tensor_name(rt.name)
+        t = GGUFTensor(rt.tensor_type.name, rt.data.dtype, tuple(rt.data.shape), int(rt.data_offset))
         # llama.cpp interleaves the rotary halves of Q and K for "llama"; undo it.
         heads = None
         if arch != "qwen2" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
         tensors[name] = lambda t=t, heads=heads: unpermute_rotary(gguf_dequantized(path, t), heads)
-        storage[name] = t.tensor_type.name
-        if t.tensor_type in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+        storage[name] = t.kind
+        if t.kind in ("Q4_0", "Q4_1"):
             q4_groups[name] = lambda t=t, heads=heads: tuple(
-                unpermute_rotary(c, heads) for c in q4_blocks_to_groups(gguf_raw(path, t), t.tensor_type.name))
-        if t.tensor_type == GGMLQuantizationType.Q8_0:
+                unpermute_rotary(c, heads) for c in q4_blocks_to_groups(gguf_raw(path, t), t.kind))
+        if t.kind == "Q8_0":
             q8_groups[name] = lambda t=t, heads=heads: tuple(
                 unpermute_rotary(c, heads) for c in q8_blocks_to_groups(gguf_raw(path, t)))
     return Checkpoint(config, Tokenizer.from_gguf(reader), str(path), LazyTensors(tensors),
                       LazyTensors(q4_groups), LazyTensors(q8_groups), storage)
 
 
-def gguf_raw(path: Path, t) -> np.ndarray:
+def gguf_raw(path: Path, t: GGUFTensor) -> np.ndarray:
     """A tensor's stored bytes, read from the file rather than through the reader's
     memory map, whose pages would stay resident while the checkpoint lives."""
-    return np.fromfile(path, dtype=t.data.dtype, count=t.data.size, offset=t.data_offset).reshape(t.data.shape)
+    return np.fromfile(path, dtype=t.dtype, count=math.prod(t.shape), offset=t.offset).reshape(t.shape)
 
 
-def gguf_dequantized(path: Path, t, rows: int = 2048) -> torch.Tensor:
+def gguf_dequantized(path: Path, t: GGUFTensor, rows: int = 2048) -> torch.Tensor:
     """fp32 values of a GGUF tensor, dequantised a block of rows at a time (gguf's
     dequantiser holds several temporaries the size of its output)."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     raw = gguf_raw(path, t)
+    kind = GGMLQuantizationType[t.kind]
     out = None
     for i in range(0, len(raw), rows):
-        part = dequantize(raw[i:i + rows], t.tensor_type)
+        part = dequantize(raw[i:i + rows], kind)
         if out is None:
             out = torch.empty((len(raw), *part.shape[1:]), dtype=torch.float32)
         out[i:i + len(part)] = torch.from_numpy(np.asarray(part, dtype=np.float32))

@@ -14,10 +14,15 @@ GPU kernel such as the Triton `inference.runtime.kernels.quant_matmul` consumes)
     w[n, k] = (q[n, k] - 8) * scales[n, k // g] + zeros[n, k // g]
 
 This is the scale/zero convention of torch's `_weight_int4pack_mm_for_cpu`. On CPU
-the module also keeps that op's own layout (non-persistent buffers, rebuilt after
+the module runs that op's own layout (non-persistent buffers, rebuilt after
 `load_state_dict`): `_cpu_qweight` from `_convert_weight_to_int4pack_for_cpu`
 (rows padded to a multiple of 16, the op's requirement) and `_cpu_scales_zeros`
-[K/g, N, 2]. K must be divisible by g (no padding: a ValueError says so).
+[K/g, N, 2]. K must be divisible by g (no padding: a ValueError says so). Once that
+layout is built the portable `qweight` is dropped (it would be a second copy of the
+weights), and derived back from it, exactly, the first time something needs it: a
+`state_dict`, `dequantize`, the portable matmul (Triton, or the reference where the
+CPU op does not apply), or a move to another device; `scales` and `zeros` stay (the
+CPU layout holds them only in the activation dtype).
 
 GGUF: a Q4_1 block (32 weights, value = d*q + m) is group-32 with scale = d,
 zero = m + 8*d; a Q4_0 block (value = d*(q - 8)) has scale = d, zero = 0. Both
@@ -111,12 +116,14 @@ def dequantize_int4(qweight, scales, zeros, group_size: int, dtype=torch.float32
     return w.reshape(n, k)
 
 
-def int4_matmul(x, qweight, scales, zeros, group_size: int, cpu_qweight=None, cpu_scales_zeros=None):
+def int4_matmul(x, qweight, scales, zeros, group_size: int, cpu_qweight=None, cpu_scales_zeros=None,
+                n: int | None = None):
     """x [..., K] @ dequantize_int4(...).T -> [..., N] in x.dtype.
 
-    On CPU, with the op's own layout given, runs `_weight_int4pack_mm_for_cpu`;
-    elsewhere `quant_matmul` (Triton on CUDA, dequantise and multiply otherwise)."""
-    n = qweight.shape[0]
+    On CPU, with the op's own layout given, runs `_weight_int4pack_mm_for_cpu` (then
+    `qweight` may be None, with `n` the number of rows); elsewhere `quant_matmul`
+    (Triton on CUDA, dequantise and multiply otherwise)."""
+    n = qweight.shape[0] if qweight is not None else n
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if cpu_qweight is not None and x.device.type == "cpu" and x.dtype in _CPU_FAST_DTYPES:
@@ -151,9 +158,20 @@ class Int4Linear(nn.Module):
         self.register_buffer("_cpu_scales_zeros", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda mod, _keys: mod.repack())
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The portable packed codes, derived from the CPU layout if they were dropped."""
+        buffers = self.__dict__["_buffers"]
+        if "qweight" not in buffers:  # while __init__ registers it
+            raise AttributeError("qweight")
+        if buffers["qweight"] is None:
+            buffers["qweight"] = self.portable_qweight()
+        return buffers["qweight"]
+
     @torch.no_grad()
     def repack(self) -> None:
-        """(Re)build the CPU op's layout from the portable buffers."""
+        """(Re)build the CPU op's layout from the portable buffers, then drop the
+        portable codes (see the module docstring)."""
         if self.qweight.device.type != "cpu":
             self._cpu_qweight = self._cpu_scales_zeros = None
             return
@@ -168,6 +186,39 @@ class Int4Linear(nn.Module):
         self._cpu_qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         sz = torch.stack([scales.t(), zeros.t()], dim=-1)
         self._cpu_scales_zeros = sz.to(self.compute_dtype or sz.dtype).contiguous()
+        self._buffers["qweight"] = None
+
+    @torch.no_grad()
+    def portable_qweight(self, rows: int = 256) -> torch.Tensor:
+        """`qweight` read back out of the CPU layout: the op run on rows of the identity
+        with scale 1 and zero 8 gives each code itself (small integers, exact in bf16)."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        packed = self._buffers["_cpu_qweight"]
+        sz = torch.ones(k // g, n + (-n % 16), 2, dtype=torch.bfloat16)
+        sz[..., 1] = 8
+        q = torch.empty(n, k, dtype=torch.uint8)
+        for i in range(0, k, rows):
+            eye = torch.zeros(min(rows, k - i), k, dtype=torch.bfloat16)
+            eye[:, i:i + len(eye)].fill_diagonal_(1)
+            q[:, i:i + len(eye)] = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, g, sz)[:, :n].t()
+        return pack_int4(q)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.qweight  # noqa: B018 -- the portable codes are what a state_dict holds
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._cpu_qweight is not None:
+            self._buffers["qweight"] = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._buffers["qweight"] is None:  # a place to load into; repack drops it again
+            self._buffers["qweight"] = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        if self._buffers["qweight"] is None and fn(torch.empty(0)).device.type != "cpu":
+            self.qweight  # noqa: B018 -- off the CPU only the portable form runs
+            self._cpu_qweight = self._cpu_scales_zeros = None
+        return super()._apply(fn, recurse)
 
     @classmethod
     @torch.no_grad()
@@ -215,7 +266,10 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(-1, self.in_features), self._cpu_qweight,
                                                            self.group_size, sz)
             return y.view(*x.shape[:-1], self.out_features)
-        return int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_size, self._cpu_qweight, sz)
+        if sz is not None and x.device.type == "cpu" and x.dtype in _CPU_FAST_DTYPES:
+            return int4_matmul(x, None, self.scales, self.zeros, self.group_size, self._cpu_qweight, sz,
+                               n=self.out_features)
+        return int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_size)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from inference.runtime.quantize import (
-    Int4Linear, Int8Linear, int4_matmul, pack_int4, q4_blocks_to_groups,
+    Int4Linear, Int8Linear, dequantize_int4, int4_matmul, pack_int4, q4_blocks_to_groups,
     quantize_model, unpack_int4,
 )
 
@@ -117,6 +117,26 @@ def test_int4_state_dict_roundtrip():
     dst.load_state_dict(sd)  # the CPU layout is rebuilt by a post-hook
     x = torch.randn(2, 64)
     assert torch.equal(dst(x), src(x))
+
+
+@pytest.mark.parametrize("n,k,g", [(40, 256, 64), (5, 64, 32), (576, 1536, 32)])
+def test_int4_keeps_one_copy_of_the_codes_on_cpu(n, k, g):
+    gen = torch.Generator().manual_seed(n)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    scale, zero = torch.rand(n, k // g, generator=gen) / 100, torch.randn(n, k // g, generator=gen) / 100
+    q = Int4Linear.from_groups(codes, scale, zero, g, compute_dtype=torch.bfloat16)
+    assert q._buffers["qweight"] is None and q._cpu_qweight is not None  # only the CPU layout
+    x = torch.randn(3, k)
+    y = q(x)
+    sd = q.state_dict()  # the portable codes, derived exactly, and not kept
+    assert torch.equal(sd["qweight"], pack_int4(codes)) and q._buffers["qweight"] is None
+    dst = Int4Linear(k, n, g, compute_dtype=torch.bfloat16)
+    dst.load_state_dict(sd)
+    assert dst._buffers["qweight"] is None and torch.equal(dst(x), y)
+    assert torch.equal(q.qweight, pack_int4(codes))  # asked for: derived and kept
+    w = dequantize_int4(pack_int4(codes), scale, zero, g).double()
+    assert _rel(int4_matmul(x, q.qweight, q.scales, q.zeros, g), x.double() @ w.t()) < 1e-5  # the portable path
+    assert _rel(y, x.double() @ w.t()) < 1e-2  # bf16 activations and scales
 
 
 # ----------------------------------------------------------------------- model
