@@ -23,7 +23,8 @@ alert on a version in production leads to: `fallback` (the promoted version's tr
 back to the last healthy one: the previous stable version, kept loaded for the rollout's
 `watch` seconds after the promotion, listed in `keep_loaded`), `recalibrate` (the
 processors' latest fitted temperature for the version, published in `temperatures`, where
-it lowers held-out ECE), `retrain` (left to the service, which sends the request: the
+it lowers held-out ECE; until one does, the action waits and is tried again on each new
+temperature while the alert fires), `retrain` (left to the service, which sends the request: the
 record's outcome is "pending"), `notify-only`. Each is an ActionRecord, queued for the
 service (`take_actions`), keyed by (rule, alert fingerprint, alert start), so one alert
 instance acts once per rule (`load_actions` takes those already recorded); a rule acts on a
@@ -50,6 +51,10 @@ from .records import (ACTIVE, BLUEGREEN, FAILED, PAUSED, PROGRESSING, PROMOTED, 
 HISTORY_LIMIT = 500
 ACTED_LIMIT = 10000   # action ids remembered (the actions topic keeps them all)
 SIGNALS_KEPT = 20     # drifted series remembered per version, for a retrain request
+
+
+WAITING = "waiting"   # recalibrate: no temperature yet that lowers held-out ECE; tried again on the next one
+                      # while the alert fires
 
 
 def action_id(rule: str, fingerprint: str, starts_at: float) -> str:
@@ -271,6 +276,8 @@ class Controller:
         if obs.version not in m.versions:
             m.versions.append(obs.version)
         self._remember(m, obs)
+        if obs.recalibration is not None and m.firing:
+            return self._retry_waiting(m, obs.version)
         if m.phase not in ACTIVE:
             return []
         ours = obs.version == m.candidate and obs.reference_version == m.stable
@@ -442,7 +449,8 @@ class Controller:
             target = self.models.get(a.labels.get("model", ""))
             out = []
             if target is not None:
-                target.firing[a.fingerprint] = {"rule": a.rule, "labels": dict(a.labels), "time": a.time}
+                target.firing[a.fingerprint] = {"rule": a.rule, "labels": dict(a.labels), "time": a.time,
+                                                "starts_at": a.starts_at}
                 if target.phase in ACTIVE and self._firing_for(target):
                     out.append(self._alert_rollback(target, self._firing_for(target)))
             return out + self._respond(a)
@@ -516,7 +524,8 @@ class Controller:
         out = []
         for rule in self.policy.matching(labels):
             aid = action_id(rule.name, a.fingerprint, a.starts_at)
-            if aid in self.acted:
+            before = self.acted.get(aid)
+            if before is not None and before.outcome != WAITING:
                 continue  # this alert instance was acted on by this rule already (a redelivery, a restart)
             rec = ActionRecord(aid, rule.action, labels.get("model", ""), labels.get("version", ""), rule.name, "",
                                "", a.fingerprint, a.rule, a.starts_at, labels, self._now())
@@ -524,10 +533,25 @@ class Controller:
             if decision is not None:
                 out.append(decision)
                 rec.generation = decision.generation
+            if before is not None and rec.outcome == WAITING and rec.reason == before.reason:
+                continue  # still waiting, for the same reason: nothing new to record
             self.acted[aid] = rec
             self.queued.append(rec)
         self._trim()
         return out
+
+    def _retry_waiting(self, m: ModelState, version: str) -> list[Decision]:
+        """A new temperature for `version`: the recalibrations waiting for one, on alerts
+        about it still firing, are tried again."""
+        out = []
+        for fp, f in sorted(m.firing.items()):
+            if f["labels"].get("version") == version and any(
+                    a.outcome == WAITING and a.alert_fingerprint == fp for a in self.acted.values()):
+                out += self._respond(AlertObs(fp, f["rule"], "firing", f["labels"], f["time"], f.get("starts_at", 0.0)))
+        return out
+
+    def _wait(self, rec: ActionRecord, why: str) -> None:
+        rec.outcome, rec.reason = WAITING, f"{rec.action} by {rec.policy} waits: {why}"
 
     def _skip(self, rec: ActionRecord, why: str) -> None:
         rec.outcome, rec.reason = "skipped", f"{rec.action} by {rec.policy} skipped: {why}"
@@ -535,7 +559,7 @@ class Controller:
     def _limited(self, rule: pol.PolicyRule, rec: ActionRecord) -> str:
         now = self._now()
         mine = [x for x in self.acted.values() if x.policy == rule.name and x.model == rec.model
-                and x.outcome not in ("skipped",)]
+                and x.outcome not in ("skipped", WAITING)]
         recent = [x for x in mine if x.version == rec.version and now - x.time < rule.cooldown]
         if recent:
             last = max(x.time for x in recent)
@@ -611,17 +635,17 @@ class Controller:
     def _recalibrate(self, m: ModelState, rule: pol.PolicyRule, rec: ActionRecord, what: str) -> Decision | None:
         r = m.recalibration.get(rec.version)
         if r is None:
-            return self._skip(rec, f"no temperature from the processors for {m.model} {rec.version} yet")
+            return self._wait(rec, f"no temperature from the processors for {m.model} {rec.version} yet")
         t, before, after, held = r.get("temperature", 0.0), r.get("ece_before", 0.0), r.get("ece_after", 0.0),             int(r.get("held_out", 0))
         rec.details = {"temperature": t, "ece_before": before, "ece_after": after, "held_out": held,
                        "fitted": int(r.get("fitted", 0)), "accuracy": r.get("accuracy")}
         if not (math.isfinite(t) and t > 0):
-            return self._skip(rec, f"the fitted temperature {t!r} is not a positive number")
+            return self._wait(rec, f"the fitted temperature {t!r} is not a positive number")
         if held < rule.min_held_out:
-            return self._skip(rec, f"the temperature was judged on {held} held-out feedbacks, {rule.min_held_out} "
+            return self._wait(rec, f"the temperature was judged on {held} held-out feedbacks, {rule.min_held_out} "
                                    f"needed")
         if not after < before - rule.min_improvement:
-            return self._skip(rec, f"temperature {t:.3g} does not lower held-out ECE enough ({before:.4f} -> "
+            return self._wait(rec, f"temperature {t:.3g} does not lower held-out ECE enough ({before:.4f} -> "
                                    f"{after:.4f}, {rule.min_improvement:g} needed); the current one is kept")
         if why := self._limited(rule, rec):
             return self._skip(rec, why)

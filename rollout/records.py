@@ -112,7 +112,8 @@ class ActionRecord:
     version: str
     policy: str            # the rule's name
     reason: str
-    outcome: str           # done, dry-run, skipped, pending (retrain: being sent), sent, failed
+    outcome: str           # done, dry-run, skipped, waiting (recalibrate: for a temperature that
+                           # helps), pending (retrain: being sent), sent, failed
     alert_fingerprint: str
     alert_name: str
     alert_starts_at: float

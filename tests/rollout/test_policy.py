@@ -166,15 +166,27 @@ def temperature(version, t, before, after, held=100):
 
 def test_recalibrate_publishes_a_temperature_only_where_it_lowers_held_out_ece():
     c, clock, _ = promoted(RECAL)
-    c.observe(temperature("v2", 2.0, 0.20, 0.19))  # not enough better
-    assert c.observe(alert(rule="HighCalibrationError", category="calibration", severity="warning")) == []
-    assert "does not lower held-out ECE enough" in c.take_actions()[0].reason
-    c.observe(temperature("v2", 2.5, 0.20, 0.04))
-    [d] = c.observe(alert(fp="g2", rule="HighCalibrationError", category="calibration", severity="warning",
-                          starts=9.0))
+    ece = alert(rule="HighCalibrationError", category="calibration", severity="warning")
+    assert c.observe(ece) == []                       # before any temperature: it waits
+    [a] = c.take_actions()
+    assert a.outcome == "waiting" and "no temperature" in a.reason
+    assert c.observe(temperature("v2", 2.0, 0.20, 0.19)) == []  # not enough better: still waiting
+    [a] = c.take_actions()
+    assert a.outcome == "waiting" and "does not lower held-out ECE enough" in a.reason
+    assert c.observe(temperature("v2", 2.0, 0.20, 0.19)) == [] and c.take_actions() == []  # nothing new
+    c.observe(temperature("v1", 2.5, 0.20, 0.04))     # another version's: not this alert's
+    assert c.take_actions() == []
+    [d] = c.observe(temperature("v2", 2.5, 0.20, 0.04))  # one that helps, while the alert still fires
     assert d.temperatures == {"v2": 2.5} and "temperature 2.5" in d.reason
     [a] = c.take_actions()
-    assert a.outcome == "done" and a.details["ece_after"] == 0.04
+    assert a.outcome == "done" and a.details["ece_after"] == 0.04 and a.action_id == action_id("recal", "f1", 1.0)
+    assert c.observe(temperature("v2", 3.0, 0.20, 0.02)) == [] and c.observe(ece) == []  # acted: once
+    # resolved before a temperature came: nothing is waiting any more
+    c2, _, _ = promoted(RECAL)
+    c2.observe(ece)
+    c2.observe(alert(state="resolved"))
+    c2.take_actions()
+    assert c2.observe(temperature("v2", 2.5, 0.20, 0.04)) == [] and c2.take_actions() == []
 
 
 def test_retrain_is_left_pending_for_the_service_with_the_drift_start():
