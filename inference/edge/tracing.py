@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 SERVICES = {"Generate": "vigil.v1.LLM", "GenerateStream": "vigil.v1.LLM", "Classify": "vigil.v1.LLM",
             "ModelInfer": "inference.GRPCInferenceService", "ModelStreamInfer": "inference.GRPCInferenceService"}
+HTTP_ROUTES = {"openai.chat.completions": "/v1/chat/completions", "openai.completions": "/v1/completions"}
+HTTP_STATUS = {"ok": 200, "invalid_argument": 400, "unauthenticated": 401, "permission_denied": 403,
+               "not_found": 404, "resource_exhausted": 503, "cancelled": 499, "deadline_exceeded": 504,
+               "internal": 500}
 GRPC_CODES = {"ok": 0, "cancelled": 1, "invalid_argument": 3, "deadline_exceeded": 4, "not_found": 5,
               "permission_denied": 7, "resource_exhausted": 8, "internal": 13, "unauthenticated": 16}
 SERVER_ERRORS = {"internal", "deadline_exceeded"}  # a failure of the server, not of the caller
@@ -135,10 +139,14 @@ class Tracing:
         service = SERVICES.get(out.method, "vigil")
         wall_ns, mono = time.time_ns(), time.monotonic()
         kind = trace.SpanKind.SERVER if metadata is not None else trace.SpanKind.INTERNAL
-        span = self.tracer.start_span(
-            f"{service}/{out.method}", context=ctx, kind=kind, start_time=wall_ns,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": out.method,
-                        "vigil.request_id": out.request_id})
+        if out.protocol == "http":  # named as OpenTelemetry names HTTP server spans: method and route
+            route = HTTP_ROUTES.get(out.method, out.method)
+            name, attributes = f"POST {route}", {"http.request.method": "POST", "http.route": route}
+        else:
+            name, attributes = f"{service}/{out.method}", {"rpc.system": "grpc", "rpc.service": service,
+                                                            "rpc.method": out.method}
+        span = self.tracer.start_span(name, context=ctx, kind=kind, start_time=wall_ns,
+                                      attributes={**attributes, "vigil.request_id": out.request_id})
         out.span = RequestSpan(span, mono, wall_ns)
         out.trace_id = trace.format_trace_id(span.get_span_context().trace_id)
 
@@ -177,9 +185,13 @@ class Tracing:
             f = out.finished
             attributes = {
                 "vigil.model": out.model, "vigil.version": out.version, "vigil.route": out.route,
-                "vigil.status": out.status, "rpc.grpc.status_code": GRPC_CODES.get(out.status, 2),
+                "vigil.status": out.status,
                 "gen_ai.request.model": out.model, "gen_ai.usage.input_tokens": out.prompt_tokens,
             }
+            if out.protocol == "http":
+                attributes["http.response.status_code"] = HTTP_STATUS.get(out.status, 500)
+            else:
+                attributes["rpc.grpc.status_code"] = GRPC_CODES.get(out.status, 2)
             if f is not None:
                 attributes["gen_ai.usage.output_tokens"] = f.completion_tokens
                 attributes["gen_ai.response.finish_reasons"] = (f.finish_reason,)

@@ -19,6 +19,7 @@ from inference.api.events import INFERENCE_TOPIC
 from inference.api.limits import Limits
 from inference.api.options import EngineOptions
 from inference.edge.auth import AuthOptions, hash_secret
+from inference.edge.tracing import Tracing
 from inference.runtime.engine import Job
 from inference.runtime.sampling import SamplingParams
 from protos import llm_pb2, llm_pb2_grpc
@@ -295,6 +296,34 @@ def test_traceparent_gives_the_event_its_trace_id(server, client):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_headers={
         "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "x-request-id": "http-traced"})
     assert one_event(server, "http-traced")["trace_id"] == trace_id
+
+
+def test_an_http_request_is_a_server_span_named_by_its_route(server, client):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    serving = server.server.serving
+    untraced, serving.tracing = serving.tracing, Tracing(provider)
+    try:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, extra_body={"ignore_eos": True},
+                                       extra_headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-"
+                                                                     "b7ad6b7169203331-01", "x-request-id": "http-span"})
+        spans = wait_until(lambda: {s.name: s for s in exporter.get_finished_spans()
+                                    if s.attributes.get("vigil.request_id") == "http-span"}, 10, "the request's span")
+    finally:
+        serving.tracing = untraced
+    span = spans["POST /v1/chat/completions"]
+    assert span.kind == trace.SpanKind.SERVER
+    assert format(span.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert format(span.parent.span_id, "016x") == "b7ad6b7169203331"
+    assert span.attributes["http.route"] == "/v1/chat/completions"
+    assert span.attributes["http.response.status_code"] == 200
+    assert {"queue", "prefill", "decode"} <= {s.name for s in exporter.get_finished_spans()
+                                              if s.parent and s.parent.span_id == span.context.span_id}
 
 
 def test_requests_count_with_their_protocol(server, client):
