@@ -7,6 +7,9 @@ Two models, each promoted from version 1 to 2 through the controller's admin API
   the scores (the processors) -> a critical alert (alerting) -> the policy's fallback
   (the controller): all traffic back on version 1, the reason naming the alert.
 - `quiet`: version 2 stays healthy through a long, low-traffic run: no action at all.
+- `calib`: version 2 is over-confident (Classify: top label 0.95, right 60% of the time):
+  HighCalibrationError fires, the processors fit a temperature, and the policy's
+  recalibrate publishes it in the RolloutState's `temperatures`.
 Then SIGHUP with a bad policy file is refused (the error names its line), with a good one
 reloads it.
 
@@ -49,12 +52,20 @@ groups:
         keep_firing_for: 30s
         labels: {severity: critical, category: quality}
         annotations: {summary: "Feedback scores of {{ $labels.model }}/{{ $labels.version }} changed"}
+      - alert: HighCalibrationError
+        metric: {name: ece, window: 10s, aggregate: last, above: 0.1}
+        labels: {severity: warning, category: calibration}
 """
 POLICY = """
 rules:
   - name: fallback-on-critical
     matchers: ['severity="critical"', 'category=~"quality|drift"']
     action: fallback
+  - name: recalibrate-on-ece
+    matchers: ['alertname="HighCalibrationError"']
+    action: recalibrate
+    min_improvement: 0.01
+    min_held_out: 30
 """
 
 
@@ -88,14 +99,28 @@ def scored(rng: random.Random, model: str, version: str, mean: float):
     return [e, f]
 
 
+def classified(rng: random.Random, model: str, version: str, confidence: float, accuracy: float):
+    e = events_pb2.InferenceEvent(event_id=str(uuid.uuid4()), request_id=str(uuid.uuid4()), model=model,
+                                  version=version, method="Classify", route=events_pb2.ROUTE_STABLE, status=1,
+                                  prompt_tokens=10, total_seconds=0.05)
+    top = rng.choice(["yes", "no"])
+    other = "no" if top == "yes" else "yes"
+    e.label_probabilities.update({top: confidence, other: 1 - confidence})
+    e.time.GetCurrentTime()
+    f = events_pb2.FeedbackEvent(event_id=str(uuid.uuid4()), feedback_id=str(uuid.uuid4()), request_id=e.request_id,
+                                 model=model, version=version, label=top if rng.random() < accuracy else other)
+    f.time.GetCurrentTime()
+    return [e, f]
+
+
 class Traffic:
     def __init__(self, producer: AIOKafkaProducer):
         self.producer = producer
 
-    async def send(self, rng, model, version, mean, count):
+    async def send(self, rng, model, version, mean, count, make=None):
         futures = []
         for _ in range(count):
-            for m in scored(rng, model, version, mean):
+            for m in (make or scored)(rng, model, version, mean):
                 topic = topics.INFERENCE if isinstance(m, events_pb2.InferenceEvent) else topics.FEEDBACK
                 headers = cloudevents.headers(m.event_id, m.DESCRIPTOR.full_name, "e2e", time.time(), codec.PROTOBUF)
                 futures.append(await self.producer.send(topic, codec.encode(m), key=model.encode(), headers=headers))
@@ -127,7 +152,7 @@ def records(bootstrap: str, topic: str, cls, want) -> list:
         c.close()
 
 
-def test_a_promoted_version_whose_feedback_turns_bad_falls_back_and_a_healthy_one_is_left_alone(tmp_path):
+def test_bad_feedback_falls_back_a_healthy_version_is_left_alone_an_overconfident_one_recalibrated(tmp_path):
     t0 = time.monotonic()
     with EmbeddedBroker() as broker:
         asyncio.run(run(broker.bootstrap_servers, tmp_path, t0))
@@ -142,7 +167,8 @@ async def run(bootstrap: str, folder: Path, t0: float) -> None:
     logs = {n: folder / f"{n}.log" for n in ("process", "alerting", "rollout")}
     args = {
         "process": ["process", "--group-id", "e2e", "--metrics-port", "0", "--session-timeout-ms", "6000",
-                    "--score-every", str(SCORE_EVERY), "--score-window", "100"],
+                    "--score-every", str(SCORE_EVERY), "--score-window", "100", "--calibration-every", "50",
+                    "--recalibration-min", "200", "--recalibration-every", "200"],
         "alerting": ["alerting", "--rules", str(folder / "rules.yml"), "--admin-port", "0"],
         "rollout": ["rollout", "--admin-port", "0", "--tick", "0.25", "--default-interval", str(INTERVAL),
                     "--policy", str(folder / "policy.yml"), "--outbox-dir", str(folder / "outbox")],
@@ -156,8 +182,8 @@ async def run(bootstrap: str, folder: Path, t0: float) -> None:
         url = line.split("admin API on ")[1].split()[0].rstrip(",")
         await asyncio.to_thread(wait_for_line, logs["rollout"], "is the leader", procs["rollout"])
         print(f"\nstarted: {time.monotonic() - t0:.1f}s")
-        bad, quiet = f"bad-{uuid.uuid4().hex[:4]}", f"quiet-{uuid.uuid4().hex[:4]}"
-        for model in (bad, quiet):
+        bad, quiet, calib = (f"{n}-{uuid.uuid4().hex[:4]}" for n in ("bad", "quiet", "calib"))
+        for model in (bad, quiet, calib):
             api(url, "start", model=model, stable="1", candidate="2", steps=[100], watch=600)
             d = api(url, "promote", model=model)
             assert d["phase"] == "promoted" and d["keep_loaded"] == ["1"], d
@@ -178,7 +204,9 @@ async def run(bootstrap: str, folder: Path, t0: float) -> None:
 
             # both healthy after their promotion
             t0 = time.monotonic()
-            await asyncio.gather(quiet_trickle(60), traffic.send(rb, bad, "2", 0.8, 300))
+            over_confident = lambda rng, m, v, _: classified(rng, m, v, 0.95, 0.6)  # noqa: E731
+            await asyncio.gather(quiet_trickle(60), traffic.send(rb, bad, "2", 0.8, 300),
+                                 traffic.send(random.Random(3), calib, "2", 0, 400, over_confident))
             print(f"\nhealthy traffic: {time.monotonic() - t0:.1f}s")
             # the bad one's answers get worse; the quiet one goes on
             bad_from = time.monotonic()
@@ -224,6 +252,16 @@ async def run(bootstrap: str, folder: Path, t0: float) -> None:
         assert false == [] and quiet_alerts == []
         assert api(url, "status", model=quiet)["phase"] == "promoted"
         assert [(a.action, a.outcome, a.target_version) for a in actions] == [("fallback", "done", "1")]
+        # the over-confident version got the processors' temperature, where it lowers held-out ECE
+        temps = await asyncio.to_thread(wait_until, lambda: api(url, "status", model=calib)["temperatures"], 60,
+                                        "the recalibration")
+        [recal] = records(bootstrap, topics.ACTIONS, events_pb2.Action,
+                          lambda a: a.model == calib and a.outcome == "done")
+        fit = json.loads(recal.details_json)
+        assert recal.action == "recalibrate" and temps == {"2": fit["temperature"]} and fit["temperature"] > 1
+        assert fit["ece_after"] < fit["ece_before"] - 0.01
+        print(f"recalibrated {calib} 2: temperature {fit['temperature']:.3g}, held-out ECE {fit['ece_before']:.3f} -> "
+              f"{fit['ece_after']:.3f} over {fit['held_out']}")
         # SIGHUP reloads the policy; a bad one is refused, naming its line, and the last good one kept
         (folder / "policy.yml").write_text("rules:\n  - name: x\n    matchers: ['a=\"b\"']\n    action: explode\n")
         procs["rollout"].send_signal(signal.SIGHUP)
@@ -231,7 +269,7 @@ async def run(bootstrap: str, folder: Path, t0: float) -> None:
                                 procs["rollout"])
         (folder / "policy.yml").write_text(POLICY + "  - {name: more, matchers: ['a=\"b\"'], action: notify-only}\n")
         procs["rollout"].send_signal(signal.SIGHUP)
-        await asyncio.to_thread(wait_for_line, logs["rollout"], "reloaded: 2 rules", procs["rollout"])
+        await asyncio.to_thread(wait_for_line, logs["rollout"], "reloaded: 3 rules", procs["rollout"])
     finally:
         for p in procs.values():
             p.terminate()
