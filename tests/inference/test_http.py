@@ -9,6 +9,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import aiohttp
 import grpc
@@ -16,8 +17,10 @@ import openai
 import pytest
 
 from inference.api.events import INFERENCE_TOPIC
+from inference.api.http_front import Ask, EventStream, ReaderGone
 from inference.api.limits import Limits
 from inference.api.options import EngineOptions
+from inference.api.requests import Call
 from inference.edge.auth import AuthOptions, hash_secret
 from inference.edge.tracing import Tracing
 from inference.runtime.engine import Job
@@ -403,6 +406,27 @@ def test_a_full_queue_is_503_at_once(start_server, tiny_llama):
     assert answer["error"]["type"] == "server_error" and answer["error"]["code"] == "overloaded"
     assert headers["Retry-After"] == "1"
     assert one_event(s, "http-full")["status"] == "resource_exhausted"
+
+
+def test_a_reader_that_takes_nothing_is_cut_off():
+    """The stream waits for the socket to drain before its next event; past the stall
+    limit the connection is closed and the stream ends (its generation with it)."""
+    class Stuck:  # a response whose socket never drains
+        async def write(self, data):
+            await asyncio.Event().wait()
+
+    class Transport:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    request = SimpleNamespace(transport=Transport())
+    out = EventStream(request, "/v1/chat/completions", Call("openai.chat.completions", "stuck"), Ask([]), 0.05)
+    out.response = Stuck()
+    with pytest.raises(ReaderGone):
+        asyncio.run(out.write(None))
+    assert request.transport.closed
 
 
 # -- keys and limits -------------------------------------------------------------------
