@@ -26,7 +26,7 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
-from eventbus.signing import SIGNATURE_HEADER, sign, verify  # noqa: F401 (verify: for receivers and tests)
+from eventbus.signing import SIGNATURE_HEADER, sign
 
 from .config import AlertmanagerTarget, WebhookConfig
 from .durations import rfc3339

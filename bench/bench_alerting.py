@@ -165,7 +165,7 @@ def _receiver_process(port_q, secret: bytes) -> None:
     signature, and answers GET /results with what it got."""
     import json as _json
 
-    from alerting.sinks import SIGNATURE_HEADER, verify
+    from eventbus.signing import SIGNATURE_HEADER, verify
 
     got = []
     sig_header = SIGNATURE_HEADER.lower().encode()

@@ -636,7 +636,8 @@ class Controller:
         r = m.recalibration.get(rec.version)
         if r is None:
             return self._wait(rec, f"no temperature from the processors for {m.model} {rec.version} yet")
-        t, before, after, held = r.get("temperature", 0.0), r.get("ece_before", 0.0), r.get("ece_after", 0.0),             int(r.get("held_out", 0))
+        t, before, after = r.get("temperature", 0.0), r.get("ece_before", 0.0), r.get("ece_after", 0.0)
+        held = int(r.get("held_out", 0))
         rec.details = {"temperature": t, "ece_before": before, "ece_after": after, "held_out": held,
                        "fitted": int(r.get("fitted", 0)), "accuracy": r.get("accuracy")}
         if not (math.isfinite(t) and t > 0):
@@ -654,7 +655,8 @@ class Controller:
         if self.dry_run:
             rec.outcome, rec.reason = "dry-run", f"would have done: {reason}"
             return None
-        m.temperatures[rec.version] = float(t)
+        # the processors fit on the probabilities as served, already scaled by the current one
+        m.temperatures[rec.version] = m.temperatures.get(rec.version, 1.0) * float(t)
         self._record(m, "recalibrated", rec.version, rec.version, reason, dict(rec.details))
         rec.outcome, rec.reason = "done", reason
         return self._decide(m, reason, dict(rec.details))

@@ -16,7 +16,7 @@ from alerting.config import config_from_text
 from alerting.core import AlertingCore
 from alerting.labels import fingerprint_hex
 from alerting.rules import rules_from_text
-from alerting.sinks import SIGNATURE_HEADER, sign
+from eventbus.signing import SIGNATURE_HEADER, sign
 from eventbus.service import listen
 from tests.helpers.waiting import until
 from tests.helpers.webhooks import ALERT_V4_FIELDS, WEBHOOK_V4_FIELDS, WebhookRecorder, drift_signal

@@ -13,7 +13,7 @@ from aiohttp import web
 from eventbus.service import listen
 
 from alerting.signals import Signal
-from alerting.sinks import SIGNATURE_HEADER, verify
+from eventbus.signing import SIGNATURE_HEADER, verify
 
 WEBHOOK_V4_FIELDS = ("receiver", "status", "alerts", "groupLabels", "commonLabels", "commonAnnotations",
                      "externalURL", "version", "groupKey", "truncatedAlerts")

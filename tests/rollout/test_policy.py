@@ -181,6 +181,12 @@ def test_recalibrate_publishes_a_temperature_only_where_it_lowers_held_out_ece()
     [a] = c.take_actions()
     assert a.outcome == "done" and a.details["ece_after"] == 0.04 and a.action_id == action_id("recal", "f1", 1.0)
     assert c.observe(temperature("v2", 3.0, 0.20, 0.02)) == [] and c.observe(ece) == []  # acted: once
+    # the alert fires again later: the processors fit on probabilities already scaled by 2.5,
+    # so the temperature published composes with it
+    clock.advance(3600)
+    c.observe(alert(state="resolved"))
+    [d] = c.observe(alert(rule="HighCalibrationError", category="calibration", severity="warning", starts=3601.0))
+    assert d.temperatures == {"v2": pytest.approx(2.5 * 3.0)}
     # resolved before a temperature came: nothing is waiting any more
     c2, _, _ = promoted(RECAL)
     c2.observe(ece)
