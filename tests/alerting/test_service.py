@@ -202,18 +202,23 @@ async def test_signals_to_signed_webhook_and_alerts_then_restart_neither_resends
 async def test_two_instances_send_each_notification_once(kafka_broker, files, recorder):
     bootstrap = kafka_broker.bootstrap_servers
     model = f"ha-{uuid.uuid4().hex[:6]}"
-    primary = await start(options(kafka_broker, files, f"{model}-0", peer_position=0, peer_timeout=1.0))
-    standby = await start(options(kafka_broker, files, f"{model}-1", peer_position=1, peer_timeout=1.0))
+    primary = await start(options(kafka_broker, files, f"{model}-0", peer_position=0, peer_timeout=3.0))
+    standby = await start(options(kafka_broker, files, f"{model}-1", peer_position=1, peer_timeout=3.0))
     try:
-        by_peer = lambda: standby.core.metric("vigil_alerting_suppressed_total",  # noqa: E731
-                                              reason="sent_by_peer", receiver="hook")
+        def standby_log(firing: bool) -> bool:
+            """The standby's log holds its peer's entry for the group: firing, or all resolved."""
+            entries = [e for e in standby.core.nflog.entries.values() if model in e.group_key]
+            return bool(entries) and all(bool(e.firing) == firing and bool(e.resolved) != firing for e in entries)
+
         await signals_until_notified(bootstrap, recorder, 1, signal(model))
-        await until(lambda: by_peer() == 1, 10, "the standby finding its peer's notification after its wait")
+        await until(lambda: standby_log(firing=True), 30, "the peer's notification in the standby's log")
+        await standby.core.drain()
         assert len(recorder.received) == 1
         assert standby.merged_from_peers >= 1
         await produce(bootstrap, signal(model, drifted=False))
         await recorder.wait_for(2, timeout=10)
-        await until(lambda: by_peer() == 2, 10, "the standby finding its peer's resolved notification")
+        await until(lambda: standby_log(firing=False), 30, "the peer's resolved notification in the standby's log")
+        await standby.core.drain()
         assert [r.json["status"] for r in recorder.received] == ["firing", "resolved"]
         # the primary goes away: the standby alone notifies, after its wait
         await primary.stop()
