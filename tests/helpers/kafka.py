@@ -27,7 +27,8 @@ def read_topic(bootstrap: str, topic: str, want, count: int, timeout: float = 30
             # the high watermark of the last fetch: Tansu's ListOffsets can answer lower
             for tp in consumer.position(partitions):
                 high = consumer.get_watermark_offsets(tp, cached=True)[1]
-                if high < 0 or tp.offset < high:
+                consumed = max(tp.offset, 0)  # no position yet: nothing consumed from it
+                if high < 0 or consumed < high:
                     return False
             return True
 
