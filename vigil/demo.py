@@ -97,8 +97,10 @@ class Speed:
     latency_ratio: float = 1.5  # per output token; both versions step in turn on the same cores
 
 
+# the detector windows stay as they are: PSI over 10 bins of 30 events flagged a candidate
+# like stable as drifted, and the canary rolled it back
 FAST = Speed(max_tokens=8, concurrency=4, steps="25,50,100", min_requests=15, interval=5.0, min_samples=12,
-             window=30, signal_every=15)
+             signal_every=15)
 
 
 def add_parser(sub, option) -> None:
