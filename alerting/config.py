@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .labels import LABEL_NAME, Matcher, matchers_string, parse_matcher
+from .labels import matchers_string
 from .rules import RuleError, RuleLoadError, _Checker
 from .vocabulary import DEFAULT
+from eventbus.matchers import LABEL_NAME, Matcher, parse_matcher
 from eventbus.yamlpos import Map, Seq, YamlError, load
 
 

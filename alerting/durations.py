@@ -1,26 +1,13 @@
-"""Durations written as Prometheus writes them ("1h30m", "5m", "250ms", "0s"), and times
-written as Go writes RFC 3339 (what Alertmanager's JSON carries)."""
+"""Durations written back as Prometheus writes them ("1h30m", "5m", "250ms", "0s"; the
+parser is eventbus.durations), and times written as Go writes RFC 3339 (what
+Alertmanager's JSON carries)."""
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
 
-_UNITS = (("y", 365 * 86400.0), ("w", 7 * 86400.0), ("d", 86400.0), ("h", 3600.0),
-          ("m", 60.0), ("s", 1.0), ("ms", 0.001))
-_DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds. Raises ValueError with Prometheus's wording for a bad one."""
-    if not isinstance(text, str):
-        raise ValueError(f"not a duration string: {text!r} (write it as \"5m\", \"30s\", \"1h30m\")")
-    if text == "0":
-        return 0.0
-    m = _DURATION.match(text)
-    if not text or not m:
-        raise ValueError(f"not a valid duration string: {text!r} (units y w d h m s ms, largest first)")
-    return sum(int(g) * mult for g, (_, mult) in zip(m.groups(), _UNITS) if g)
+from eventbus.durations import UNITS, parse_duration  # noqa: F401 (parse_duration: alerting.cli)
 
 
 def format_duration(seconds: float) -> str:
@@ -28,7 +15,7 @@ def format_duration(seconds: float) -> str:
         return "0s"
     ms = int(round(seconds * 1000))
     out = []
-    for unit, mult in _UNITS:
+    for unit, mult in UNITS:
         n = int(ms // round(mult * 1000))
         if n:
             out.append(f"{n}{unit}")

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .durations import parse_duration
-from .labels import LABEL_NAME, Matcher
 from .templates import Template, TemplateError
 from .vocabulary import AGGREGATES, DEFAULT, Vocabulary, did_you_mean
-from eventbus.yamlpos import Map, Seq, YamlError, load
+from eventbus.durations import parse_duration
+from eventbus.matchers import LABEL_NAME, Matcher
+from eventbus.yamlpos import FileError, FileErrors, Map, Seq, YamlError, load
 
 SIGNAL_LABELS = ("detector", "feature", "model", "version")
 DEFAULT_STALE_AFTER = 15 * 60.0
@@ -53,21 +53,10 @@ _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le
 _TEST = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan)\s*$", re.I)
 
 
-@dataclass
-class RuleError:
-    file: str
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
-
-
-class RuleLoadError(ValueError):
-    def __init__(self, errors: list[RuleError]):
-        self.errors = errors
-        super().__init__("\n".join(map(str, errors)))
+# A rule file's problems: FILE:LINE: FIELD: MESSAGE, and the refusal that lists them all
+# (the names the alerting package exports).
+RuleError = FileError
+RuleLoadError = FileErrors
 
 
 @dataclass
@@ -118,10 +107,10 @@ class _Checker:
     def __init__(self, file: str, vocab: Vocabulary):
         self.file = file
         self.vocab = vocab
-        self.errors: list[RuleError] = []
+        self.errors: list[FileError] = []
 
     def err(self, line: int, fld: str, msg: str) -> None:
-        self.errors.append(RuleError(self.file, line, fld, msg))
+        self.errors.append(FileError(self.file, line, fld, msg))
 
     def keys(self, m: Map, allowed: dict[str, str], path: str, hints: dict[str, str] | None = None) -> None:
         for k in m:
@@ -251,7 +240,7 @@ def _signal_predicate(drifted, tests) -> Callable:
     return pred
 
 
-def parse_rules(text: str, file: str = "<rules>", vocab: Vocabulary = DEFAULT) -> tuple[list[Rule], list[RuleError]]:
+def parse_rules(text: str, file: str = "<rules>", vocab: Vocabulary = DEFAULT) -> tuple[list[Rule], list[FileError]]:
     ck = _Checker(file, vocab)
     try:
         doc = load(text)
@@ -415,15 +404,15 @@ def _parse_rule(ck: _Checker, r, rpath: str, line: int, gname: str, file: str) -
                 window=window, aggregate=aggregate, test_text=test_text)
 
 
-def check_files(paths: list[str | Path], vocab: Vocabulary = DEFAULT) -> tuple[list[Rule], list[RuleError]]:
+def check_files(paths: list[str | Path], vocab: Vocabulary = DEFAULT) -> tuple[list[Rule], list[FileError]]:
     rules: list[Rule] = []
-    errors: list[RuleError] = []
+    errors: list[FileError] = []
     for p in paths:
         p = str(p)
         try:
             text = Path(p).read_text()
         except OSError as e:
-            errors.append(RuleError(p, 0, "file", f"cannot read: {e.strerror or e}"))
+            errors.append(FileError(p, 0, "file", f"cannot read: {e.strerror or e}"))
             continue
         rs, es = parse_rules(text, p, vocab)
         rules.extend(rs)
@@ -432,10 +421,10 @@ def check_files(paths: list[str | Path], vocab: Vocabulary = DEFAULT) -> tuple[l
 
 
 def load_rules(paths: list[str | Path], vocab: Vocabulary = DEFAULT) -> RuleSet:
-    """All the rules of these files, or RuleLoadError with every problem found."""
+    """All the rules of these files, or FileErrors with every problem found."""
     rules, errors = check_files(paths, vocab)
     if errors:
-        raise RuleLoadError(errors)
+        raise FileErrors(errors)
     for i, r in enumerate(rules):
         r.index = i
     return RuleSet(rules, [str(p) for p in paths])
@@ -444,7 +433,7 @@ def load_rules(paths: list[str | Path], vocab: Vocabulary = DEFAULT) -> RuleSet:
 def rules_from_text(text: str, file: str = "<rules>", vocab: Vocabulary = DEFAULT) -> RuleSet:
     rules, errors = parse_rules(text, file, vocab)
     if errors:
-        raise RuleLoadError(errors)
+        raise FileErrors(errors)
     for i, r in enumerate(rules):
         r.index = i
     return RuleSet(rules, [file])

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from .durations import parse_rfc3339, rfc3339
-from .labels import Matcher, all_match
+from .labels import all_match
+from eventbus.matchers import Matcher
 
 RETENTION = 120 * 3600.0  # expired silences are kept this long, as Alertmanager does
 

@@ -2,10 +2,13 @@
 
 Built on PyYAML's compose step (safe constructors for scalars). Mappings come back as
 `Map` (a dict that knows the line of each key), sequences as `Seq` (a list that knows
-the line of each item). Duplicate keys are an error, as they are for promtool.
+the line of each item). Duplicate keys are an error, as they are for promtool. A
+validator reports each problem as a `FileError` and refuses a file with `FileErrors`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import yaml
 
@@ -76,3 +79,23 @@ def _convert(loader, node):
             out.item_lines.append(item.start_mark.line + 1)
         return out
     return loader.construct_object(node, deep=True)
+
+
+@dataclass
+class FileError:
+    """One problem in a file, reported as FILE:LINE: FIELD: MESSAGE (line 0: the file as a whole)."""
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+class FileErrors(ValueError):
+    """Every problem found in the files; what failed to load loads nothing."""
+
+    def __init__(self, errors: list[FileError]):
+        self.errors = errors
+        super().__init__("\n".join(map(str, errors)))

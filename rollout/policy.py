@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from eventbus.yamlpos import Map, Seq, YamlError, load
+from eventbus.durations import parse_duration
+from eventbus.matchers import Matcher, parse_matcher
+from eventbus.yamlpos import FileError, FileErrors, Map, Seq, YamlError, load
 
 FALLBACK, RETRAIN, RECALIBRATE, NOTIFY = "fallback", "retrain", "recalibrate", "notify-only"
 ACTIONS = (FALLBACK, RETRAIN, RECALIBRATE, NOTIFY)
@@ -62,79 +64,9 @@ KEYS = {
 }
 ALL_KEYS = tuple(dict.fromkeys(k for keys in KEYS.values() for k in keys))
 
-LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_MATCHER = re.compile(r"^\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*$", re.S)
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
-
-
-@dataclass
-class PolicyError:
-    file: str
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
-
-
-class PolicyLoadError(ValueError):
-    def __init__(self, errors: list[PolicyError]):
-        self.errors = errors
-        super().__init__("\n".join(map(str, errors)))
-
-
-@dataclass(frozen=True)
-class Matcher:
-    name: str
-    op: str      # =, !=, =~, !~
-    value: str
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        v = labels.get(self.name, "")
-        if self.op == "=":
-            return v == self.value
-        if self.op == "!=":
-            return v != self.value
-        hit = re.fullmatch(self.value, v, re.S) is not None
-        return hit if self.op == "=~" else not hit
-
-    def __str__(self) -> str:
-        return f'{self.name}{self.op}"{self.value}"'
-
-
-def parse_matcher(text: str) -> Matcher:
-    """name="value" (or !=, =~, !~; the quotes may be left out); ValueError saying what is wrong."""
-    m = _MATCHER.match(text)
-    if not m:
-        raise ValueError(f'{text!r} is not a matcher: want name="value" (or name!=, =~, !~)')
-    name, op, raw = m.groups()
-    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-        value = raw[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-    elif raw.startswith('"') or raw.endswith('"'):
-        raise ValueError(f"{text!r}: unbalanced quotes")
-    else:
-        value = raw
-    if op in ("=~", "!~"):
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise ValueError(f"{text!r}: bad regular expression: {e}") from None
-    return Matcher(name, op, value)
-
-
-def parse_duration(v) -> float:
-    """Seconds, from a number of seconds or Prometheus' form (1d2h30m10s, 500ms)."""
-    if isinstance(v, bool):
-        raise ValueError(f"{v!r} is not a duration")
-    if isinstance(v, (int, float)):
-        if not v >= 0 or v == float("inf"):
-            raise ValueError(f"{v!r} is not a duration of 0 or more seconds")
-        return float(v)
-    if not isinstance(v, str) or not v or not (m := _DURATION.match(v.strip())) or not any(m.groups()):
-        raise ValueError(f"{v!r} is not a duration (e.g. 30s, 5m, 1h30m, 1d)")
-    d, h, mi, s, ms = (int(g or 0) for g in m.groups())
-    return d * 86400.0 + h * 3600.0 + mi * 60.0 + s + ms / 1000.0
+# A policy file's problems: FILE:LINE: FIELD: MESSAGE, and the refusal that lists them all
+# (the name rollout.cli and rollout.service catch).
+PolicyLoadError = FileErrors
 
 
 @dataclass
@@ -183,16 +115,16 @@ EMPTY = Policy()
 class _Checker:
     def __init__(self, file: str, base: Path):
         self.file, self.base = file, base
-        self.errors: list[PolicyError] = []
+        self.errors: list[FileError] = []
 
     def err(self, line: int, fld: str, msg: str) -> None:
-        self.errors.append(PolicyError(self.file, line, fld, msg))
+        self.errors.append(FileError(self.file, line, fld, msg))
 
     def duration(self, m: Map, key: str, path: str, default: float, positive: bool = False) -> float:
         if key not in m:
             return default
         try:
-            v = parse_duration(m[key])
+            v = parse_duration(m[key], numbers=True)
         except ValueError as e:
             self.err(m.line_of(key), f"{path}.{key}", str(e))
             return default
@@ -223,19 +155,19 @@ class _Checker:
 
 
 def parse_policy(text: str, file: str = "<policy>", base: Path | None = None) -> Policy:
-    """The policy in `text`; PolicyLoadError listing every problem. `base` is where a
+    """The policy in `text`; FileErrors listing every problem. `base` is where a
     relative hmac_secret_file is looked for (the policy file's folder)."""
     ck = _Checker(file, base or Path("."))
     try:
         doc = load(text)
     except YamlError as e:
-        raise PolicyLoadError([PolicyError(file, e.line, "yaml", e.message)]) from None
+        raise FileErrors([FileError(file, e.line, "yaml", e.message)]) from None
     if doc is None:
         doc = Map()
         doc.line, doc.key_lines = 1, {}
     if not isinstance(doc, Map):
-        raise PolicyLoadError([PolicyError(file, getattr(doc, "line", 1), "policy",
-                                           "must be a mapping with a `rules:` list")])
+        raise FileErrors([FileError(file, getattr(doc, "line", 1), "policy",
+                                     "must be a mapping with a `rules:` list")])
     for k in doc:
         if k != "rules":
             ck.err(doc.line_of(k), str(k), f"unknown key {k!r} (known keys: rules)")
@@ -263,7 +195,7 @@ def parse_policy(text: str, file: str = "<policy>", base: Path | None = None) ->
         seen.setdefault(r.name, r.line)
         rules.append(r)
     if ck.errors:
-        raise PolicyLoadError(ck.errors)
+        raise FileErrors(ck.errors)
     return Policy(rules, file)
 
 
@@ -364,7 +296,7 @@ def load_policy(path: str | Path) -> Policy:
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise PolicyLoadError([PolicyError(str(p), 0, "file", f"cannot read: {getattr(e, 'strerror', None) or e}")]) \
+        raise FileErrors([FileError(str(p), 0, "file", f"cannot read: {getattr(e, 'strerror', None) or e}")]) \
             from None
     return parse_policy(text, str(p), p.parent)
 

@@ -11,11 +11,11 @@ from alerting.clock import ManualClock
 from alerting.config import config_from_text
 from alerting.dispatch import Dispatcher
 from alerting.engine import RuleEngine
-from alerting.labels import parse_matcher
 from alerting.nflog import NotificationLog
 from alerting.rules import rules_from_text
 from alerting.signals import Signal
 from alerting.silences import SilenceError, Silences
+from eventbus.matchers import parse_matcher
 
 T0 = 1_700_000_000.0
 

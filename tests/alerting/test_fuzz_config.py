@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from alerting import config as config_module
 from alerting.config import load_config, parse_config
-from alerting.rules import RuleLoadError
+from eventbus.yamlpos import FileErrors
 
 # derandomize: the suite sees the same inputs every run (explore with a larger max_examples by hand)
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -113,6 +113,6 @@ def test_any_configuration_file_loads_or_raises_only_errors_naming_the_problem(d
     path.write_bytes(data)
     try:
         load_config(path)
-    except RuleLoadError as e:
+    except FileErrors as e:
         assert e.errors
         assert_named(e.errors)

@@ -11,10 +11,13 @@ import pytest
 
 from alerting.cli import check_config_main, check_rules_main
 from alerting.config import config_from_text, parse_config
-from alerting.durations import format_duration, parse_duration, parse_rfc3339, rfc3339
-from alerting.labels import fingerprint, fingerprint_hex, labelset_string, matchers_string, parse_matcher, parse_matchers
-from alerting.rules import RuleLoadError, load_rules, parse_rules, rules_from_text
+from alerting.durations import format_duration, parse_rfc3339, rfc3339
+from alerting.labels import fingerprint, fingerprint_hex, labelset_string, matchers_string, parse_matchers
+from alerting.rules import load_rules, parse_rules, rules_from_text
 from alerting.templates import Template, go_float
+from eventbus.durations import parse_duration
+from eventbus.matchers import parse_matcher
+from eventbus.yamlpos import FileErrors
 from tests.helpers.tools import require_tool
 from tests.helpers import ROOT
 
@@ -278,7 +281,7 @@ def test_check_rules_reports_every_error_and_file(tmp_path, capsys):
     assert f"{bad}:5: groups[0].rules[0](A).for:" in out.err
     assert f"{bad}:6: groups[0].rules[0](A).signal.detector:" in out.err
     assert f"{bad}:7: groups[0].rules[0](A).annotations.s: broken template" in out.err
-    with pytest.raises(RuleLoadError) as ei:
+    with pytest.raises(FileErrors) as ei:
         load_rules([good, bad])
     assert len(ei.value.errors) == 3
     # an extended vocabulary accepts a detector of one's own
