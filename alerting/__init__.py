@@ -26,13 +26,13 @@ from .dispatch import Dispatcher
 from .engine import RuleEngine
 from .labels import Matcher, fingerprint, fingerprint_hex, parse_matcher
 from .nflog import NotificationLog
-from .rules import RuleError, RuleLoadError, RuleSet, check_files, load_rules, rules_from_text
+from .rules import RuleSet, check_files, load_rules, rules_from_text
 from .signals import Alert, Notification, Signal, StateChange
 from .silences import Silences
 
 __all__ = [
     "Alert", "AlertingCore", "Config", "Dispatcher", "ManualClock", "Matcher", "Notification", "NotificationLog",
-    "RuleEngine", "RuleError", "RuleLoadError", "RuleSet", "Signal", "Silences", "StateChange", "SystemClock",
+    "RuleEngine", "RuleSet", "Signal", "Silences", "StateChange", "SystemClock",
     "check_files", "config_from_text", "core_from_files", "fingerprint", "fingerprint_hex", "load_config",
     "load_rules", "parse_matcher", "rules_from_text",
 ]

@@ -28,9 +28,12 @@ import urllib.request
 from eventbus.ports import PortError, check_free, port
 
 from .config import load_config
-from .durations import parse_duration, parse_rfc3339, rfc3339
+from eventbus.durations import parse_duration
+from eventbus.yamlpos import FileErrors
+
+from .durations import parse_rfc3339, rfc3339
 from .labels import parse_matcher
-from .rules import RuleLoadError, check_files
+from .rules import check_files
 from .vocabulary import DEFAULT
 
 DEFAULT_URL = "http://127.0.0.1:9095"
@@ -81,7 +84,7 @@ def _check_config(a) -> int:
         print(f"Checking {f}")
         try:
             cfg = load_config(f)
-        except RuleLoadError as e:
+        except FileErrors as e:
             failed = True
             print(f"  FAILED: {len(e.errors)} errors", file=sys.stderr)
             for err in e.errors:
@@ -255,7 +258,6 @@ def run(args) -> int:
 
     from eventbus import security as kafka_security
 
-    from .rules import RuleLoadError
     from .service import ServiceOptions, serve
 
     try:
@@ -275,7 +277,7 @@ def run(args) -> int:
         topic_partitions=args.topic_partitions, security=security)
     try:
         asyncio.run(serve(options))
-    except RuleLoadError as e:
+    except FileErrors as e:
         print(f"vigil alerting: refusing to start on invalid rules or configuration:\n{e}", file=sys.stderr)
         return 1
     except (OSError, ValueError, LookupError) as e:

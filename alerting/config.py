@@ -46,10 +46,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .labels import matchers_string
-from .rules import RuleError, RuleLoadError, _Checker
+from .rules import _Checker
 from .vocabulary import DEFAULT
 from eventbus.matchers import LABEL_NAME, Matcher, parse_matcher
-from eventbus.yamlpos import Map, Seq, YamlError, load
+from eventbus.yamlpos import FileError, FileErrors, Map, Seq, YamlError, load
 
 
 @dataclass
@@ -299,7 +299,7 @@ def _webhook(ck: _Checker, w, path: str, line: int, base: Path | None) -> Webhoo
     return cfg
 
 
-def parse_config(text: str, file: str = "<config>", base: Path | None = None) -> tuple[Config | None, list[RuleError]]:
+def parse_config(text: str, file: str = "<config>", base: Path | None = None) -> tuple[Config | None, list[FileError]]:
     ck = _Checker(file, DEFAULT)
     try:
         doc = load(text)
@@ -448,20 +448,20 @@ def load_config(path: str | Path) -> Config:
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise RuleLoadError([RuleError(str(p), 0, "file", f"cannot read: {e.strerror or e}")]) from None
+        raise FileErrors([FileError(str(p), 0, "file", f"cannot read: {e.strerror or e}")]) from None
     try:
         text = data.decode()
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise RuleLoadError([RuleError(str(p), line, "file", f"not UTF-8 text: byte {data[e.start]:#04x}")]) from None
+        raise FileErrors([FileError(str(p), line, "file", f"not UTF-8 text: byte {data[e.start]:#04x}")]) from None
     cfg, errors = parse_config(text, str(p), p.parent)
     if errors:
-        raise RuleLoadError(errors)
+        raise FileErrors(errors)
     return cfg
 
 
 def config_from_text(text: str, file: str = "<config>") -> Config:
     cfg, errors = parse_config(text, file)
     if errors:
-        raise RuleLoadError(errors)
+        raise FileErrors(errors)
     return cfg

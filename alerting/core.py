@@ -27,12 +27,14 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from eventbus.yamlpos import FileError, FileErrors
+
 from .clock import SystemClock
 from .config import Config, load_config
 from .dispatch import Dispatcher
 from .engine import RuleEngine
 from .nflog import Entry, NotificationLog
-from .rules import RuleError, RuleLoadError, RuleSet, load_rules
+from .rules import RuleSet, load_rules
 from .signals import FIRING, PENDING, RESOLVED, Alert, Notification, Signal, StateChange
 from .silences import Silences
 from .sinks import AlertmanagerSink, DeliveryQueue, WebhookSender
@@ -334,7 +336,7 @@ class AlertingCore:
                 self.dispatcher.put(self.engine.alert_of(inst, now), now)
 
     # -- reload --------------------------------------------------------------------------
-    def reload(self, rule_files: list[str] | None = None, config_file: str | None = None) -> list[RuleError]:
+    def reload(self, rule_files: list[str] | None = None, config_file: str | None = None) -> list[FileError]:
         """Reload rules and configuration from files; on any error keep the last good ones
         and return the errors (SIGHUP and POST /-/reload call this)."""
         rule_files = rule_files if rule_files is not None else self.rule_files
@@ -342,7 +344,7 @@ class AlertingCore:
         try:
             rules = load_rules(rule_files, self.vocabulary)
             config = load_config(config_file) if config_file else self.config
-        except RuleLoadError as e:
+        except FileErrors as e:
             log.error("reload failed, keeping the last good rules and configuration:\n%s", e)
             return e.errors
         self.engine.replace_rules(rules)
@@ -364,7 +366,7 @@ def reload_on_sighup(core: AlertingCore) -> None:
 
 
 def core_from_files(rule_files: list[str | Path], config_file: str | Path, **kw) -> AlertingCore:
-    """Refuses (RuleLoadError) to build a core from invalid rules or configuration."""
+    """Refuses (FileErrors) to build a core from invalid rules or configuration."""
     vocab = kw.get("vocabulary", DEFAULT)
     rules = load_rules(rule_files, vocab)
     config = load_config(config_file)

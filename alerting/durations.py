@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
-from eventbus.durations import UNITS, parse_duration  # noqa: F401 (parse_duration: alerting.cli)
+from eventbus.durations import UNITS
 
 
 def format_duration(seconds: float) -> str:

@@ -55,8 +55,6 @@ _TEST = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+
 
 # A rule file's problems: FILE:LINE: FIELD: MESSAGE, and the refusal that lists them all
 # (the names the alerting package exports).
-RuleError = FileError
-RuleLoadError = FileErrors
 
 
 @dataclass

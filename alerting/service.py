@@ -37,13 +37,14 @@ from eventbus.kafka import Kafka
 from eventbus.security import KafkaSecurity
 from eventbus.state import read_compacted, seek_to_end, stop_consumer
 from eventbus.supervise import Supervisor
+from eventbus.yamlpos import FileError
 from protos import events_pb2
 
 from .admin import AdminServer
 from .config import load_config
 from .core import AlertingCore
 from .nflog import Entry
-from .rules import RuleError, load_rules
+from .rules import load_rules
 from .signals import FIRING, INACTIVE, PENDING, RESOLVED, Signal, StateChange
 from .vocabulary import DEFAULT
 
@@ -135,7 +136,7 @@ class AlertingService:
     # -- start and stop --------------------------------------------------------------------
     async def start(self) -> None:
         o = self.options
-        # refuse to start on invalid rules or configuration (RuleLoadError names file, line, field)
+        # refuse to start on invalid rules or configuration (FileErrors names file, line, field)
         rules = load_rules(o.rule_files, DEFAULT)
         config = load_config(o.config_file)
         await self.kafka.ensure_topics(f"{o.instance}-admin", (topics.SIGNALS, topics.ALERTS, topics.ALERTING_STATE),
@@ -344,7 +345,7 @@ class AlertingService:
                     self.signal_offsets[tp.partition] = records[-1].offset + 1
 
     # -- reload ------------------------------------------------------------------------------
-    def reload(self) -> list[RuleError]:
+    def reload(self) -> list[FileError]:
         """Rules and configuration from their files again; on error the last good ones stay."""
         return self.core.reload()
 

@@ -32,7 +32,9 @@ from eventbus.ports import check_free, port
 
 from .api import LocalApi
 from .controller import Controller
-from .policy import PolicyLoadError, load_policy
+from eventbus.yamlpos import FileErrors
+
+from .policy import load_policy
 from .records import STRATEGIES, RolloutError
 
 DEFAULT_STATE = "~/.vigil/rollout.json"
@@ -206,7 +208,7 @@ def check_policy(files: list[str]) -> int:
     for f in files:
         try:
             p = load_policy(f)
-        except PolicyLoadError as e:
+        except FileErrors as e:
             bad = True
             for err in e.errors:
                 print(err, file=sys.stderr)
@@ -354,7 +356,7 @@ def run(args) -> int:
     except RolloutError as e:
         print(f"vigil rollout: {e}", file=sys.stderr)
         return 2
-    except PolicyLoadError as e:
+    except FileErrors as e:
         print(f"vigil rollout: --policy {args.policy}:", file=sys.stderr)
         for err in e.errors:
             print(err, file=sys.stderr)

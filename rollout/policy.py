@@ -66,7 +66,6 @@ ALL_KEYS = tuple(dict.fromkeys(k for keys in KEYS.values() for k in keys))
 
 # A policy file's problems: FILE:LINE: FIELD: MESSAGE, and the refusal that lists them all
 # (the name rollout.cli and rollout.service catch).
-PolicyLoadError = FileErrors
 
 
 @dataclass

@@ -54,6 +54,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from eventbus import compat, service, topics
 from eventbus.consumer import decode
 from eventbus.signing import SIGNATURE_HEADER, sign
+from eventbus.yamlpos import FileErrors
 from eventbus.kafka import Kafka
 from eventbus.publisher import Publisher, PublisherOptions
 from eventbus.security import KafkaSecurity
@@ -138,7 +139,7 @@ class RolloutService:
             return False
         try:
             new = pol.load_policy(path)
-        except pol.PolicyLoadError as e:
+        except FileErrors as e:
             self.metrics.policy_reloads.labels("error").inc()
             log.error("response policy %s not reloaded, keeping the %d rules in force:\n%s", path,
                       len(self.policy), e)
