@@ -559,15 +559,19 @@ class EventStream:
     async def write(self, event: dict | None) -> None:
         """One server-sent event (None: `[DONE]`), once the socket's buffer has room for it."""
         data = b"data: [DONE]\n\n" if event is None else b"data: " + compact(event).encode() + b"\n\n"
+        transport = self.request.transport
         try:
-            async with asyncio.timeout(self.stall_s):  # a timer, not a task per event
-                await self.response.write(data)
+            if transport is not None and transport.get_write_buffer_size() == 0:
+                await self.response.write(data)  # the socket took all before: no wait, no timer
+            else:
+                async with asyncio.timeout(self.stall_s):  # waits while the reader is behind
+                    await self.response.write(data)
         except (ConnectionError, asyncio.TimeoutError) as e:
             stalled = isinstance(e, asyncio.TimeoutError)
             log.info("%s: the reader %s; its generation is stopped", self.call.request_id,
                      f"took nothing for {self.stall_s:g} s" if stalled else "left")
-            if self.request.transport is not None:
-                self.request.transport.close()
+            if transport is not None:
+                transport.close()
             raise ReaderGone() from None
 
 
