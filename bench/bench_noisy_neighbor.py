@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
 from bench.common import chat_request, percentile  # noqa: E402
-from inference.edge.auth import hash_secret  # noqa: E402
+from eventbus.apikeys import hash_secret  # noqa: E402
 from inference.runtime.demo import DEMO_MODEL_NAME  # noqa: E402
 from protos import llm_pb2_grpc  # noqa: E402
 

@@ -39,7 +39,7 @@ class Actions:
         self.rollout_url, self.timeout = rollout_url.rstrip("/"), timeout
         self.store = None
         if keys_file:
-            from inference.edge.auth import AuthOptions, KeyFileError, KeyStore  # the key file's one reader
+            from eventbus.apikeys import AuthOptions, KeyFileError, KeyStore
 
             try:
                 self.store = KeyStore(AuthOptions(keys_file=keys_file))
@@ -57,7 +57,7 @@ class Actions:
         """The key's name where keys are on (ActionError 401/403 otherwise); '' where they are off."""
         if self.store is None:
             return ""
-        from inference.edge.auth import AuthError
+        from eventbus.apikeys import AuthError
 
         self.store.maybe_reload()
         try:

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from eventbus import security as kafka_security
+from eventbus.apikeys import AuthOptions
 from eventbus.ports import port, port_or_minus_one
 from inference.api.limits import Limits
 from inference.api.options import EngineOptions, EventOptions, ServerOptions
-from inference.edge.auth import AuthOptions
 from inference.edge.tls import TlsOptions
 from inference.edge.tracing import TracingOptions
 from inference.runtime.demo import demo_model_path

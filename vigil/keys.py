@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 
-from inference.edge.auth import ApiKey, KeyFileError, KeyLimits, entry_yaml, hash_secret, load_keys, new_secret, parse_keys
+from eventbus.apikeys import ApiKey, KeyFileError, KeyLimits, entry_yaml, hash_secret, load_keys, new_secret, parse_keys
 
 
 def add_parser(sub, option) -> None:

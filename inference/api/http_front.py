@@ -42,7 +42,7 @@ from eventbus.ports import cannot_listen
 from inference.api.errors import InvalidArgument, NotFound, Overloaded, ServingError, shown
 from inference.api.requests import Call, Chunk, GenerateRequest, Generated, Served
 from inference.api.serving import Serving
-from inference.edge.auth import AuthError
+from eventbus.apikeys import AuthError
 from inference.edge.ratelimit import CALLER, Refused
 from inference.runtime.sampling import SamplingParams
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from eventbus.apikeys import AuthOptions
 from eventbus.security import KafkaSecurity
 from inference.api.limits import Limits
-from inference.edge.auth import AuthOptions
 from inference.edge.tls import TlsOptions
 from inference.edge.tracing import TracingOptions
 

@@ -21,7 +21,8 @@ import grpc
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from inference.edge.auth import AuthError, AuthOptions, KeyStore, is_open
+from eventbus.apikeys import AuthError, AuthOptions, KeyStore
+from inference.edge.auth import authorize, is_open
 from inference.edge.ratelimit import CALLER, REFUSAL, Caller, Limiter, Refused
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self.store.maybe_reload()
         try:
             key = self.store.authenticate(metadata)
-            self.store.authorize(key, method)
+            authorize(key, method)
         except AuthError as e:
             if e.code == "permission_denied":
                 self.metrics.denied.labels(key.name, key.tenant, method.rsplit("/", 1)[-1]).inc()

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from inference.edge.auth import ApiKey, KeyLimits
+from eventbus.apikeys import ApiKey, KeyLimits
 
 STREAM_RETRY_MS = 500  # the retry hint for a key at its stream cap: no time says when a call ends
 

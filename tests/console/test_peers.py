@@ -6,7 +6,6 @@ vigil.alerts records on the embedded broker by their labels."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from console.service import Console, Options
-from inference.edge.auth import ApiKey, entry_yaml, hash_secret
+from eventbus.apikeys import ApiKey, entry_yaml, hash_secret
 from protos import events_pb2
 from tests.helpers.messages import alert, ensure_topics, produce
 from tests.helpers.tools import require_tool

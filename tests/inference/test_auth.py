@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from inference.edge.auth import (AuthError, AuthOptions, KeyFileError, bearer_token, hash_secret, needs_admin,
-                            parse_keys)
+from eventbus.apikeys import AuthError, AuthOptions, KeyFileError, bearer_token, hash_secret, parse_keys
+from inference.edge.auth import needs_admin
 from inference.api.events import INFERENCE_TOPIC
 from inference.api.options import ServerOptions
 from inference.api.server import InferenceServer
@@ -329,7 +329,7 @@ def test_key_file_reload_adds_keys_and_a_bad_file_keeps_the_keys(server, llm, ke
     keys_file.write_text(KEYS + entry("late", "newco", LATE_SECRET))
     wait_until(lambda: accepted(LATE_SECRET), 10, "the added key accepted")
     before = refused_reloads()
-    with caplog.at_level(logging.ERROR, logger="inference.edge.auth"):
+    with caplog.at_level(logging.ERROR, logger="eventbus.apikeys"):
         keys_file.write_text(KEYS + entry("late", "newco", LATE_SECRET) + entry("late", "dup", "vgk_" + "d" * 40))
         wait_until(lambda: accepted(USER_SECRET) and refused_reloads() > before, 10, "the bad file refused")
         assert accepted(LATE_SECRET)  # still in force

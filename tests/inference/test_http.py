@@ -21,7 +21,7 @@ from inference.api.http_front import Ask, EventStream, ReaderGone
 from inference.api.limits import Limits
 from inference.api.options import EngineOptions
 from inference.api.requests import Call
-from inference.edge.auth import AuthOptions, hash_secret
+from eventbus.apikeys import AuthOptions, hash_secret
 from inference.edge.tracing import Tracing
 from inference.runtime.engine import Job
 from inference.runtime.sampling import SamplingParams

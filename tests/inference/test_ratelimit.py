@@ -15,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference.edge.auth import ApiKey, AuthOptions, KeyLimits, hash_secret
+from eventbus.apikeys import ApiKey, AuthOptions, KeyLimits, hash_secret
 from inference.api.events import INFERENCE_TOPIC
 from inference.edge.ratelimit import Limiter, Refused, TokenBucket
 from protos import grpc_service_pb2 as pb

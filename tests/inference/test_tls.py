@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inference.edge.auth import AuthOptions, hash_secret
+from eventbus.apikeys import AuthOptions, hash_secret
 from inference.api.options import ServerOptions
 from inference.api.server import InferenceServer
 from inference.edge.tls import TlsError, TlsOptions, load
