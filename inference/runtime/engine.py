@@ -2,7 +2,15 @@
 
 Requests join the running batch between decode steps (after their prefill) and leave
 it as soon as they finish, are cancelled or fail; each holds one slot of the bounded KV
-pool while it runs. The waiting queue is bounded too: when it is full, `submit` raises
+pool while it runs. Prompts are prefilled in chunks, one or more prompts in order of
+arrival, beside the running batch's decode step, so a long prompt no longer stalls the
+sequences that decode meanwhile (a 2,000-token prompt prefilled at once holds every
+stream up for the whole prefill, seconds on a CPU). While sequences decode, a step's
+chunk is sized from measured times so that it takes about as long as a decode step
+(`PREFILL_SHARE` of one; a prefill token costs tens of decode rows, so on a CPU that
+is a few dozen tokens), at least `MIN_PREFILL_CHUNK` and at most `prefill_chunk`
+tokens; with nothing decoding, `prefill_chunk` tokens a step (which bounds the
+activations' memory). The waiting queue is bounded too: when it is full, `submit` raises
 `Busy` at once. A request is taken while fewer than `max_waiting` requests wait beyond those the free
 slots will take at the next step. Results go back through each request's `emit` callback, which
 the gRPC layer points at its own event loop, so the engine never touches asyncio.
@@ -101,7 +109,8 @@ class Running:
     detok: object
     stop: tuple[str, ...]
     started: float
-    position: int = 0
+    position: int = 0  # tokens in the KV cache
+    pending: list[int] = field(default_factory=list)  # prompt tokens not prefilled yet
     last_token: int = 0
     tokens: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # ids whose text is not sent yet
@@ -127,9 +136,15 @@ class EngineStats:
 
 
 class Engine:
+    PREFILL_SHARE = 1.0      # a step's prefill time, as a share of its decode step's, while others decode
+    MIN_PREFILL_CHUNK = 16   # prompt tokens a step at least
+
     def __init__(self, model: Llama, tokenizer: Tokenizer, *, kv_slots: int = 16,
                  max_seq_len: int = 1024, max_waiting: int = 64,
-                 on_token: Callable[[float], None] | None = None, compute: ComputeThread | None = None):
+                 on_token: Callable[[float], None] | None = None, compute: ComputeThread | None = None,
+                 prefill_chunk: int | None = 256):
+        """`prefill_chunk`: prompt tokens prefilled a step at most (None: each prompt at
+        once, whatever else runs)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -141,7 +156,11 @@ class Engine:
         self.device = device
         self.free_slots = list(range(kv_slots))
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running: list[Running] = []
+        self.running: list[Running] = []      # decoding, in slot order
+        self.prefilling: list[Running] = []   # in a slot, prompt not all in the cache; in arrival order
+        self.prefill_chunk = prefill_chunk
+        self.decode_s = 0.0          # moving averages: a decode step's time,
+        self.prefill_token_s = 0.0   # and a prefill chunk's time per token
         self.stats = EngineStats()
         self.stats.kv_tokens_total = kv_slots * max_seq_len
         self.on_token = on_token  # inter-token latency observer
@@ -188,14 +207,14 @@ class Engine:
         self.stopped.wait()
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.stopping)
+        return bool(self.waiting or self.running or self.prefilling or self.stopping)
 
     # -- on the compute thread -------------------------------------------------------
 
     def step_or_close(self) -> bool:
         """One scheduling step; True once the engine has stopped."""
         if self.stopping:
-            for r in list(self.running):
+            for r in self.running + self.prefilling:
                 self.finish(r, "cancelled")
             with self.lock:
                 waiting, self.waiting = list(self.waiting), collections.deque()
@@ -207,21 +226,24 @@ class Engine:
             self.step()
         except Exception as exc:  # a bug must fail the requests in flight, not the server
             log.exception("engine step failed")
-            for r in list(self.running):
+            for r in self.running + self.prefilling:
                 self.finish(r, "error", error=f"internal error: {exc}")
         return False
 
     def step(self) -> None:
-        for r in [r for r in self.running if r.job.cancelled]:
+        for r in [r for r in self.running + self.prefilling if r.job.cancelled]:
             self.finish(r, "cancelled")
         with self.lock:
             self.drop_cancelled_waiting()
         self.admit()
-        if self.running:
-            self.decode()
-        self.stats.running = len(self.running)
+        decoding = list(self.running)  # those whose prefill ends now decode from the next step
+        if self.prefilling:
+            self.prefill_some(bool(decoding))
+        if decoding:
+            self.decode(decoding)
+        self.stats.running = len(self.running) + len(self.prefilling)
         self.stats.batch_size = len(self.running)
-        self.stats.kv_tokens_used = sum(r.position for r in self.running)
+        self.stats.kv_tokens_used = sum(r.position for r in self.running + self.prefilling)
         self.stats.steps += 1
 
     def admit(self) -> None:
@@ -241,9 +263,11 @@ class Engine:
                     self.classify(job, slot)
                     self.release(slot)
                 else:
-                    self.prefill(job, slot)
+                    self.prefilling.append(Running(
+                        job, slot, Sampler(job.params, self.device), self.tokenizer.incremental_decoder(),
+                        job.params.stop, started=time.monotonic(), pending=list(job.prompt_ids)))
             except Exception as exc:
-                log.exception("prefill failed")
+                log.exception("admission failed")
                 self.release(slot)
                 job.emit(Finished("", [], len(job.prompt_ids), "error", Confidence(), Timing(),
                                   error=f"internal error: {exc}"))
@@ -258,19 +282,46 @@ class Engine:
         positions = torch.tensor(start, device=self.device)[:, None] + torch.arange(t.shape[1], device=self.device)
         return self.model(t, positions, self.cache, torch.tensor(slots, device=self.device), last_only=True)[:, -1]
 
-    def prefill(self, job: Job, slot: int) -> None:
-        now = time.monotonic()
-        r = Running(job, slot, Sampler(job.params, self.device), self.tokenizer.incremental_decoder(),
-                    job.params.stop, started=now)
-        logits = self.forward([job.prompt_ids], [0], [slot])
-        r.position = len(job.prompt_ids)
-        self.running.append(r)
-        self.running.sort(key=lambda x: x.slot)
-        self.accept(r, sample(logits, [r.sampler])[0])
+    def prefill_budget(self, decoding: bool) -> float:
+        """Prompt tokens to prefill this step (see the module docstring)."""
+        if not self.prefill_chunk:
+            return float("inf")
+        if not decoding:
+            return self.prefill_chunk
+        if not (self.decode_s and self.prefill_token_s):
+            return self.MIN_PREFILL_CHUNK
+        fits = int(self.PREFILL_SHARE * self.decode_s / self.prefill_token_s)
+        return max(self.MIN_PREFILL_CHUNK, min(self.prefill_chunk, fits))
 
-    def decode(self) -> None:
-        rows = self.running
+    def prefill_some(self, decoding: bool = False) -> None:
+        """A chunk of prompt tokens into the cache, the oldest prompt first; a prompt
+        wholly in the cache gets its first token and joins the running batch."""
+        budget = self.prefill_budget(decoding)
+        while self.prefilling and budget > 0:
+            r = self.prefilling[0]
+            n = int(min(len(r.pending), budget))
+            started = time.perf_counter()
+            try:
+                logits = self.forward([r.pending[:n]], [r.position], [r.slot])
+            except Exception as exc:
+                log.exception("prefill failed")
+                self.finish(r, "error", error=f"internal error: {exc}")
+                continue
+            if n:
+                self.prefill_token_s = moving_average(self.prefill_token_s, (time.perf_counter() - started) / n)
+            budget -= max(n, 1)
+            r.position += n
+            del r.pending[:n]
+            if not r.pending:
+                self.prefilling.pop(0)
+                self.running.append(r)
+                self.running.sort(key=lambda x: x.slot)
+                self.accept(r, sample(logits, [r.sampler])[0])
+
+    def decode(self, rows: list[Running]) -> None:
+        started = time.perf_counter()
         logits = self.forward([[r.last_token] for r in rows], [r.position for r in rows], [r.slot for r in rows])
+        self.decode_s = moving_average(self.decode_s, time.perf_counter() - started)
         for r in rows:
             r.position += 1
         for r, choice in zip(list(rows), sample(logits, [r.sampler for r in rows])):
@@ -311,7 +362,7 @@ class Engine:
 
     def finish(self, r: Running, reason: str, error: str = "") -> None:
         now = time.monotonic()
-        self.running.remove(r)
+        (self.running if r in self.running else self.prefilling).remove(r)
         self.release(r.slot)
         if r.job.stream and (r.emitted < len(r.text) or r.unsent):
             r.job.emit(TextChunk(r.text[r.emitted:], r.unsent,
@@ -342,3 +393,7 @@ class Engine:
         now = time.monotonic()
         job.emit(Scored(scores, n, Timing(queue_s=started - job.arrival, first_token_s=now - job.arrival,
                                           total_s=now - job.arrival)))
+
+
+def moving_average(average: float, value: float, weight: float = 0.25) -> float:
+    return value if not average else average + weight * (value - average)
