@@ -363,6 +363,7 @@ class Engine:
     def finish(self, r: Running, reason: str, error: str = "") -> None:
         now = time.monotonic()
         (self.running if r in self.running else self.prefilling).remove(r)
+        self.cache.forget(r.slot, r.position)
         self.release(r.slot)
         if r.job.stream and (r.emitted < len(r.text) or r.unsent):
             r.job.emit(TextChunk(r.text[r.emitted:], r.unsent,

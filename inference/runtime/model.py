@@ -73,24 +73,39 @@ class KVCache:
     """A bounded pool of KV slots: `slots` sequences of up to `max_seq_len` tokens each.
 
     On CPU the pool is an anonymous memory map: its pages are zeros that the kernel maps
-    in on first write, so the pool costs memory in proportion to the tokens held, not
-    to its size."""
+    in on first write, and `forget` hands a finished sequence's pages back, so the pool
+    costs memory in proportion to the tokens held, not to its size."""
 
     def __init__(self, cfg: ModelConfig, slots: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
-        self.k, self.v = (zeros_on_demand(shape, dtype) if torch.device(device).type == "cpu"
-                          else torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
+        self.maps: list[mmap.mmap] = []
+        if torch.device(device).type == "cpu":
+            self.maps = [mmap.mmap(-1, math.prod(shape) * dtype.itemsize) for _ in "kv"]
+            self.k, self.v = (torch.frombuffer(m, dtype=dtype).view(shape) for m in self.maps)
+        else:
+            self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
         self.slots = slots
         self.max_seq_len = max_seq_len
 
+    def forget(self, slot: int, tokens: int) -> None:
+        """Return the memory of a slot's first `tokens` positions to the OS (they read
+        as zeros again); the next sequence in the slot writes before it reads."""
+        if not self.maps or tokens <= 0:
+            return
+        layers, _, heads, seq, dim = self.k.shape
+        row = seq * dim * self.k.itemsize  # one head's positions in one layer
+        length = min(row, -(-tokens * dim * self.k.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if row % mmap.PAGESIZE:
+            return  # rows not page-aligned: keep the pages
+        for m in self.maps:
+            for layer in range(layers):
+                start = ((layer * self.slots + slot) * heads) * row
+                for head in range(heads):
+                    m.madvise(mmap.MADV_REMOVE, start + head * row, length)
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-
-def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    size = math.prod(shape) * dtype.itemsize
-    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
