@@ -58,7 +58,10 @@ def test_a_missing_model_is_a_clear_error():
 
 
 def test_vigil_up_serves_the_demo_model_and_stops_on_sigterm(demo_gguf):
-    proc = subprocess.Popen([*VIGIL, "up", "--port", "0", "--metrics-port", "0"], stdout=subprocess.PIPE,
+    every_port_free = ["--port", "0", "--metrics-port", "0", "--http-port", "0", "--broker-port", "0",
+                       "--processor-metrics-port", "0", "--alerting-port", "0", "--rollout-port", "0",
+                       "--ui-port", "0"]
+    proc = subprocess.Popen([*VIGIL, "up", *every_port_free], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         address = None

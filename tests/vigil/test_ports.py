@@ -79,13 +79,13 @@ def test_serve_rejects_a_port_beyond_65535_naming_the_option():
 
 
 PORT_OPTIONS = [
-    ("serve", "--port"), ("serve", "--metrics-port"),
-    ("up", "--port"), ("up", "--metrics-port"), ("up", "--broker-port"), ("up", "--processor-metrics-port"),
+    ("serve", "--port"), ("serve", "--metrics-port"), ("serve", "--http-port"),
+    ("up", "--port"), ("up", "--metrics-port"), ("up", "--http-port"), ("up", "--broker-port"), ("up", "--processor-metrics-port"),
     ("up", "--alerting-port"), ("up", "--rollout-port"), ("up", "--ui-port"), ("ui", "--port"),
     ("broker", "--port"), ("process", "--metrics-port"), ("alerting", "--admin-port"), ("rollout", "--admin-port"),
 ]
 MINUS_ONE_MEANS_SOMETHING = {("serve", "--metrics-port"), ("up", "--metrics-port"), ("up", "--broker-port"),
-                             ("process", "--metrics-port")}
+                             ("process", "--metrics-port"), ("serve", "--http-port"), ("up", "--http-port")}
 
 
 @pytest.mark.parametrize("command, option", PORT_OPTIONS)
@@ -179,11 +179,12 @@ def test_up_refuses_a_busy_broker_port_at_once(busy):
     assert time.monotonic() - start < 30
 
 
-@pytest.mark.parametrize("option", ["--port", "--metrics-port", "--processor-metrics-port", "--alerting-port",
-                                    "--rollout-port", "--ui-port"])
+@pytest.mark.parametrize("option", ["--port", "--metrics-port", "--http-port", "--processor-metrics-port",
+                                    "--alerting-port", "--rollout-port", "--ui-port"])
 def test_up_refuses_a_busy_port_of_any_service_naming_its_option(option, busy):
-    ports = {"--port": "0", "--metrics-port": "0", "--broker-port": "0", "--processor-metrics-port": "0",
-             "--alerting-port": "0", "--rollout-port": "0", "--ui-port": "0", option: str(busy)}
+    ports = {"--port": "0", "--metrics-port": "0", "--http-port": "0", "--broker-port": "0",
+             "--processor-metrics-port": "0", "--alerting-port": "0", "--rollout-port": "0", "--ui-port": "0",
+             option: str(busy)}
     result = vigil("up", *[x for pair in ports.items() for x in pair])
     refused(result, f"127.0.0.1:{busy}", option)
 

@@ -88,7 +88,8 @@ def loopback(address: str) -> bool:
 
 def test_vigil_up_listens_on_loopback_only_and_ctrl_c_stops_it_in_reverse_order(tmp_path):
     command = [*VIGIL, "up", "--model", "", "--port", "0", "--metrics-port", "0", "--broker-port", "0",
-               "--processor-metrics-port", "0", "--alerting-port", "0", "--rollout-port", "0"]
+               "--processor-metrics-port", "0", "--alerting-port", "0", "--rollout-port", "0", "--ui-port", "0",
+               "--http-port", "0"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "VIGIL_CACHE_DIR": str(tmp_path)})
     output = Output(proc)
