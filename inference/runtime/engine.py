@@ -7,8 +7,8 @@ arrival, beside the running batch's decode step, so a long prompt no longer stal
 sequences that decode meanwhile (a 2,000-token prompt prefilled at once holds every
 stream up for the whole prefill, seconds on a CPU). While sequences decode, a step's
 chunk is sized from measured times so that it takes about as long as a decode step
-(`PREFILL_SHARE` of one; a prefill token costs tens of decode rows, so on a CPU that
-is a few dozen tokens), at least `MIN_PREFILL_CHUNK` and at most `prefill_chunk`
+(`PREFILL_SHARE` of one; on a CPU a forward of 16 prompt tokens costs about what a
+decode step of 15 sequences does), at least `MIN_PREFILL_CHUNK` and at most `prefill_chunk`
 tokens; with nothing decoding, `prefill_chunk` tokens a step (which bounds the
 activations' memory). The waiting queue is bounded too: when it is full, `submit` raises
 `Busy` at once. A request is taken while fewer than `max_waiting` requests wait beyond those the free
