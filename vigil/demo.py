@@ -123,7 +123,7 @@ def add_parser(sub, option) -> None:
            help="seconds to keep traffic and the log going after the rollback or promotion, for the "
                 "signals and alerts that follow it")
     option(p, "--fast", env="VIGIL_DEMO_FAST", action="store_true",
-           help="smaller samples, fewer steps and tokens (what the tests run)")
+           help="smaller samples, shorter steps and fewer tokens: a quicker run")
     option(p, "--summary-json", env="VIGIL_DEMO_SUMMARY_JSON", default="",
            help="also write the summary as JSON to this file")
     option(p, "--threads", env="VIGIL_DEMO_THREADS", type=int, default=0,
