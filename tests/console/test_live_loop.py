@@ -218,7 +218,9 @@ def test_the_page_follows_a_drifting_canary_to_its_rollback(loop, browser, tmp_p
         # the operator's actions, through the page's server to the controller
         wait(browser, lambda d: click(d, model, "pause"), "the pause button")
         wait(browser, lambda d: phase(d, model) == "paused", "the rollout paused from the page")
-        assert "paused from the page" in model_box(browser, model).find_element(By.CSS_SELECTOR, "p.reason").text
+        wait(browser, lambda d: "paused from the page" in model_box(d, model).find_element(By.CSS_SELECTOR,
+                                                                                      "p.reason").text,
+             "the reason of the pause", 30)
         assert call(loop["rollout"], "status", model=model)["phase"] == "paused"
         shot("paused")
         wait(browser, lambda d: click(d, model, "resume"), "the resume button")
@@ -238,11 +240,12 @@ def test_the_page_follows_a_drifting_canary_to_its_rollback(loop, browser, tmp_p
         wait(browser, lambda d: phase(d, model) == "rolled_back", "the rollback", 90)
         decided = call(loop["rollout"], "status", model=model)
         assert decided["phase"] == "rolled_back" and decided["reason"]
-        reason = model_box(browser, model).find_element(By.CSS_SELECTOR, "p.reason").text
-        assert reason == decided["reason"]
+        # the page redraws as records come: read it through wait, which reads again past a stale element
+        wait(browser, lambda d: model_box(d, model).find_element(By.CSS_SELECTOR, "p.reason").text
+             == decided["reason"], "the controller's reason", 30)
         shot("rolled-back")
-        assert "100.0 %" in model_box(browser, model).text  # all traffic back on stable
+        wait(browser, lambda d: "100.0 %" in model_box(d, model).text, "all traffic back on stable", 30)
     finally:
         feed.stop()
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
-    print(f"\nscreenshots: {', '.join(str(p) for p in shots)}\nrollback: {reason}")
+    print(f"\nscreenshots: {', '.join(str(p) for p in shots)}\nrollback: {decided['reason']}")
