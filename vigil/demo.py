@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 import yaml
 
 from eventbus import topics
-from eventbus.broker import EmbeddedBroker
+from eventbus.broker import EmbeddedBroker, free_port
 from vigil import stack
 
 # name -> (version label, system prompt): the same weights as stable; the bad one is a prompt
@@ -128,12 +127,6 @@ def add_parser(sub, option) -> None:
            help="also write the summary as JSON to this file")
     option(p, "--threads", env="VIGIL_DEMO_THREADS", type=int, default=0,
            help="torch CPU threads of the inference server; 0 keeps torch's default")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_rules(folder: Path, alert_for: str) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,6 +18,7 @@ from alerting.config import config_from_text
 from alerting.core import AlertingCore
 from alerting.labels import fingerprint_hex
 from alerting.rules import rules_from_text
+from eventbus.broker import free_port
 from tests.helpers.tools import require_tool
 from tests.helpers.webhooks import WebhookRecorder, drift_signal
 
@@ -35,12 +35,6 @@ groups:
         annotations:
           summary: "{{ $labels.feature }} of {{ $labels.model }} drifted"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str):

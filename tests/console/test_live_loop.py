@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import threading
@@ -29,10 +27,12 @@ from aiokafka import AIOKafkaProducer
 from selenium.webdriver.common.by import By
 
 from eventbus import cloudevents, codec, topics
+from eventbus.broker import free_port
 from protos import events_pb2
 from tests.helpers import ROOT
 from tests.helpers.browser import wait
 from tests.helpers.messages import ensure_topics
+from tests.helpers.processes import log_match
 from tests.helpers.waiting import wait_until
 
 PROCESSOR = ["--signal-every", "20", "--ks-window", "100", "--compare-every", "5", "--compare-min", "10",
@@ -41,24 +41,11 @@ CANARY = {"steps": [10, 25, 50, 100], "interval": 1.0, "min_requests": 200, "inc
           "thresholds": {"min_samples": 10}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(name: str, args: list[str], folder: Path) -> tuple[subprocess.Popen, Path]:
     log = folder / f"{name}.log"
     proc = subprocess.Popen([sys.executable, "-m", "vigil.cli", *args], cwd=ROOT, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, log
-
-
-def line(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 150) -> re.Match:
-    def found():
-        assert proc.poll() is None, f"{log.name}: exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        return re.search(pattern, log.read_text())
-    return wait_until(found, timeout, f"{pattern!r} in {log.name}")
 
 
 def call(url: str, op: str, **kw):
@@ -162,9 +149,9 @@ def loop(kafka_broker, tmp_path):
                            "--alerting-url", alerting_url], tmp_path),
     }
     try:
-        ui = line(procs["ui"][1], r"vigil ui: (http://\S+/)", procs["ui"][0])[1]
-        line(procs["alerting"][1], "admin and metrics on", procs["alerting"][0])
-        line(procs["process"][1], r"vigil process", procs["process"][0])
+        ui = log_match(procs["ui"][1], r"vigil ui: (http://\S+/)", procs["ui"][0], 150)[1]
+        log_match(procs["alerting"][1], "admin and metrics on", procs["alerting"][0], 150)
+        log_match(procs["process"][1], r"vigil process", procs["process"][0], 150)
         wait_until(lambda: leader(rollout_url), 150, "the controller to hold the lease")
         print(f"\nthe loop's processes ready in {time.monotonic() - began:.1f} s")
         yield {"ui": ui, "rollout": rollout_url, "bootstrap": bootstrap, "logs": tmp_path}

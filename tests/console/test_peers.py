@@ -7,7 +7,6 @@ vigil.alerts records on the embedded broker by their labels."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from console.service import Console, Options
 from eventbus.apikeys import ApiKey, entry_yaml, hash_secret
+from eventbus.broker import free_port
 from protos import events_pb2
 from tests.helpers.messages import alert, ensure_topics, produce
 from tests.helpers.tools import require_tool
@@ -121,12 +121,6 @@ async def test_without_a_rollout_url_actions_are_off(kafka_broker):
                 assert r.status == 503 and "without --rollout-url" in (await r.json())["error"]
     finally:
         await console.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_json(url: str, body=None):

@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from eventbus import cloudevents, codec, compat, topics
 from eventbus.broker import EmbeddedBroker
 from eventbus.kafka import Kafka
 from protos import events_pb2
+from tests.helpers.processes import log_match
 from tests.helpers.waiting import wait_until
 
 compat.install()
@@ -67,18 +69,6 @@ rules:
     min_improvement: 0.01
     min_held_out: 30
 """
-
-
-def wait_for_line(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 90) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        text = log.read_text()
-        for line in text.splitlines():
-            if pattern in line:
-                return line
-        assert proc.poll() is None, f"exited with {proc.returncode}:\n{text[-3000:]}"
-        assert time.monotonic() < deadline, f"no {pattern!r} within {timeout}s:\n{text[-3000:]}"
-        time.sleep(0.05)
 
 
 def api(url: str, op: str, **kw):
@@ -177,10 +167,9 @@ async def run(bootstrap: str, folder: Path, t0: float) -> None:
                                  stdout=logs[n].open("w"), stderr=subprocess.STDOUT, env=env, cwd=folder)
              for n, a in args.items()}
     try:
-        wait_for_line(logs["alerting"], "admin and metrics on", procs["alerting"])
-        line = wait_for_line(logs["rollout"], "admin API on http://", procs["rollout"])
-        url = line.split("admin API on ")[1].split()[0].rstrip(",")
-        await asyncio.to_thread(wait_for_line, logs["rollout"], "is the leader", procs["rollout"])
+        log_match(logs["alerting"], "admin and metrics on", procs["alerting"], 90)
+        url = log_match(logs["rollout"], r"admin API on (http://[^\s,]+)", procs["rollout"], 90)[1]
+        await asyncio.to_thread(log_match, logs["rollout"], "is the leader", procs["rollout"], 90)
         print(f"\nstarted: {time.monotonic() - t0:.1f}s")
         bad, quiet, calib = (f"{n}-{uuid.uuid4().hex[:4]}" for n in ("bad", "quiet", "calib"))
         for model in (bad, quiet, calib):
@@ -265,11 +254,11 @@ async def run(bootstrap: str, folder: Path, t0: float) -> None:
         # SIGHUP reloads the policy; a bad one is refused, naming its line, and the last good one kept
         (folder / "policy.yml").write_text("rules:\n  - name: x\n    matchers: ['a=\"b\"']\n    action: explode\n")
         procs["rollout"].send_signal(signal.SIGHUP)
-        await asyncio.to_thread(wait_for_line, logs["rollout"], "policy.yml:4: rules[0].action: 'explode'",
-                                procs["rollout"])
+        await asyncio.to_thread(log_match, logs["rollout"], re.escape("policy.yml:4: rules[0].action: 'explode'"),
+                                procs["rollout"], 90)
         (folder / "policy.yml").write_text(POLICY + "  - {name: more, matchers: ['a=\"b\"'], action: notify-only}\n")
         procs["rollout"].send_signal(signal.SIGHUP)
-        await asyncio.to_thread(wait_for_line, logs["rollout"], "reloaded: 3 rules", procs["rollout"])
+        await asyncio.to_thread(log_match, logs["rollout"], "reloaded: 3 rules", procs["rollout"], 90)
     finally:
         for p in procs.values():
             p.terminate()

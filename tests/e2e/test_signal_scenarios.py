@@ -30,6 +30,7 @@ from eventbus.broker import EmbeddedBroker
 from eventbus.service import listen
 from protos import events_pb2
 from tests.helpers import ROOT
+from tests.helpers.processes import log_match
 
 compat.install()  # the test's own idempotent producer, against Tansu
 
@@ -255,14 +256,6 @@ async def play(sc: Scenario, traffic: Traffic, hook: Receiver) -> None:
         sc.result[phase] = round(time.monotonic() - t0, 1)
 
 
-def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text():
-        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no {text!r} within {timeout}s:\n{log.read_text()}"
-        time.sleep(0.05)
-
-
 async def run_scenarios(bootstrap: str, folder: Path) -> Receiver:
     hook = Receiver()
     app = web.Application()
@@ -287,7 +280,7 @@ async def run_scenarios(bootstrap: str, folder: Path) -> Receiver:
                                      stdout=logs["alerting"].open("w"), stderr=subprocess.STDOUT, env=env),
     }
     try:
-        await asyncio.to_thread(wait_for_line, logs["alerting"], "admin and metrics on", procs["alerting"])
+        await asyncio.to_thread(log_match, logs["alerting"], "admin and metrics on", procs["alerting"], 120)
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5)
         await producer.start()
         try:

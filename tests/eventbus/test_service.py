@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from eventbus import service
 from eventbus.ports import PortError
 from eventbus.supervise import Supervisor
+from tests.helpers.waiting import until
 
 
 class Fake:
@@ -40,8 +41,7 @@ async def test_a_service_runs_until_sigterm_then_stops(capsys):
     fake, seen = Fake(), []
     task = asyncio.create_task(service.serve(fake, "vigil fake", lambda s: f"vigil fake: up ({s.done[-1]})",
                                              ready=seen.append))
-    while not seen:
-        await asyncio.sleep(0.01)
+    await until(lambda: seen, 10, "the service ready")
     assert seen == [fake] and fake.done == ["start", "started"]
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(task, 10)
@@ -110,9 +110,7 @@ async def test_health_names_the_tasks_that_are_down_and_metrics_are_prometheus_t
         assert (status, body) == (200, '{"instance": "i-1", "ready": true, "down": []}')
         tasks.start("fake-work", failing)
         await failed.wait()
-        async with asyncio.timeout(10):
-            while not tasks.down():
-                await asyncio.sleep(0.01)
+        await until(tasks.down, 10, "the task down")
         status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/healthz")
         assert (status, body) == (503, '{"instance": "i-1", "ready": false, "down": ["fake-work"]}')
         status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/metrics")
